@@ -1,0 +1,89 @@
+"""Checkpoints as safetensors, written atomically and addressed by their SHA-256.
+
+A checkpoint is written to a temporary file in the same directory, flushed, fsynced and then
+renamed onto its final name, so a crash can never leave a half-written file under that name.
+Loading verifies the digest recorded by the stage that wrote it. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from pydantic import BaseModel
+
+from tasks.errors import CheckpointError
+
+
+class Checkpoint(BaseModel):
+    """A file of weights and its content digest: what stages pass to each other."""
+
+    path: Path
+    sha256: str
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` then rename ``tmp`` onto ``path``; never leaves a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over named tensors (name, dtype, shape, bytes), independent of file format."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_state(
+    state: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None
+) -> Checkpoint:
+    """Save tensors to ``path`` as safetensors, atomically, and return its checkpoint record."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata or {}))
+    return Checkpoint(path=path, sha256=file_sha256(path))
+
+
+def load_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """Load a safetensors checkpoint after checking it still has its recorded digest."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint.path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} is missing; rerun with --fresh to recompute the stage"
+        )
+    found = file_sha256(path)
+    if found != checkpoint.sha256:
+        raise CheckpointError(
+            f"checkpoint {path} has sha256 {found}, expected {checkpoint.sha256}: it was "
+            "modified after it was written; rerun with --fresh to recompute the stage"
+        )
+    return load_file(str(path))

@@ -1,0 +1,123 @@
+"""Seeds, devices, Lightning trainers and the cache keys of the stages."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import warnings
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tasks.config import RuntimeConfig
+
+#: The modules whose source decides a training stage's result: a change to any of them
+#: invalidates cached stage results; a change elsewhere (the CLI, figures, the ablation)
+#: does not.
+STAGE_MODULES = (
+    "models/corruption.py", "models/layers.py", "models/dae.py", "models/classifier.py",
+    "models/batches.py", "models/callbacks.py", "models/optim.py",
+    "models/pretrain_module.py", "models/finetune_module.py",
+    "tasks/config.py", "tasks/data.py", "tasks/checkpoints.py", "tasks/runtime.py",
+    "tasks/pretrain.py", "tasks/finetune.py", "tasks/errors.py", "tasks/figures.py",
+)
+
+
+def derive_seed(seed: int, *purpose: Any) -> int:
+    """A 63-bit seed for one purpose (``"init", 2``), stable across processes and machines."""
+    text = "/".join(str(p) for p in (seed, *purpose))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """SHA-256 of the source of ``STAGE_MODULES``: a cache-key part, so that a change to the
+    training code invalidates cached stage results."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for name in STAGE_MODULES:
+        h.update(name.encode())
+        h.update((root / name).read_bytes())
+    return h.hexdigest()
+
+
+def stage_key(stage: str, **parts: Any) -> str:
+    """Cache key of a stage: its name, the code digest and JSON-able stable inputs."""
+    payload = json.dumps({"stage": stage, "code": code_digest(), **parts}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def layerwise_home() -> Path:
+    """Where the embedded stores live: ``$LAYERWISE_HOME`` or ``./mlruns``."""
+    return Path(os.environ.get("LAYERWISE_HOME", "mlruns")).resolve()
+
+
+def stage_dir(stage: str, key: str) -> Path:
+    """The directory of one cached stage result (checkpoints and figures)."""
+    return layerwise_home() / "stages" / f"{stage}-{key[:16]}"
+
+
+def progress_bar_enabled() -> bool:
+    """Progress bars in a terminal, none in CI or when output is piped."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def make_trainer(runtime: RuntimeConfig, max_epochs: int, callbacks: list) -> Any:
+    """A Lightning Trainer for one stage: no logger or checkpoints of its own (the stage
+    records its history and writes safetensors), ``accelerator`` from the config."""
+    import lightning as L
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Lightning 2.6 + torch 2.14: a deprecation inside Lightning's own pytree helper.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
+    return L.Trainer(
+        accelerator=runtime.accelerator,
+        devices=1,
+        precision=runtime.precision,
+        deterministic=runtime.deterministic,
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress_bar_enabled(),
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+
+
+def fit(trainer: Any, system: Any, datamodule: Any) -> None:
+    """``trainer.fit`` that lets Ctrl-C propagate as ``KeyboardInterrupt``.
+
+    Lightning catches ``KeyboardInterrupt``, ignores further SIGINTs and calls
+    ``sys.exit(1)``; the pipeline needs the interrupt itself (to mark its MLflow runs KILLED
+    and exit 130), and SIGINT handling restored for the stages that follow.
+    """
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        trainer.fit(system, datamodule=datamodule)
+    except SystemExit as exc:
+        if trainer.interrupted:
+            raise KeyboardInterrupt("training interrupted") from exc
+        raise
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def eval_device(runtime: RuntimeConfig) -> "Any":
+    """The device used for codes and evaluation: CUDA when asked for or auto and present."""
+    import torch
+
+    if runtime.accelerator in ("gpu", "cuda") or (
+        runtime.accelerator == "auto" and torch.cuda.is_available()
+    ):
+        return torch.device("cuda")
+    return torch.device("cpu")
