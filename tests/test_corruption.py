@@ -1,0 +1,178 @@
+"""Corruption processes q(x̃ | x): rates and moments against their expected values.
+
+Every statistical check uses n = 10^5 components and a 4σ band, so a correct implementation
+fails with probability about 6e-5 per check (and, with fixed seeds, never).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models.corruption import (
+    NOISES,
+    corrupt,
+    gaussian_noise,
+    masking_noise,
+    multiplicative_gaussian_noise,
+    salt_and_pepper_noise,
+)
+
+N_ROWS, N_COLS = 1000, 100  # 10^5 components
+N = N_ROWS * N_COLS
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def positive_input(seed: int = 0) -> torch.Tensor:
+    """(1000, 100) float64 values in [0.25, 0.75]: never 0, never 1, never a custom low/high."""
+    return 0.25 + 0.5 * torch.rand(N_ROWS, N_COLS, generator=gen(seed), dtype=torch.float64)
+
+
+def four_sigma(p: float, n: int) -> float:
+    """4 standard deviations of a binomial proportion with success rate p over n draws."""
+    return 4 * math.sqrt(p * (1 - p) / n)
+
+
+# --- masking ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nu", [0.1, 0.25, 0.5])
+def test_masking_rate_within_4_sigma(nu):
+    x = positive_input()
+    x_tilde = masking_noise(x, nu, gen(1))
+    rate = (x_tilde == 0).double().mean().item()
+    assert abs(rate - nu) < four_sigma(nu, N), (rate, nu)
+
+
+def test_masking_zeroes_masked_and_keeps_the_rest_exactly():
+    x = positive_input()
+    x_tilde = masking_noise(x, 0.3, gen(2))
+    masked = x_tilde == 0
+    assert masked.any() and (~masked).any()
+    # every component is either exactly 0 or exactly the input, bit for bit
+    assert torch.equal(x_tilde[~masked], x[~masked])
+    assert torch.all(x_tilde[masked] == 0.0)
+    assert x_tilde.dtype == torch.float64 and x_tilde.shape == x.shape
+
+
+def test_masking_through_corrupt_is_the_same_process():
+    x = positive_input()
+    assert torch.equal(corrupt(x, "masking", 0.2, gen(3)), masking_noise(x, 0.2, gen(3)))
+
+
+# --- additive gaussian --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.5])
+def test_gaussian_noise_has_the_requested_std_and_zero_mean(sigma):
+    x = positive_input()
+    eps = gaussian_noise(x, sigma, gen(4)) - x
+    # sample std of N(0, σ²) over 1e5 draws: relative error ~ 1/sqrt(2n) = 0.22%; allow 2%
+    assert abs(eps.std().item() / sigma - 1) < 0.02
+    # sample mean: standard error σ/sqrt(n)
+    assert abs(eps.mean().item()) < 4 * sigma / math.sqrt(N)
+    # the noise is independent of x: every component moved
+    assert (eps != 0).all()
+
+
+# --- salt and pepper ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nu", [0.1, 0.4])
+def test_salt_and_pepper_rate_and_even_split(nu):
+    x = positive_input()
+    x_tilde = salt_and_pepper_noise(x, nu, gen(5))  # low=0, high=1 by default
+    low, high = x_tilde == 0.0, x_tilde == 1.0
+    changed = x_tilde != x
+    # overwritten components are exactly the low or high ones; the rest are the input
+    assert torch.equal(changed, low | high)
+    assert torch.equal(x_tilde[~changed], x[~changed])
+    n_changed = int(changed.sum())
+    rate = n_changed / N
+    assert abs(rate - nu) < four_sigma(nu, N), (rate, nu)
+    share_low = int(low.sum()) / n_changed
+    assert abs(share_low - 0.5) < four_sigma(0.5, n_changed), share_low
+
+
+def test_salt_and_pepper_respects_custom_low_and_high_through_corrupt():
+    x = positive_input()
+    nu = 0.3
+    x_tilde = corrupt(x, "salt_and_pepper", nu, gen(6), value_range=(-1.0, 2.0))
+    low, high = x_tilde == -1.0, x_tilde == 2.0
+    assert low.any() and high.any()
+    # no 0 and no 1 were written: the custom values replaced the [0,1] defaults
+    assert not (x_tilde == 0.0).any() and not (x_tilde == 1.0).any()
+    unchanged = ~(low | high)
+    assert torch.equal(x_tilde[unchanged], x[unchanged])
+    n_changed = int((low | high).sum())
+    assert abs(n_changed / N - nu) < four_sigma(nu, N)
+    assert abs(int(low.sum()) / n_changed - 0.5) < four_sigma(0.5, n_changed)
+
+
+# --- multiplicative gaussian --------------------------------------------------------------------
+
+
+def test_multiplicative_gaussian_relative_noise_has_std_sigma():
+    x = positive_input()
+    sigma = 0.2
+    rel = (multiplicative_gaussian_noise(x, sigma, gen(7)) - x) / x
+    assert abs(rel.std().item() / sigma - 1) < 0.02
+    assert abs(rel.mean().item()) < 4 * sigma / math.sqrt(N)
+    # zero stays zero: the noise scales with the input
+    zeros = torch.zeros(3, 4, dtype=torch.float64)
+    assert torch.equal(multiplicative_gaussian_noise(zeros, sigma, gen(7)), zeros)
+
+
+# --- properties common to every process ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("noise", sorted(NOISES))
+def test_level_zero_is_the_identity(noise):
+    x = positive_input()
+    assert torch.equal(corrupt(x, noise, 0.0, gen(8)), x)
+
+
+@pytest.mark.parametrize("noise", sorted(NOISES))
+def test_same_seed_same_corruption_different_seed_different(noise):
+    x = positive_input()[:50]
+    a = corrupt(x, noise, 0.3, gen(11))
+    b = corrupt(x, noise, 0.3, gen(11))
+    c = corrupt(x, noise, 0.3, gen(12))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, x)
+
+
+@pytest.mark.parametrize("noise", sorted(NOISES))
+def test_global_rng_is_used_when_no_generator_is_given(noise):
+    x = positive_input()[:50]
+    torch.manual_seed(123)
+    a = corrupt(x, noise, 0.3)
+    torch.manual_seed(123)
+    b = corrupt(x, noise, 0.3)
+    assert torch.equal(a, b) and not torch.equal(a, x)
+
+
+@pytest.mark.parametrize("noise", sorted(NOISES))
+def test_corruption_does_not_modify_its_input(noise):
+    x = positive_input()[:50]
+    before = x.clone()
+    out = corrupt(x, noise, 0.5, gen(13))
+    assert torch.equal(x, before)
+    assert out.data_ptr() != x.data_ptr()
+    assert out.dtype == x.dtype and out.shape == x.shape
+
+
+def test_unknown_noise_is_rejected_naming_the_choices():
+    x = positive_input()[:2]
+    with pytest.raises(ValueError) as info:
+        corrupt(x, "dropout", 0.1, gen(0))
+    message = str(info.value)
+    assert "'dropout'" in message
+    for name in ("masking", "gaussian", "salt_and_pepper", "multiplicative_gaussian"):
+        assert name in message
