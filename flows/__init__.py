@@ -1,0 +1,1 @@
+"""Prefect flows (the pipeline) and the ``layerwise`` command line."""

@@ -1,0 +1,131 @@
+"""Resolve a preset, a YAML file and ``--set section.field=value`` overrides into one
+validated ``PipelineConfig``, or a ``ConfigError`` that names the field, value and range."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from tasks.config import PipelineConfig
+from tasks.errors import ConfigError
+
+
+def known_keys(model: type = PipelineConfig, prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts, e.g. ``pretrain.optimizer.lr``."""
+    from pydantic import BaseModel
+
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += known_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """``"pretrain.corruption_levels=[0.1,0.2]"`` -> ``("pretrain.corruption_levels", [0.1, 0.2])``.
+    Values are parsed as YAML, so lists, numbers, booleans and ``null`` work."""
+    import yaml
+
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected section.field=value")
+    if key not in known_keys():
+        close = [k for k in known_keys() if k.split(".")[-1] == key.split(".")[-1]]
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"--set {key}: unknown key.{hint} Run `layerwise config --keys`.")
+    try:
+        return key, yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from exc
+
+
+def _assign(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = tree.get(part)
+        if not isinstance(node, dict):
+            node = tree[part] = {}
+        tree = node
+    tree[leaf] = value
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Nested dict update: sections merge, leaves (lists included) are replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_config(
+    preset: str = "default",
+    config_file: Optional[Path] = None,
+    sets: Sequence[str] = (),
+    dataset: Optional[str] = None,
+    data_dir: Optional[Path] = None,
+    seed: Optional[int] = None,
+) -> PipelineConfig:
+    """Preset, then the YAML file, then ``--set`` items, then the dedicated flags."""
+    import yaml
+    from pydantic import ValidationError
+
+    from flows.presets import PRESETS, preset as load_preset
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    tree = load_preset(preset)
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"--config {config_file}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {config_file}: expected a mapping of sections")
+        tree = merge(tree, loaded)
+    for item in sets:
+        _assign(tree, *parse_set(item))
+    for key, value in (("data.dataset", dataset), ("data.data_dir", data_dir),
+                       ("runtime.seed", seed)):
+        if value is not None:
+            _assign(tree, key, str(value) if isinstance(value, Path) else value)
+    try:
+        config = PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    if not config.data.is_mnist:
+        check_npz(config)
+    return config
+
+
+def check_npz(config: PipelineConfig) -> None:
+    """Batch sizes and n_train against an .npz's training rows, read from its header only."""
+    from tasks.config import check_train_size
+    from tasks.data import peek_npz_train_size
+
+    n = peek_npz_train_size(Path(config.data.dataset)) - config.data.n_valid
+    if n < 1:
+        raise ConfigError(f"data.n_valid={config.data.n_valid} leaves no training examples "
+                          f"in {config.data.dataset}")
+    try:
+        check_train_size(config, n)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def format_validation_error(exc: Any) -> str:
+    """One line per invalid field: ``pretrain.epochs = 0: Input should be >= 1``."""
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}{shown}: {msg}")
+    return "\n".join(lines)

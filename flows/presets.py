@@ -1,0 +1,60 @@
+"""Named presets: concrete values live here and in the CLI, never in flow bodies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Demos, tests and smoke runs: 5k examples, two small layers, a few epochs.
+    "quick": {
+        "data": {"n_train": 5000},
+        "model": {"hidden_sizes": [256, 128]},
+        "pretrain": {
+            "epochs": 3, "batch_size": 20, "corruption_levels": [0.1, 0.2],
+            "optimizer": {"name": "sgd", "lr": 0.05},
+        },
+        "finetune": {
+            "max_epochs": 12, "batch_size": 20, "early_stopping": "patience",
+            "patience_epochs": 4, "optimizer": {"name": "sgd", "lr": 0.1},
+        },
+    },
+    # The tutorial's architecture with minibatches: 3×1000 sigmoid, masking 0.1/0.2/0.3,
+    # tied weights. lr scales with the batch as in the tutorial's dA.py (batch 20, lr 0.1
+    # for a summed cross-entropy) rather than SdA.py's batch-1 lr 0.001.
+    "default": {
+        "model": {"hidden_sizes": [1000, 1000, 1000]},
+        "pretrain": {
+            "epochs": 15, "batch_size": 20, "corruption_levels": [0.1, 0.2, 0.3],
+            "optimizer": {"name": "sgd", "lr": 0.01},
+        },
+        "finetune": {
+            "max_epochs": 100, "batch_size": 20, "early_stopping": "tutorial",
+            "optimizer": {"name": "sgd", "lr": 0.1},
+        },
+    },
+    # Exactly DeepLearningTutorials' SdA.py (REFERENCES.md): batch 1, patience rule.
+    "tutorial": {
+        "data": {"n_train": None, "n_valid": 10000, "normalization": "unit"},
+        "model": {"hidden_sizes": [1000, 1000, 1000], "activation": "sigmoid",
+                  "tied_weights": True, "init": "tutorial", "dropout": 0.0},
+        "pretrain": {
+            "epochs": 15, "batch_size": 1, "noise": "masking",
+            "corruption_levels": [0.1, 0.2, 0.3], "loss": "cross_entropy",
+            "optimizer": {"name": "sgd", "lr": 0.001},
+        },
+        "finetune": {
+            "max_epochs": 1000, "batch_size": 1, "early_stopping": "tutorial",
+            "patience_batches": 10, "patience_increase": 2.0, "improvement_threshold": 0.995,
+            "optimizer": {"name": "sgd", "lr": 0.1},
+        },
+    },
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """A deep copy of the named preset's overrides of the config defaults."""
+    import copy
+
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])

@@ -1,0 +1,299 @@
+"""Figures for the evaluate stage: filters, image grids, learning curves, confusion matrices.
+
+Plain functions, numpy arrays (or torch tensors) in, PNG/CSV files out; matplotlib is imported
+lazily on the Agg backend. Every writer is atomic: a killed run leaves no half-written file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """A numpy view of ``x``; a torch tensor is detached and moved to the CPU (no torch import)."""
+    return np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
+
+
+def _atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> Path:
+    """Write a file atomically: ``write_fn`` fills a temporary file, then it replaces ``path``.
+
+    The temporary file sits in the target's directory (``os.replace`` is atomic only within one
+    filesystem). If ``write_fn`` raises, it is removed and ``path`` is left as it was.
+
+    Args:
+        path: The file to create or replace; missing parent directories are created.
+        write_fn: Called with the temporary path; must write the whole file there.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write_fn(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts should be readable like any file
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, imported lazily: workers have no display."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # before pyplot is first imported
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Lay out ``fig`` (unless it has a layout engine) and write it atomically as a 100-dpi PNG."""
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
+    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def tile_raster_images(
+    X: np.ndarray,
+    img_shape: tuple[int, int],
+    tile_shape: tuple[int, int],
+    tile_spacing: tuple[int, int] = (1, 1),
+    scale_rows_to_unit_interval: bool = True,
+) -> np.ndarray:
+    """Tile the rows of ``X`` as images into one grayscale raster.
+
+    A port of DeepLearningTutorials' ``utils.tile_raster_images`` (2-D case). Tile t sits at
+    row t // tw, column t % tw, scaled as ``x' = (x - min x) / (max(x - min x) + 1e-8)``. As in
+    the original, ``x' * 255`` is truncated to uint8, so a scaled tile's brightest pixel is
+    254; unlike it, unscaled values are clipped to [0, 1] rather than wrapping around.
+
+    Args:
+        X: (n, H*W) array, one image per row.
+        img_shape: (H, W) of each image.
+        tile_shape: (th, tw) tiles; rows beyond th*tw are dropped, tiles beyond n stay 0.
+        tile_spacing: (sh, sw) pixels of 0 between tiles.
+        scale_rows_to_unit_interval: Min-max scale each tile to [0, 1] independently.
+
+    Returns:
+        uint8 array of shape ((H+sh)*th - sh, (W+sw)*tw - sw).
+    """
+    X = _to_numpy(X).astype(np.float64)  # float64 so the 1e-8 eps is not lost to rounding
+    (H, W), (th, tw), (sh, sw) = img_shape, tile_shape, tile_spacing
+    if X.ndim != 2 or X.shape[1] != H * W:
+        raise ValueError(f"X must have shape (n, {H * W}) for img_shape {img_shape}, got {X.shape}")
+    out = np.zeros(((H + sh) * th - sh, (W + sw) * tw - sw), dtype=np.uint8)
+    for t in range(min(X.shape[0], th * tw)):
+        img = X[t].reshape(H, W)
+        if scale_rows_to_unit_interval:  # the original's scale_to_unit_interval, eps 1e-8
+            img = img - img.min()
+            img = img * (1.0 / (img.max() + 1e-8))
+        r, c = divmod(t, tw)
+        y0, x0 = r * (H + sh), c * (W + sw)  # clip: unscaled values outside [0, 1] would wrap
+        out[y0 : y0 + H, x0 : x0 + W] = np.clip(img, 0.0, 1.0) * 255
+    return out
+
+
+def save_filters(
+    weights: np.ndarray,
+    path: str | os.PathLike,
+    img_shape: tuple[int, int] = (28, 28),
+    n: int = 100,
+) -> Path:
+    """Save the first ``n`` filters (rows of W) as one tiled grayscale PNG.
+
+    With the defaults this is the tutorial's ``filters_corruption_30.png``: 100 filters of
+    28x28, tiled 10x10 with 1-pixel spacing, each tile min-max scaled (289x289 pixels).
+
+    Args:
+        weights: (n_hidden, n_visible) encoder weights; row j is hidden unit j's filter.
+        path: Target ``.png``.
+        img_shape: (H, W) with H*W == n_visible.
+        n: How many filters to show (at most n_hidden), tiled ceil(sqrt n) x ceil(sqrt n).
+
+    Returns:
+        The path written.
+    """
+    from PIL import Image
+
+    W, D = _to_numpy(weights), img_shape[0] * img_shape[1]
+    if W.ndim != 2 or W.shape[1] != D:
+        raise ValueError(f"n_visible = {W.shape[-1]} (weights {W.shape}) but img_shape "
+                         f"{tuple(img_shape)} has {D} pixels; pass the matching img_shape")
+    n = min(n, W.shape[0])
+    side = max(1, math.ceil(math.sqrt(n)))  # 100 -> 10x10 tiles
+    raster = tile_raster_images(W[:n], img_shape, (side, side), tile_spacing=(1, 1))
+    image = Image.fromarray(raster)  # 2-D uint8 -> mode "L"
+    return _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def squarest_shape(D: int) -> tuple[int, int]:
+    """The factor pair (h, w), h <= w, h*w == D, closest to square; (1, D) for a prime D."""
+    if D < 1:
+        raise ValueError(f"D must be a positive integer, got {D}")
+    h = next(d for d in range(math.isqrt(D), 0, -1) if D % d == 0)
+    return h, D // h
+
+
+def save_image_rows(
+    rows: Sequence[tuple[str, np.ndarray]],
+    path: str | os.PathLike,
+    img_shape: tuple[int, int] = (28, 28),
+) -> Path:
+    """Save a grid with one labelled row of images per entry, e.g. original/corrupted/recon.
+
+    Args:
+        rows: (label, X) pairs; X is (n, D), shown as n grayscale images. If D != H*W
+            (hidden codes), vectors are shown as squarest_shape(D), labelled "(codes)".
+        path: Target ``.png``.
+        img_shape: (H, W) of an input image.
+
+    Returns:
+        The path written.
+    """
+    if not rows:
+        raise ValueError("rows is empty: pass at least one (label, X) pair")
+    arrays = [_to_numpy(X).reshape(len(X), -1) for _, X in rows]  # (n, D) each
+    n_cols, plt = max(max(len(X) for X in arrays), 1), _pyplot()
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(n_cols + 1.5, len(rows)), squeeze=False)
+    try:
+        for i, ((label, _), X) in enumerate(zip(rows, arrays)):
+            shape = tuple(img_shape)
+            if X.shape[1] != img_shape[0] * img_shape[1]:
+                shape, label = squarest_shape(X.shape[1]), f"{label} (codes)"
+            for j, ax in enumerate(axes[i]):
+                ax.set(xticks=[], yticks=[])
+                if j < len(X):
+                    ax.imshow(X[j].reshape(shape), cmap="gray", interpolation="nearest")
+                else:  # a shorter row: leave the cell blank
+                    ax.set_axis_off()
+            axes[i, 0].set_ylabel(label, rotation=0, ha="right", va="center")
+        return _save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def save_learning_curves(
+    histories: dict[str, list[dict]],
+    path: str | os.PathLike,
+    metrics: Sequence[str] = ("train_loss", "val_error"),
+) -> Path:
+    """Plot per-epoch metrics of several arms (e.g. "pretrained", "random") side by side.
+
+    One subplot per metric, every arm on each. Metrics whose name ends in "error" are
+    fractions shown in percent, with each arm's best (lowest) epoch marked by a star.
+    Epochs where an arm did not log a metric are skipped; "epoch" defaults to the position.
+
+    Args:
+        histories: arm -> per-epoch dicts, e.g. {"epoch": 0, "train_loss": .., "val_error": ..}.
+        path: Target ``.png``.
+        metrics: Keys of the per-epoch dicts to plot, one subplot each.
+
+    Returns:
+        The path written.
+    """
+    plt = _pyplot()
+    if not metrics:
+        raise ValueError("metrics is empty: name at least one per-epoch key to plot")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    try:
+        for ax, metric in zip(axes[0], metrics):
+            is_error = metric.endswith("error")
+            for arm, history in histories.items():
+                points = [(h.get("epoch", i), h[metric]) for i, h in enumerate(history)
+                          if h.get(metric) is not None]
+                if not points:
+                    continue
+                x, y = (np.asarray(v, dtype=float) for v in zip(*points))
+                y = 100 * y if is_error else y
+                (line,) = ax.plot(x, y, label=arm)
+                if is_error:
+                    b = int(np.nanargmin(y))
+                    ax.plot(x[b], y[b], marker="*", markersize=12, color=line.get_color(),
+                            linestyle="none", label=f"{arm} best: {y[b]:.2f}% @ {x[b]:g}")
+            ax.set(xlabel="epoch", ylabel=f"{metric} (%)" if is_error else metric, title=metric)
+            ax.grid(alpha=0.3)
+            if ax.has_data():
+                ax.legend()
+        return _save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Count matrix ``cm[i, j]`` = #examples of true class i predicted as j, (C, C) int64."""
+    y_true, y_pred = (_to_numpy(y).astype(np.int64).ravel() for y in (y_true, y_pred))
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true and y_pred differ in length: {y_true.shape} vs {y_pred.shape}")
+    for name, y in (("y_true", y_true), ("y_pred", y_pred)):
+        if y.size and (y.min() < 0 or y.max() >= n_classes):
+            raise ValueError(f"{name} has labels outside [0, {n_classes}): {y.min()}..{y.max()}")
+    counts = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes)
+    return counts.reshape(n_classes, n_classes).astype(np.int64)
+
+
+def per_class_error(cm: np.ndarray) -> np.ndarray:
+    """Per true class, ``1 - cm[i, i] / cm[i].sum()``; 0 (not NaN) for a class with no examples."""
+    cm = _to_numpy(cm)
+    support = cm.sum(axis=1)  # (C,) examples per true class
+    return np.where(support > 0, 1.0 - np.diag(cm) / np.maximum(support, 1), 0.0)
+
+
+def save_confusion_matrix(
+    cm: np.ndarray,
+    path_png: str | os.PathLike,
+    path_csv: str | os.PathLike,
+    class_names: Optional[list[str]] = None,
+    title: str = "",
+) -> tuple[Path, Path]:
+    """Save a confusion matrix as a CSV table and an annotated heatmap.
+
+    Rows are true classes, columns predicted ones. ``pandas.read_csv(path_csv, index_col=0)``
+    gives back the matrix (index column "true"). The PNG's y ticks carry per-class error.
+
+    Args:
+        cm: (C, C) integer counts, e.g. from :func:`confusion_matrix`.
+        path_png: Target ``.png`` (heatmap).
+        path_csv: Target ``.csv`` (table).
+        class_names: C names; default "0".."C-1".
+        title: Figure title.
+
+    Returns:
+        (path_png, path_csv).
+    """
+    import pandas as pd
+
+    cm = _to_numpy(cm)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"cm must be a square (C, C) matrix, got shape {cm.shape}")
+    C = cm.shape[0]
+    names = [str(c) for c in (class_names if class_names is not None else range(C))]
+    if len(names) != C:
+        raise ValueError(f"class_names has {len(names)} names for a {C}x{C} matrix")
+    df = pd.DataFrame(cm, index=pd.Index(names, name="true"), columns=names)
+    csv_path = _atomic_write(path_csv, lambda tmp: df.to_csv(tmp))
+    plt = _pyplot()
+    size = max(4.0, 0.55 * C + 2.0)  # inches; grows with C so the counts stay legible
+    fig, ax = plt.subplots(figsize=(size + 1.0, size), layout="constrained")  # +1: colorbar
+    try:
+        im = ax.imshow(cm, cmap="Blues", interpolation="nearest")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        threshold = cm.max() / 2 if cm.size else 0
+        for i in range(C):
+            for j in range(C):
+                ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
+                        color="white" if cm[i, j] > threshold else "black")
+        ax.set_xticks(range(C), names)
+        errors = per_class_error(cm)
+        ax.set_yticks(range(C), [f"{n} ({100 * e:.1f}%)" for n, e in zip(names, errors)])
+        ax.set(xlabel="predicted", ylabel="true", title=title)
+        return _save_figure(fig, path_png), csv_path
+    finally:
+        plt.close(fig)

@@ -1,0 +1,239 @@
+"""Greedy layer-wise pretraining: train denoising autoencoder k on the clean codes of
+layers 1..k-1 (Bengio et al. 2007; Vincent et al. 2010, §3.5)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from prefect import task
+from prefect.cache_policies import CacheKeyFnPolicy
+from pydantic import BaseModel
+
+from tasks.checkpoints import Checkpoint, load_state, save_state, tensor_sha256
+from tasks.config import PipelineConfig
+from tasks.errors import DivergenceError
+from tasks.runtime import derive_seed, fit, eval_device, make_trainer, stage_dir, stage_key
+
+N_EXAMPLES = 10  # images per row in the corrupted-input and reconstruction figures
+
+
+class LayerResult(BaseModel):
+    """What pretraining layer k hands on: its checkpoint, digests, history and figures."""
+
+    layer: int
+    n_visible: int
+    n_hidden: int
+    checkpoint: Checkpoint
+    encoder_sha256: str
+    value_range: tuple[float, float]
+    history: list[dict[str, float]]
+    figures: dict[str, Path]
+    train_seconds: float
+
+
+def encoder_state(dae_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder's own tensors (``linear.weight``, ``linear.bias``) from a dA state."""
+    prefix = "encoder."
+    return {k[len(prefix) :]: v for k, v in dae_state.items() if k.startswith(prefix)}
+
+
+def load_stack(lower: Sequence[LayerResult]) -> list[dict[str, torch.Tensor]]:
+    """Load and verify the dA states of the given layers."""
+    return [load_state(r.checkpoint) for r in lower]
+
+
+@torch.no_grad()
+def compute_codes(
+    x: torch.Tensor,
+    dae_states: Sequence[dict[str, torch.Tensor]],
+    activation: str,
+    device: torch.device,
+    batch_size: int,
+) -> torch.Tensor:
+    """Clean codes h_{k-1}(…h_1(x)) of the given layers, in large batches, once per stage.
+
+    Args:
+        x: Inputs, (N, D), on the CPU.
+        dae_states: dA states of layers 1..k-1, bottom first (empty: codes are x itself).
+    Returns:
+        (N, n_hidden_{k-1}) codes on ``device``.
+    """
+    from models.layers import EncoderLayer
+
+    x = x.to(device)
+    if not dae_states:
+        return x
+    layers = []
+    for state in dae_states:
+        enc = encoder_state(state)
+        n_hidden, n_visible = enc["linear.weight"].shape
+        layer = EncoderLayer(n_visible, n_hidden, activation).to(device)
+        layer.load_state_dict(enc)
+        layers.append(layer)
+    out = []
+    for start in range(0, len(x), batch_size):
+        h = x[start : start + batch_size]
+        for layer in layers:
+            h = layer(h)  # (b, n_in) -> (b, n_out)
+        out.append(h)
+    return torch.cat(out)
+
+
+def pretrain_layer(
+    k: int, config: PipelineConfig, data: Any, lower: Sequence[LayerResult], out_dir: Path
+) -> LayerResult:
+    """Train the dA of layer ``k`` (0-based) on the clean codes of the layers below.
+
+    Corruption is applied only to this autoencoder's input, only in training; its loss is
+    measured against the clean codes. Writes ``dae.safetensors`` and figures to ``out_dir``.
+    """
+    from models.batches import TensorDataModule
+    from models.callbacks import EpochHistory
+    from models.dae import DenoisingAutoencoder
+    from models.pretrain_module import LitDenoisingAutoencoder
+
+    m, p, rt = config.model, config.pretrain, config.runtime
+    device = eval_device(rt)
+    states = load_stack(lower)
+    x_train = compute_codes(data.x_train, states, m.activation, device, rt.eval_batch_size)
+    x_valid = compute_codes(data.x_valid, states, m.activation, device, rt.eval_batch_size)
+    value_range = (float(x_train.min()), float(x_train.max()))
+    dae = DenoisingAutoencoder(
+        n_visible=x_train.shape[1],
+        n_hidden=m.hidden_sizes[k],
+        activation=m.activation,
+        init=m.init,
+        tied=m.tied_weights,
+        noise=p.noise,
+        corruption_level=p.corruption_levels[k],
+        loss=p.loss,
+        value_range=value_range,
+        generator=torch.Generator().manual_seed(derive_seed(rt.seed, "pretrain-init", k)),
+    )
+    system = LitDenoisingAutoencoder(
+        dae, layer=k + 1, optimizer=p.optimizer.model_dump(),
+        seed=derive_seed(rt.seed, "pretrain-noise", k),
+    )
+    history = EpochHistory(system.prefix)
+    datamodule = TensorDataModule(
+        (x_train,), (x_valid,), p.batch_size, derive_seed(rt.seed, "pretrain-order", k),
+        rt.eval_batch_size,
+    )
+    started = time.perf_counter()
+    try:
+        fit(make_trainer(rt, p.epochs, [history]), system, datamodule)
+    except FloatingPointError as exc:
+        raise DivergenceError(str(exc)) from exc
+    seconds = time.perf_counter() - started
+    dae = dae.cpu().eval()
+    state = {k_: v for k_, v in dae.state_dict().items()}
+    checkpoint = save_state(state, out_dir / "dae.safetensors", {"layer": str(k + 1)})
+    figures = layer_figures(k, dae, states, x_valid.cpu(), data, out_dir, rt.seed)
+    return LayerResult(
+        layer=k + 1,
+        n_visible=dae.n_visible,
+        n_hidden=dae.n_hidden,
+        checkpoint=checkpoint,
+        encoder_sha256=tensor_sha256(encoder_state(state)),
+        value_range=value_range,
+        history=history.rows,
+        figures=figures,
+        train_seconds=seconds,
+    )
+
+
+@torch.no_grad()
+def layer_figures(
+    k: int,
+    dae: Any,
+    lower_states: Sequence[dict[str, torch.Tensor]],
+    codes_valid: torch.Tensor,
+    data: Any,
+    out_dir: Path,
+    seed: int,
+) -> dict[str, Path]:
+    """Filters, corrupted-input examples and original-vs-reconstruction grids of layer k.
+
+    Deeper filters are shown through their linear projection to input space, W_k…W_1; the
+    reconstruction of layer k goes back down the whole stack (decode_k, then decode_{k-1}, …)
+    so that it is always shown as images.
+    """
+    from tasks import figures
+
+    img_shape = data.image_shape or figures.squarest_shape(data.n_features)
+    projection = dae.encoder.W
+    for state in reversed(lower_states):
+        projection = projection @ state["encoder.linear.weight"]  # (n_k, n_{k-1}) @ (n_{k-1}, …)
+    paths = {
+        "filters": figures.save_filters(
+            projection.numpy(), out_dir / f"filters_layer_{k + 1}.png", img_shape
+        )
+    }
+    g = torch.Generator().manual_seed(derive_seed(seed, "figure-noise", k))
+    clean = codes_valid[:N_EXAMPLES]
+    corrupted = dae.corrupt(clean, g)
+    paths["corrupted"] = figures.save_image_rows(
+        [("clean", clean.numpy()), (f"corrupted ({dae.noise} {dae.corruption_level})",
+                                    corrupted.numpy())],
+        out_dir / f"corrupted_layer_{k + 1}.png", img_shape,
+    )
+    z = dae.decode(dae.encode(corrupted))
+    for state in reversed(lower_states):  # back down the stack to input space
+        z = decode_with_state(z, state, dae.loss)
+    paths["reconstruction"] = figures.save_image_rows(
+        [("original", data.x_valid[:N_EXAMPLES].numpy()), ("reconstruction", z.numpy())],
+        out_dir / f"reconstruction_layer_{k + 1}.png", img_shape,
+    )
+    return paths
+
+
+def decode_with_state(h: torch.Tensor, state: dict[str, torch.Tensor], loss: str) -> torch.Tensor:
+    """z = s(W' h + b') for a stored dA state (W' = Wᵀ when tied); s is the sigmoid for a
+    cross-entropy dA and the identity for a squared-error one, as in ``DenoisingAutoencoder``."""
+    w_prime = state.get("W_prime", state["encoder.linear.weight"].t())  # (n_visible, n_hidden)
+    a = h @ w_prime.t() + state["b_prime"]
+    return torch.sigmoid(a) if loss == "cross_entropy" else a
+
+
+def pretrain_cache_key(k: int, config: PipelineConfig, data_digest: str,
+                       lower: Sequence[LayerResult]) -> str:
+    """Depends on what layer k's training reads, and nothing else: layers above k, the
+    fine-tuning settings and dropout do not invalidate it."""
+    m, p, rt = config.model, config.pretrain, config.runtime
+    return stage_key(
+        f"pretrain-layer-{k + 1}",
+        data=data_digest,
+        model={"hidden_sizes": m.hidden_sizes[: k + 1], "activation": m.activation,
+               "tied_weights": m.tied_weights, "init": m.init},
+        pretrain={**p.model_dump(mode="json", exclude={"corruption_levels"}),
+                  "corruption_level": p.corruption_levels[k]},
+        runtime=rt.model_dump(mode="json", exclude={"eval_batch_size"}),
+        lower=[r.checkpoint.sha256 for r in lower],
+    )
+
+
+def _cache_key(ctx: Any, params: dict[str, Any]) -> str:
+    return pretrain_cache_key(params["k"], params["config"], params["data"].digest,
+                              params["lower"])
+
+
+@task(
+    name="pretrain-layer",
+    cache_policy=CacheKeyFnPolicy(cache_key_fn=_cache_key),
+    persist_result=True,
+    result_serializer="json",
+)
+def pretrain_layer_task(
+    k: int, config: PipelineConfig, data: Any, lower: list[LayerResult]
+) -> LayerResult:
+    """Prefect task: pretrain layer k; cached on configs and digests, never on tensors."""
+    key = pretrain_cache_key(k, config, data.digest, lower)
+    return pretrain_layer(k, config, data, lower, stage_dir(f"pretrain-layer-{k + 1}", key))
+
+
+def layer_states(lower: Optional[Sequence[LayerResult]]) -> list[dict[str, torch.Tensor]]:
+    """The encoder states of pretrained layers, verified against their digests."""
+    return [encoder_state(s) for s in load_stack(lower or [])]

@@ -1,0 +1,260 @@
+"""MLflow record of a pipeline run: a parent run, one nested child run per stage, and the
+registered classifier. Every run ends FINISHED, FAILED or KILLED, never left RUNNING.
+
+The embedded default is a SQLite store at ``<home>/mlflow.db`` with artifacts beside it in
+``<home>/artifacts`` (``home`` is ``$LAYERWISE_HOME`` or ``./mlruns``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from tasks.errors import TrackingError
+from tasks.runtime import layerwise_home
+
+KIND_TAG, STAGE_TAG, CACHED_TAG = "layerwise.kind", "layerwise.stage", "layerwise.cached"
+PID_TAG, HOST_TAG = "layerwise.pid", "layerwise.host"
+MAX_PARAM_CHARS = 6000
+MAX_BATCH = 1000
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else the embedded SQLite store under ``<home>``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layerwise_home()}/mlflow.db"
+
+
+def is_local(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    """Ctrl-C, SIGTERM (via our handler or Prefect's ``TerminationSignal``) or an exit."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return True
+    from prefect.exceptions import TerminationSignal
+
+    return isinstance(exc, TerminationSignal)
+
+
+def git_commit() -> str:
+    """The commit of the checkout the code runs from, with ``-dirty`` if modified."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=5).stdout
+        return sha + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment_params(device: str) -> dict[str, str]:
+    """Versions, commit and device: what it takes to repeat a run."""
+    import lightning
+    import mlflow
+    import prefect
+    import torch
+
+    return {
+        "git.commit": git_commit(),
+        "version.torch": torch.__version__,
+        "version.lightning": lightning.__version__,
+        "version.prefect": prefect.__version__,
+        "version.mlflow": mlflow.__version__,
+        "version.python": platform.python_version(),
+        "device": device,
+    }
+
+
+def enable_wal(db: Path) -> None:
+    """Write-ahead logging on the embedded SQLite store, so that concurrent runs' readers
+    never block writers; the setting is stored in the database file itself."""
+    import sqlite3
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
+        con.execute("PRAGMA journal_mode=WAL")
+
+
+def check_reachable(url: str, what: str, hint: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any training, when an HTTP server does not answer its health URL."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http(s) only
+            if response.status >= 500:
+                raise OSError(f"HTTP {response.status}")
+    except (OSError, urllib.error.URLError) as exc:
+        raise TrackingError(f"{what} at {url} is unreachable ({exc}). {hint}") from exc
+
+
+def preflight_mlflow(uri: str) -> None:
+    """An MLflow server must answer ``/health``; local stores need nothing."""
+    if uri.startswith(("http://", "https://")):
+        check_reachable(uri.rstrip("/") + "/health", "the MLflow tracking server",
+                        "Start it, or drop --tracking-uri/MLFLOW_TRACKING_URI to use the "
+                        "embedded SQLite store.")
+
+
+TRANSIENT = ("database is locked", "connection", "timed out", "temporarily", "503", "502", "504")
+
+
+def with_retries(fn: Any, *args: Any, attempts: int = 4, base_delay: float = 0.5, **kwargs: Any
+                 ) -> Any:
+    """Call ``fn``; retry errors that look transient (locks, connections, 5xx) with
+    exponential backoff, then re-raise."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - filtered by message below
+            if attempt == attempts - 1 or not any(t in str(exc).lower() for t in TRANSIENT):
+                raise
+            time.sleep(base_delay * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def safe_artifact_path(path: Optional[str]) -> Optional[str]:
+    """An artifact path must stay inside its run's artifact directory: relative, no ``..``,
+    no backslashes or NUL. Names can come from user input (grid values, model names)."""
+    if path is None:
+        return None
+    parts = path.split("/")
+    if (not path or path.startswith("/") or "\\" in path or "\x00" in path
+            or any(p in ("..", "") for p in parts) or ":" in parts[0]):
+        raise ValueError(f"unsafe artifact path {path!r}: use a relative path without '..'")
+    return path
+
+
+class Tracker:
+    """Thin wrapper over ``MlflowClient`` with explicit run ids (no fluent global state).
+
+    Args:
+        tracking_uri: MLflow tracking URI; None for ``default_tracking_uri()``.
+        experiment: Experiment name, created when absent.
+    """
+
+    def __init__(self, tracking_uri: Optional[str] = None, experiment: str = "layerwise"):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri or default_tracking_uri()
+        preflight_mlflow(self.uri)
+        if self.uri.startswith("sqlite:///"):
+            enable_wal(Path(self.uri[len("sqlite:///"):]))
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        try:
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                location = None
+                if is_local(self.uri):
+                    location = (layerwise_home() / "artifacts").as_uri()
+                self.experiment_id = self.client.create_experiment(experiment, location)
+            else:
+                self.experiment_id = exp.experiment_id
+        except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
+            raise TrackingError(
+                f"cannot use MLflow tracking URI {self.uri!r} (experiment {experiment!r}): "
+                f"{exc}. Start the server, or unset MLFLOW_TRACKING_URI/--tracking-uri to use "
+                "the embedded SQLite store"
+            ) from exc
+        self.experiment = experiment
+
+    @contextlib.contextmanager
+    def run(self, name: str, tags: dict[str, str], parent_id: Optional[str] = None
+            ) -> Iterator[str]:
+        """A run that ends FINISHED on success, KILLED on Ctrl-C/SIGTERM, FAILED otherwise."""
+        tags = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(), **tags}
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+        run = with_retries(self.client.create_run, self.experiment_id, run_name=name, tags=tags)
+        run_id = run.info.run_id
+        try:
+            yield run_id
+        except BaseException as exc:
+            with_retries(self.client.set_terminated, run_id,
+                         "KILLED" if is_interrupt(exc) else "FAILED")
+            raise
+        with_retries(self.client.set_terminated, run_id, "FINISHED")
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):
+            with_retries(self.client.log_batch, run_id, params=items[i : i + 100])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        with_retries(self.client.log_batch, run_id,
+                     tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        self._log_metric_rows(run_id, [(k, v, step) for k, v in metrics.items()])
+
+    def log_history(self, run_id: str, prefix: str, rows: list[dict[str, float]]) -> None:
+        """Per-epoch histories as ``<prefix>/<name>`` with ``step`` = epoch."""
+        self._log_metric_rows(run_id, [
+            (f"{prefix}/{name}", value, int(row["epoch"]))
+            for row in rows for name, value in row.items() if name not in ("epoch", "step")
+        ])
+
+    def _log_metric_rows(self, run_id: str, rows: list[tuple[str, float, int]]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v, step in rows]
+        for i in range(0, len(metrics), MAX_BATCH):
+            with_retries(self.client.log_batch, run_id, metrics=metrics[i : i + MAX_BATCH])
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: Optional[str] = None) -> None:
+        with_retries(self.client.log_artifact, run_id, str(path),
+                     safe_artifact_path(artifact_path))
+
+    def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
+        with_retries(self.client.log_text, run_id,
+                     json.dumps(obj, indent=2, sort_keys=True, default=str),
+                     safe_artifact_path(artifact_file))
+
+    def log_classifier(self, run_id: str, model: Any, input_example: Any,
+                       registered_name: str, tags: dict[str, str]) -> str:
+        """Log the classifier as an MLflow model (pt2: no pickle) with signature and input
+        example, register it under ``registered_name`` and tag the version. Returns the
+        version number."""
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        with torch.no_grad():
+            output = model(torch.as_tensor(input_example)).numpy()
+        signature = infer_signature(input_example, output)
+        def log() -> Any:
+            with mlflow.start_run(run_id=run_id):
+                return mlflow.pytorch.log_model(
+                    model, name="model", input_example=input_example, signature=signature,
+                    serialization_format="pt2", registered_model_name=registered_name,
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                )
+
+        info = with_retries(log)
+        version = str(info.registered_model_version)
+        for key, value in tags.items():
+            with_retries(self.client.set_model_version_tag, registered_name, version, key, value)
+        return version
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."
