@@ -1,0 +1,417 @@
+"""The pretraining-vs-random ablation (Erhan et al. 2010): every cell of a grid of factors
+is a network fine-tuned from pretrained encoders or from a random initialisation, over many
+seeds. Distinct pretraining layers are trained once and shared; every cell runs as a Prefect
+task on the flow's task runner (in process, a local process pool or a Dask cluster); one
+MLflow parent run holds the table, the summary statistics and the figures.
+
+Tasks receive configs, never tensors: each worker loads the data itself (memoised per
+process), so cells can run in other processes or on other machines, and every stage stays
+cached on stable inputs. A rerun after an interruption resumes: finished layers and cells
+come from the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, Optional
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from flows.grid import GROUPING, Cell, Grid, expand, grid_params
+from tasks.config import DataConfig, PipelineConfig
+from tasks.errors import DivergenceError
+from tasks.pretrain import LayerResult, pretrain_cache_key, pretrain_layer_task
+from tasks.tracking import KIND_TAG, Tracker, environment_params
+
+CELL_TAG, STATUS_TAG, ERROR_TAG = "layerwise.cell", "layerwise.status", "layerwise.error"
+Status = Literal["ok", "diverged", "failed"]
+
+
+# --- worker side: each process loads its own data ----------------------------------------
+
+_DATA: dict[str, Any] = {}
+
+
+def worker_data(cfg: DataConfig, home: str, threads: Optional[int]) -> Any:
+    """The DataBundle of ``cfg``, loaded once per process. Also points this process at the
+    caller's store (``home``) and thread count: workers get both as arguments, not env."""
+    os.environ["LAYERWISE_HOME"] = home  # read by tasks.runtime.stage_dir in this process
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    from tasks.data import load_data
+
+    key = cfg.digest()
+    if key not in _DATA:
+        _DATA[key] = load_data(cfg)
+    return _DATA[key]
+
+
+class LayerOutcome(BaseModel):
+    """A pretrained layer, or why there is none (a diverged layer, or one below it)."""
+
+    status: Literal["ok", "diverged"]
+    layer: Optional[LayerResult] = None
+    error: str = ""
+    cached: bool = False
+
+
+class CellOutcome(BaseModel):
+    """What one finished cell hands back to the flow."""
+
+    status: Literal["ok", "diverged"]
+    error: str = ""
+    test_error: Optional[float] = None
+    val_error: Optional[float] = None
+    train_loss: Optional[float] = None
+    epochs_run: Optional[int] = None
+    train_seconds: Optional[float] = None
+    pretrain_seconds: Optional[float] = None
+    wall_seconds: float = 0.0
+    cached: bool = False
+
+
+@task(name="ablation-pretrain-layer", cache_policy=NO_CACHE, persist_result=False)
+def pretrain_layer(k: int, config: PipelineConfig, lower: list[LayerOutcome], home: str,
+                   threads: Optional[int] = None) -> LayerOutcome:
+    """Layer k of a stack through the pipeline's own cached ``pretrain_layer_task``."""
+    if broken := next((o for o in lower if o.status != "ok"), None):
+        return LayerOutcome(status=broken.status, error=broken.error)
+    data = worker_data(config.data, home, threads)
+    try:
+        state = pretrain_layer_task.with_options(task_run_name=f"pretrain-layer-{k + 1}")(
+            k, config, data, [o.layer for o in lower], return_state=True)
+        layer = state.result()
+    except DivergenceError as exc:
+        return LayerOutcome(status="diverged", error=f"pretraining layer {k + 1}: {exc}")
+    return LayerOutcome(status="ok", layer=layer, cached=state.name == "Cached")
+
+
+@task(name="ablation-cell", cache_policy=NO_CACHE, persist_result=False)
+def run_cell(cell: Cell, stack: list[LayerOutcome], home: str,
+             threads: Optional[int] = None) -> CellOutcome:
+    """Fine-tune one cell (cached ``finetune_task``) and score it on the test split."""
+    from tasks.evaluate import load_classifier, predict
+    from tasks.finetune import finetune_task
+    from tasks.runtime import eval_device
+
+    started = time.perf_counter()
+    if broken := next((o for o in stack if o.status != "ok"), None):
+        return CellOutcome(status=broken.status, error=broken.error)
+    config = cell.config
+    data = worker_data(config.data, home, threads)
+    encoders = [o.layer for o in stack] if cell.arm == "pretrained" else None
+    try:
+        state = finetune_task.with_options(task_run_name=f"finetune-{cell.arm}")(
+            cell.arm, config, data, encoders, return_state=True)
+        result = state.result()
+    except DivergenceError as exc:
+        return CellOutcome(status="diverged", error=f"fine-tuning: {exc}")
+    model = load_classifier(result.checkpoint, config, data.n_features, data.n_classes)
+    y_pred = predict(model, data.x_test, config.runtime.eval_batch_size, eval_device(config.runtime))
+    return CellOutcome(
+        status="ok",
+        test_error=int((y_pred != data.y_test).sum()) / len(data.y_test),
+        val_error=result.best_val_error,
+        train_loss=result.history[-1]["train_loss"] if result.history else None,
+        epochs_run=result.epochs_run,
+        train_seconds=result.train_seconds,
+        pretrain_seconds=sum(o.layer.train_seconds for o in stack) if encoders else None,
+        wall_seconds=time.perf_counter() - started,
+        cached=state.name == "Cached",
+    )
+
+
+# --- flow side -----------------------------------------------------------------------------
+
+
+class LayerNode(NamedTuple):
+    """One distinct pretraining layer: trained once, shared by every stack that has it."""
+
+    key: str
+    k: int
+    config: PipelineConfig
+    lower: tuple[str, ...]
+
+
+def pretraining_plan(cells: list[Cell]) -> tuple[dict[str, LayerNode], dict[str, list[str]]]:
+    """The distinct layers of every pretrained cell's stack, bottom up, and each cell's stack.
+
+    Layer k is identified by its own ``pretrain_cache_key`` (layers below left out, the data
+    config standing for the data) chained with the identity of layer k-1: so the depth-1 and
+    depth-2 cells of a seed share layer 1, and cells that differ only in fine-tuning
+    settings share the whole stack. Returns (nodes in topological order, cell id -> keys).
+    """
+    nodes: dict[str, LayerNode] = {}
+    stacks: dict[str, list[str]] = {}
+    for cell in cells:
+        if cell.arm != "pretrained":
+            continue
+        chain: list[str] = []
+        for k in range(cell.config.model.n_layers):
+            own = pretrain_cache_key(k, cell.config, cell.config.data.digest(), [])
+            key = hashlib.sha256(f"{chain[-1] if chain else ''}/{own}".encode()).hexdigest()
+            nodes.setdefault(key, LayerNode(key, k, cell.config, tuple(chain)))
+            chain.append(key)
+        stacks[cell.id] = chain
+    return nodes, stacks
+
+
+class AblationResult(BaseModel):
+    """What ``layerwise ablate`` prints and tests check."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    out_dir: Path
+    n_cells: int
+    n_ok: int
+    n_diverged: int
+    failed: dict[str, str]
+    files: dict[str, Path]
+    summary_text: str
+
+
+@flow(name="layerwise-ablation", validate_parameters=False)
+def ablation(
+    grid: Grid,
+    home: str,
+    out_dir: str,
+    tracking_uri: Optional[str] = None,
+    experiment: str = "layerwise",
+    threads: Optional[int] = None,
+    verbose: bool = True,
+) -> AblationResult:
+    """Pretrained vs random initialisation over every cell of ``grid``, recorded in MLflow."""
+    import pandas as pd
+
+    from tasks.stats import summarize
+
+    echo = print if verbose else (lambda line: None)
+    cells = expand(grid)
+    nodes, stacks = pretraining_plan(cells)
+    retry = {"retries": grid.retries, "retry_delay_seconds": grid.retry_delay_seconds}
+    tracker = Tracker(tracking_uri, experiment)
+    with tracker.run(f"ablation-{grid.name}", {KIND_TAG: "ablation"}) as parent:
+        tracker.log_params(parent, {**grid_params(grid), "preset": grid.name,
+                                    "n_cells": len(cells),
+                                    "n_pretrain_layers": len(nodes),
+                                    **environment_params(_device(cells))})
+        echo(f"ablation {grid.name}: {len(cells)} cells, {len(nodes)} distinct pretraining "
+             f"layers, {grid.retries} retries per task")
+
+        # 1. Every distinct pretraining layer once, each on the layers below it.
+        layers = {}
+        for node in nodes.values():
+            layers[node.key] = pretrain_layer.with_options(
+                task_run_name=f"layer-{node.k + 1}/{node.key[:8]}", **retry,
+            ).submit(node.k, node.config, [layers[key] for key in node.lower], home, threads)
+
+        # 2. Every cell: random-init arms at once, pretrained arms on their stack.
+        futures = {cell.id: run_cell.with_options(task_run_name=f"cell/{cell.id}", **retry)
+                   .submit(cell, [layers[key] for key in stacks.get(cell.id, [])], home, threads)
+                   for cell in cells}
+
+        # 3. One row and one child run per cell, in grid order; failed cells included.
+        rows = []
+        for i, cell in enumerate(cells, 1):
+            outcome, status, error = settle(futures[cell.id], [layers[k] for k in
+                                                               stacks.get(cell.id, [])])
+            rows.append(cell_row(cell, outcome, status, error))
+            log_cell(tracker, parent, cell, rows[-1])
+            echo(progress_line(i, len(cells), rows[-1]))
+
+        # 4. Table, statistics, figures.
+        table = pd.DataFrame(rows)
+        by = [c for c in GROUPING if c in grid.factors.listed()]
+        summary = summarize(table, by, resamples=grid.bootstrap.resamples,
+                            level=grid.bootstrap.level, seed=grid.bootstrap.seed)
+        files = write_outputs(Path(out_dir), grid, table, summary, by)
+        record(tracker, parent, table, files)
+        text = format_summary(summary, by, grid.bootstrap.level)
+        summary_artifact(summary, grid)
+        failed = {r["cell"]: r["error"] for r in rows if r["status"] == "failed"}
+    return AblationResult(
+        run_id=parent, experiment_id=tracker.experiment_id, tracking_uri=tracker.uri,
+        out_dir=Path(out_dir), n_cells=len(cells), n_ok=int((table.status == "ok").sum()),
+        n_diverged=int((table.status == "diverged").sum()), failed=failed, files=files,
+        summary_text=text,
+    )
+
+
+def task_runner(workers: int = 1, dask_address: Optional[str] = None) -> Any:
+    """In process and sequential for one worker; a local process pool for more; an existing
+    Dask cluster (prefect-dask) when given its scheduler address."""
+    if dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=dask_address)
+    if workers > 1:
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=workers)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=1)
+
+
+def run_ablation(grid: Grid, workers: int = 1, dask_address: Optional[str] = None,
+                 out_dir: Optional[Path] = None, threads: Optional[int] = 1,
+                 **kwargs: Any) -> AblationResult:
+    """Run the flow on the chosen task runner, with cached task results under
+    ``$LAYERWISE_HOME/prefect-results`` (shared with the pipeline) and outputs in ``out_dir``
+    (default ``$LAYERWISE_HOME/ablations/<timestamp>``).
+
+    ``threads`` is torch's CPU thread count in each worker (None: torch's default). One is
+    the default because cells are small: on 2 cores the tiny grid takes 45 s at one thread
+    and 200 s at two, and a grid is parallelised across cells (``workers``) instead.
+    """
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from tasks.runtime import layerwise_home
+
+    home = layerwise_home()
+    if out_dir is None:
+        out_dir = home / "ablations" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    runner = task_runner(workers, dask_address)
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: home / "prefect-results"}):
+        return ablation.with_options(task_runner=runner)(
+            grid=grid, home=str(home), out_dir=str(Path(out_dir).resolve()), threads=threads,
+            **kwargs)
+
+
+def settle(future: Any, stack: list[Any]) -> tuple[Optional[CellOutcome], Status, str]:
+    """Wait for a cell; its outcome, status and error. A cell whose task failed after its
+    retries, or whose pretraining task did, is ``failed`` with the task's message."""
+    try:
+        future.wait()
+        state = future.state
+        if state.is_completed():
+            outcome = state.result()
+            return outcome, outcome.status, outcome.error
+        if state.is_pending():  # NotReady: a layer below failed; report that layer's error
+            for layer in stack:
+                layer.wait()
+                if not layer.state.is_completed():
+                    return None, "failed", f"pretraining failed: {layer.state.message}"
+        return None, "failed", state.message or state.name
+    except Exception as exc:  # noqa: BLE001 - a crashed worker fails its cell, not the flow
+        return None, "failed", f"{type(exc).__name__}: {exc}"
+
+
+def cell_row(cell: Cell, outcome: Optional[CellOutcome], status: Status,
+             error: str) -> dict[str, Any]:
+    """One row of the tidy table: the cell's factors, its results and its status."""
+    fields = outcome.model_dump(exclude={"status", "error"}) if outcome else {}
+    return {"cell": cell.id, **cell.factors, "arm": cell.arm, "status": status,
+            "test_error": fields.get("test_error"), "val_error": fields.get("val_error"),
+            "train_loss": fields.get("train_loss"), "epochs_run": fields.get("epochs_run"),
+            "train_seconds": fields.get("train_seconds"),
+            "pretrain_seconds": fields.get("pretrain_seconds"),
+            "wall_seconds": fields.get("wall_seconds"), "cached": fields.get("cached", False),
+            "error": error}
+
+
+def progress_line(i: int, n: int, row: dict[str, Any]) -> str:
+    result = (f"test {100 * row['test_error']:6.2f} %" if row["status"] == "ok"
+              else row["error"].splitlines()[0][:80])
+    cached = "  (from cache)" if row["cached"] else ""
+    return f"  [{i:>{len(str(n))}}/{n}] {row['status']:<8} {row['cell']}  {result}{cached}"
+
+
+def log_cell(tracker: Tracker, parent: str, cell: Cell, row: dict[str, Any]) -> None:
+    """A nested child run per cell: every factor as a tag, its status, its errors."""
+    from mlflow.entities import RunStatus
+
+    from tasks.tracking import with_retries
+
+    tags = {CELL_TAG: cell.id, STATUS_TAG: row["status"], "layerwise.arm": cell.arm,
+            **{k: str(v) for k, v in cell.factors.items()}}
+    if row["error"]:
+        tags[ERROR_TAG] = row["error"][:5000]
+    run = with_retries(tracker.client.create_run, tracker.experiment_id, run_name=cell.id,
+                       tags={**tags, "mlflow.parentRunId": parent})
+    run_id = run.info.run_id
+    if row["status"] == "ok":
+        tracker.log_metrics(run_id, {
+            "test/error": row["test_error"], "val/error": row["val_error"],
+            "finetune/train_loss": row["train_loss"], "finetune/epochs_run": row["epochs_run"],
+            "finetune/train_seconds": row["train_seconds"]})
+    with_retries(tracker.client.set_terminated, run_id, RunStatus.to_string(
+        RunStatus.FINISHED if row["status"] == "ok" else RunStatus.FAILED))
+
+
+def write_outputs(out: Path, grid: Grid, table: Any, summary: Any, by: list[str]
+                  ) -> dict[str, Path]:
+    """The table (CSV, Parquet), the summary (CSV), the grid (YAML) and the figures."""
+    import yaml
+
+    from tasks import ablation_figures
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"table_csv": out / "cells.csv", "table_parquet": out / "cells.parquet",
+             "summary_csv": out / "summary.csv", "grid": out / "grid.yaml"}
+    table.to_csv(files["table_csv"], index=False)
+    table.to_parquet(files["table_parquet"], index=False)
+    summary.to_csv(files["summary_csv"], index=False)
+    files["grid"].write_text(yaml.safe_dump(grid.model_dump(mode="json", exclude_none=True),
+                                            sort_keys=False))
+    for name, path in ablation_figures.draw_all(table, summary, by, out / "figures").items():
+        files[f"figure_{name}"] = path
+    return files
+
+
+def record(tracker: Tracker, parent: str, table: Any, files: dict[str, Path]) -> None:
+    """Parent-run metrics (cell counts) and artifacts (table, summary, grid, figures)."""
+    tracker.log_metrics(parent, {
+        "cells/total": len(table), "cells/ok": int((table.status == "ok").sum()),
+        "cells/failed": int((table.status == "failed").sum()),
+        "cells/diverged": int((table.status == "diverged").sum())})
+    for name, path in files.items():
+        tracker.log_artifact(parent, path, "figures" if name.startswith("figure_") else "ablation")
+
+
+def format_summary(summary: Any, by: list[str], level: float) -> str:
+    """The summary as a plain-text table, errors in percent."""
+    import pandas as pd
+
+    pct = lambda v: "" if pd.isna(v) else f"{100 * v:.2f}"  # noqa: E731
+    sig = lambda v: "" if pd.isna(v) else f"{v:.3g}"  # noqa: E731
+    view = pd.DataFrame({
+        **{c: summary[c] for c in by}, "init": summary["init"], "n": summary["n"],
+        "failed": summary["n_failed"], "mean %": summary["mean"].map(pct),
+        "std %": summary["std"].map(pct), "median %": summary["median"].map(pct),
+        f"{100 * level:g}% CI": [f"[{pct(lo)}, {pct(hi)}]" if not pd.isna(lo) else ""
+                                 for lo, hi in zip(summary.ci_low, summary.ci_high)],
+        "Δ pre−rnd pp": summary["diff_mean"].map(pct),
+        "Δ CI": [f"[{pct(lo)}, {pct(hi)}]" if not pd.isna(lo) else ""
+                 for lo, hi in zip(summary.diff_ci_low, summary.diff_ci_high)],
+        "pairs": summary["n_pairs"].map(lambda v: "" if pd.isna(v) else str(int(v))),
+        "p Wilcoxon": summary["p_wilcoxon"].map(sig), "p Welch": summary["p_welch"].map(sig),
+    })
+    return view.to_string(index=False)
+
+
+def summary_artifact(summary: Any, grid: Grid) -> None:
+    """The summary as a Prefect table artifact (NaN shown as empty cells)."""
+    import json
+
+    from prefect.artifacts import create_table_artifact
+
+    records = json.loads(summary.to_json(orient="records"))  # NaN -> null, numpy -> JSON
+    create_table_artifact(records, key="layerwise-ablation-summary",
+                          description=f"Ablation {grid.name}: test error per group and init "
+                                      "(fractions); diff = pretrained − random")
+
+
+def _device(cells: list[Cell]) -> str:
+    from tasks.runtime import eval_device
+
+    return str(eval_device(cells[0].config.runtime)) if cells else "cpu"

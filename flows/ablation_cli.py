@@ -1,0 +1,98 @@
+"""``layerwise ablate``: the pretraining-vs-random ablation over a grid of factors.
+
+``register(app)`` adds the command to the ``layerwise`` Typer app; everything heavy (torch,
+Prefect, MLflow, Dask) is imported inside the command, so ``layerwise --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``ablate`` command to ``app``."""
+    app.command(name="ablate")(ablate)
+
+
+def _fail(message: str, code: int) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def ablate(
+    preset: Optional[str] = typer.Option(
+        None, "--preset", "-p", help="A shipped grid, flows/grids/NAME.yaml: tiny | "
+        "erhan-small | erhan | reversal (default: erhan-small)."),
+    grid_file: Optional[Path] = typer.Option(None, "--grid", help="A grid YAML file."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="Use seeds 0..N-1."),
+    workers: int = typer.Option(1, "--workers", min=1,
+                                help="Local worker processes (1: in process, sequential)."),
+    threads: int = typer.Option(
+        1, "--threads", min=1, help="torch CPU threads per worker (cells are small: "
+        "parallelise across cells with --workers instead)."),
+    dask_address: Optional[str] = typer.Option(
+        None, "--dask-address", help="Run the cells on an existing Dask cluster, "
+        "e.g. tcp://HOST:8786 (its workers must see the data dir and $LAYERWISE_HOME)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="mnist, or PATH.npz"),
+    data_dir: Optional[Path] = typer.Option(
+        None, "--data-dir", help="torchvision data root (default: $LAYERWISE_DATA_DIR or ./data)"),
+    tracking_uri: Optional[str] = typer.Option(
+        None, "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or "
+        "sqlite:///mlruns/mlflow.db)"),
+    experiment: str = typer.Option("layerwise", "--experiment",
+                                   help="MLflow experiment."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Output folder (default: mlruns/ablations/<timestamp>)."),
+) -> None:
+    """Pretrained vs random initialisation over a grid of factors and many seeds
+    (Erhan et al. 2010): a table per cell, summary statistics and figures."""
+    from flows.cli import _prepare_environment, _sigterm_as_interrupt
+    from flows.grid import customise, expand, load_grid, preset_path
+    from tasks.errors import ConfigError, LayerwiseError
+
+    if preset and grid_file:
+        _fail("give --preset or --grid, not both", 2)
+    try:
+        path = grid_file if grid_file else preset_path(preset or "erhan-small")
+        grid = customise(load_grid(path), seeds=seeds, dataset=dataset, data_dir=data_dir)
+        cells = expand(grid)  # every cell validated before any work starts
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    _prepare_environment()
+    _sigterm_as_interrupt()
+    typer.echo(f"layerwise ablate: grid {grid.name} ({path}), {len(cells)} cells, "
+               + (f"Dask cluster {dask_address}" if dask_address else
+                  f"{workers} local worker{'s' if workers > 1 else ''}"))
+    try:
+        from flows.ablation import run_ablation
+
+        result = run_ablation(grid, workers=workers, dask_address=dask_address, out_dir=out,
+                              threads=threads,
+                              tracking_uri=tracking_uri, experiment=experiment)
+    except LayerwiseError as exc:
+        _fail(str(exc), 1)
+    except BaseException as exc:
+        from tasks.tracking import is_interrupt
+
+        if not is_interrupt(exc) or isinstance(exc, typer.Exit):
+            raise
+        _fail("interrupted; the MLflow runs were marked KILLED. Rerun the same command to "
+              "resume: finished layers and cells come from the cache.", 130)
+    typer.echo("")
+    typer.echo(result.summary_text)
+    typer.echo("")
+    typer.echo(f"{result.n_ok} of {result.n_cells} cells finished, {result.n_diverged} diverged, "
+               f"{len(result.failed)} failed.")
+    typer.echo(f"Outputs: {result.out_dir}")
+    typer.echo(f"MLflow run {result.run_id} (experiment {result.experiment_id})"
+               + (f"; open it: mlflow ui --backend-store-uri {result.tracking_uri}"
+                  if result.tracking_uri.startswith("sqlite:") else ""))
+    if result.failed:
+        for cell, error in result.failed.items():
+            typer.secho(f"  failed: {cell}: {error.splitlines()[0] if error else ''}",
+                        fg=typer.colors.RED, err=True)
+        _fail(f"{len(result.failed)} of {result.n_cells} cells failed after their retries; "
+              "rerun the same command to retry them (finished cells come from the cache)", 1)

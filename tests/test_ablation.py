@@ -1,0 +1,476 @@
+"""The ablation: grid validation, shared pretraining, the tiny grid end to end (with a forced
+failure, a divergence, retries and the resume), its MLflow record, and the Dask path."""
+
+from __future__ import annotations
+
+import collections
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from flows.grid import GRIDS_DIR, Variant, customise, expand, grid_presets, load_grid
+from tasks.errors import ConfigError
+
+FAIL = {"depth": 2, "arm": "pretrained", "seed": 1}  # fine-tuning raises in every attempt
+DIVERGE = {"depth": 1, "arm": "random", "seed": 2}  # fine-tuning raises DivergenceError
+BROKEN_LAYER = (1, 2)  # pretraining layer 2 of seed 2 raises in every attempt
+FAIL_ID, DIVERGE_ID = "depth=2,init=pretrained,seed=1", "depth=1,init=tutorial,seed=2"
+UPSTREAM_ID = "depth=2,init=pretrained,seed=2"  # its layer 2 failed
+
+
+def _cli() -> typer.Typer:
+    from flows.ablation_cli import register
+
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:  # a group, so that the command is called by name
+        """layerwise"""
+
+    register(app)
+    return app
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    return path
+
+
+# --- the grid spec -------------------------------------------------------------------------
+
+
+def test_shipped_grids_load_and_expand(tmp_path):
+    assert {"tiny", "erhan-small", "erhan", "reversal"} <= set(grid_presets())
+    sizes = {}
+    for name in ("tiny", "erhan-small", "reversal"):
+        grid = customise(load_grid(GRIDS_DIR / f"{name}.yaml"), data_dir=tmp_path)
+        cells = expand(grid)
+        sizes[name] = len(cells)
+        assert all(c.config.data.data_dir == tmp_path.resolve() for c in cells)
+    assert sizes["tiny"] == 12 and sizes["erhan-small"] == 3 * 2 * 10
+    reversal = expand(load_grid(GRIDS_DIR / "reversal.yaml"))
+    kinds = {(c.factors["variant"], c.config.model.activation, c.config.model.init,
+              c.config.pretrain.loss, c.arm) for c in reversal}
+    assert {("sigmoid-tutorial", "sigmoid", "tutorial", "cross_entropy", a)
+            for a in ("pretrained", "random")} | {("relu-he", "relu", "he", "squared_error", a)
+                                                  for a in ("pretrained", "random")} == kinds
+    erhan = load_grid(GRIDS_DIR / "erhan.yaml")
+    assert erhan.factors.depth == [1, 2, 3, 4, 5] and len(erhan.factors.seeds) >= 50
+
+
+def test_tiny_cells_pair_the_arms_of_each_seed():
+    cells = expand(load_grid(GRIDS_DIR / "tiny.yaml"))
+    by = collections.defaultdict(list)
+    for c in cells:
+        by[(c.factors["depth"], c.factors["seed"])].append(c)
+    assert len(by) == 6
+    for (depth, seed), pair in by.items():
+        pre, rnd = sorted(pair, key=lambda c: c.arm)
+        assert (pre.arm, rnd.arm, rnd.factors["init"]) == ("pretrained", "random", "tutorial")
+        assert pre.config == rnd.config  # only the arm differs: same data, order, budget
+        assert pre.config.model.hidden_sizes == [32] * depth
+        assert pre.config.runtime.seed == seed and pre.config.data.n_train == 2000
+
+
+def test_seeds_override_and_variants_expand(tmp_path):
+    grid = customise(load_grid(GRIDS_DIR / "tiny.yaml"), seeds=5)
+    assert grid.factors.seeds == [0, 1, 2, 3, 4] and len(expand(grid)) == 20
+    path = _write(tmp_path, """
+name: v
+base: {preset: quick, overrides: {pretrain: {loss: squared_error}}}
+factors:
+  variant:
+    - {name: lr-small, overrides: {finetune: {optimizer: {lr: 0.01}}}}
+    - {name: lr-big, overrides: {finetune: {optimizer: {lr: 0.2}}}}
+  activation: [relu, sigmoid]
+  corruption_level: [0.0, 0.4]
+  init: [pretrained, random, he]
+  seeds: [3]
+""")
+    cells = expand(load_grid(path))
+    assert len(cells) == 2 * 2 * 2 * 3
+    relu = [c for c in cells if c.factors["activation"] == "relu" and c.arm == "random"]
+    assert {c.factors["init"] for c in relu} == {"tutorial", "he"}  # 'random' = model.init
+    assert all(c.config.pretrain.corruption_levels == [c.factors["corruption_level"]] * 2
+               for c in cells)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("factors: {depth: [1], colour: [red]}", r"factors.colour.*Extra inputs"),
+    ("factors: {depth: []}", r"factors.depth.*at least 1 item"),
+    ("factors: {depth: [0]}", r"factors.depth.*at least 1"),
+    ("factors: {init: [pretrained, lecun]}", r"factors.init.0?.*"),
+    ("factors: {seeds: [1, 1]}", r"repeated value"),
+    ("base: {preset: nope}\nfactors: {depth: [1]}", r"unknown pipeline preset"),
+    ("factors: {depth: [1]}\nretries: -1", r"retries"),
+])
+def test_invalid_grids_are_rejected(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_grid(_write(tmp_path, "name: bad\n" + text))
+
+
+def test_an_invalid_cell_is_named_before_any_work(tmp_path):
+    grid = load_grid(_write(tmp_path, """
+name: bad
+base: {preset: quick}
+factors: {depth: [1, 2], activation: [relu], init: [pretrained], seeds: [0, 1]}
+"""))
+    with pytest.raises(ConfigError) as err:
+        expand(grid)
+    msg = str(err.value)
+    assert "2 of 4 cells" in msg
+    assert "cell depth=2,activation=relu,init=pretrained,seed=0 (and 1 more cells)" in msg
+    assert "cross_entropy" in msg and "depth=1" not in msg
+
+
+def test_duplicate_cells_are_rejected(tmp_path):
+    grid = load_grid(_write(tmp_path, "name: dup\nfactors: {init: [random, tutorial]}\n"))
+    with pytest.raises(ConfigError, match="same run"):
+        expand(grid)
+
+
+def test_cli_rejects_a_bad_grid_with_exit_2(tmp_path):
+    runner = CliRunner()
+    bad = _write(tmp_path, "name: bad\nfactors: {depth: [1], width: []}\n")
+    result = runner.invoke(_cli(), ["ablate", "--grid", str(bad)])
+    assert result.exit_code == 2 and "factors.width" in result.output
+    result = runner.invoke(_cli(), ["ablate", "--preset", "nope"])
+    assert result.exit_code == 2 and "unknown ablation preset" in result.output
+    result = runner.invoke(_cli(), ["ablate", "--preset", "tiny", "--grid", str(bad)])
+    assert result.exit_code == 2
+
+
+def test_figures_cover_depth_and_n_train(tmp_path):
+    from PIL import Image
+
+    from tasks.ablation_figures import draw_all
+    from tasks.stats import summarize
+
+    rng = np.random.default_rng(0)
+    rows = [{"variant": v, "depth": d, "n_train": n, "init": i, "seed": s, "status": "ok",
+             "test_error": 0.02 + 0.01 * d + 100 / n + (i != "pretrained") * 0.01
+             + rng.normal(0, 0.002)}
+            for v in ("sigmoid", "relu") for d in (1, 2, 3) for n in (1000, 10000)
+            for i in ("pretrained", "tutorial", "he") for s in range(4)]
+    table = pd.DataFrame(rows)
+    by = ["variant", "depth", "n_train"]
+    summary = summarize(table, by, resamples=200)
+    files = draw_all(table, summary, by, tmp_path)
+    assert set(files) == {"histograms", "error_vs_depth", "error_vs_n_train"}
+    for path in files.values():
+        with Image.open(path) as img:
+            img.load()
+            assert img.size[0] > 300 and img.size[1] > 200
+    # Without an n_train factor there is no n_train figure.
+    one = table[table.n_train == 1000]
+    files = draw_all(one, summarize(one, ["depth"], resamples=200), ["depth"], tmp_path / "b")
+    assert set(files) == {"histograms", "error_vs_depth"}
+
+
+# --- shared pretraining --------------------------------------------------------------------
+
+
+def test_pretraining_plan_shares_lower_layers_and_stacks():
+    from flows.ablation import pretraining_plan
+
+    cells = expand(load_grid(GRIDS_DIR / "tiny.yaml"))
+    nodes, stacks = pretraining_plan(cells)
+    assert len(nodes) == 6  # layer 1 and layer 2, per seed
+    assert [n.k for n in nodes.values()].count(0) == 3
+    for seed in range(3):
+        one = stacks[f"depth=1,init=pretrained,seed={seed}"]
+        two = stacks[f"depth=2,init=pretrained,seed={seed}"]
+        assert len(one) == 1 and two[0] == one[0]
+        assert nodes[two[1]].lower == (one[0],)
+    assert not any("tutorial" in cell_id for cell_id in stacks)  # random arms: no pretraining
+    # Cells differing only in fine-tuning settings share the whole stack.
+    grid = load_grid(GRIDS_DIR / "tiny.yaml")
+    varied = grid.model_copy(update={"factors": grid.factors.model_copy(update={
+        "variant": [Variant(name=n, overrides={
+            "finetune": {"max_epochs": e}, "model": {"dropout": d}})
+            for n, e, d in (("a", 1, 0.0), ("b", 3, 0.5))]})})
+    nodes2, stacks2 = pretraining_plan(expand(varied))
+    assert len(nodes2) == 6 and len(stacks2) == 12
+
+
+# --- the tiny grid, end to end -------------------------------------------------------------
+
+
+def _count_and_break(monkeypatch, counts, broken: bool):
+    """Count real pretraining and fine-tuning computations; optionally inject failures."""
+    import tasks.finetune
+    import tasks.pretrain
+    from tasks.errors import DivergenceError
+
+    real_pretrain, real_finetune = tasks.pretrain.pretrain_layer, tasks.finetune.finetune
+
+    def pretrain_layer(k, config, *args, **kwargs):
+        counts["pretrain"].append((k, config.runtime.seed))
+        if broken and (k, config.runtime.seed) == BROKEN_LAYER:
+            raise RuntimeError("injected pretraining failure")
+        return real_pretrain(k, config, *args, **kwargs)
+
+    def finetune(arm, config, *args, **kwargs):
+        cell = {"depth": config.model.n_layers, "arm": arm, "seed": config.runtime.seed}
+        counts["finetune"].append(tuple(cell.values()))
+        if broken and cell == FAIL:
+            raise RuntimeError("injected failure")
+        if broken and cell == DIVERGE:
+            raise DivergenceError("injected divergence: loss is nan")
+        return real_finetune(arm, config, *args, **kwargs)
+
+    monkeypatch.setattr(tasks.pretrain, "pretrain_layer", pretrain_layer)
+    monkeypatch.setattr(tasks.finetune, "finetune", finetune)
+
+
+@pytest.fixture(scope="module")
+def tiny(shared_data_dir, prefect_harness, tmp_path_factory):
+    """The tiny grid twice in one store: first with one failing and one diverging cell,
+    then the plain rerun (through the CLI), which must resume from the cache."""
+    import torch
+
+    from flows.ablation import run_ablation
+
+    root = tmp_path_factory.mktemp("tiny")
+    home, uri = root / "home", f"sqlite:///{root}/mlflow.db"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LAYERWISE_HOME", str(home))
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what Dask workers use; keeps a loaded machine responsive
+    grid = customise(load_grid(GRIDS_DIR / "tiny.yaml"), data_dir=shared_data_dir)
+    first_counts, second_counts = collections.defaultdict(list), collections.defaultdict(list)
+    with pytest.MonkeyPatch.context() as patch:
+        _count_and_break(patch, first_counts, broken=True)
+        first = run_ablation(grid, out_dir=root / "first", tracking_uri=uri, experiment="tiny",
+                             verbose=False)
+    with pytest.MonkeyPatch.context() as patch:
+        _count_and_break(patch, second_counts, broken=False)
+        cli = CliRunner().invoke(_cli(), [
+            "ablate", "--grid", str(GRIDS_DIR / "tiny.yaml"), "--data-dir", str(shared_data_dir),
+            "--tracking-uri", uri, "--experiment", "tiny", "--out", str(root / "second")])
+    torch.set_num_threads(threads)
+    yield {"grid": grid, "first": first, "first_counts": first_counts, "cli": cli,
+           "second_counts": second_counts, "root": root, "uri": uri}
+    mp.undo()
+
+
+def _table(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path / "cells.parquet")
+
+
+def test_first_run_records_the_failed_and_diverged_cells(tiny):
+    first = tiny["first"]
+    assert first.n_cells == 12 and first.n_ok == 9 and first.n_diverged == 1
+    assert sorted(first.failed) == sorted([FAIL_ID, UPSTREAM_ID])
+    assert "injected failure" in first.failed[FAIL_ID]
+    assert first.failed[UPSTREAM_ID].startswith("pretraining failed")
+    assert "injected pretraining failure" in first.failed[UPSTREAM_ID]
+    table = _table(first.out_dir)
+    status = dict(zip(table.cell, table.status))
+    assert status.pop(FAIL_ID) == "failed" and status.pop(UPSTREAM_ID) == "failed"
+    assert status.pop(DIVERGE_ID) == "diverged"
+    assert set(status.values()) == {"ok"}
+    bad = table[table.status != "ok"]
+    assert bad.test_error.isna().all() and bad.error.str.len().gt(0).all()
+    assert "injected divergence" in bad.set_index("cell").error[DIVERGE_ID]
+    summary = pd.read_csv(first.out_dir / "summary.csv")
+    row = summary[(summary.depth == 2) & (summary.init == "pretrained")].iloc[0]
+    assert (row.n, row.n_failed) == (1, 2)
+    rnd = summary[(summary.depth == 2) & (summary.init == "tutorial")].iloc[0]
+    assert (rnd.n, rnd.n_pairs) == (3, 1)  # seeds 1 and 2 have no finished pretrained twin
+    assert first.summary_text.count("pretrained") == 2
+
+
+def test_shared_pretraining_is_computed_once(tiny):
+    calls = collections.Counter(tiny["first_counts"]["pretrain"])
+    # depth 1 and depth 2 share layer 1: one layer-1 and one layer-2 training per seed (the
+    # broken layer: its try and its retry).
+    assert calls == {(0, 0): 1, (0, 1): 1, (0, 2): 1, (1, 0): 1, (1, 1): 1, BROKEN_LAYER: 2}
+
+
+def test_failed_cell_is_retried_and_the_divergence_is_not(tiny):
+    calls = collections.Counter(tiny["first_counts"]["finetune"])
+    assert calls[tuple(FAIL.values())] == 2  # 1 try + retries: 1 (tiny.yaml)
+    assert calls[tuple(DIVERGE.values())] == 1  # deterministic: no retry
+    assert calls[(2, "pretrained", 2)] == 0  # never started: its pretraining failed
+    assert sum(calls.values()) == 9 + 2 + 1
+
+
+def test_rerun_resumes_from_the_cache(tiny):
+    cli, counts = tiny["cli"], tiny["second_counts"]
+    assert cli.exit_code == 0, cli.output
+    assert counts["pretrain"] == [BROKEN_LAYER]  # every other layer came from the cache
+    assert sorted(counts["finetune"]) == sorted([tuple(FAIL.values()), tuple(DIVERGE.values()),
+                                                 (2, "pretrained", 2)])
+    first, second = _table(tiny["first"].out_dir), _table(tiny["root"] / "second")
+    assert (second.status == "ok").all()
+    cached = dict(zip(second.cell, second.cached))
+    assert sum(cached.values()) == 9
+    assert not any(cached[c] for c in (FAIL_ID, DIVERGE_ID, UPSTREAM_ID))
+    both = first.merge(second, on="cell", suffixes=("_1", "_2"))
+    ok = both[both.status_1 == "ok"]
+    assert (ok.test_error_1 == ok.test_error_2).all() and len(ok) == 9
+    # The CLI printed the summary table.
+    assert "pretrained" in cli.output and "p Wilcoxon" in cli.output
+    assert "12 of 12 cells finished" in cli.output
+
+
+def test_tiny_table_shape_and_values(tiny):
+    table = _table(tiny["root"] / "second")
+    assert table.shape[0] == 12
+    assert {"cell", "depth", "width", "noise", "corruption_level", "n_train", "activation",
+            "init", "seed", "status", "test_error", "val_error", "train_loss", "epochs_run",
+            "wall_seconds"} <= set(table.columns)
+    assert table.test_error.between(0, 1).all() and table.val_error.between(0, 1).all()
+    assert (table.test_error < 0.9).all()  # better than chance
+    assert table.epochs_run.between(1, 2).all() and (table.train_loss > 0).all()
+    assert sorted(table.groupby(["depth", "init"]).size().tolist()) == [3, 3, 3, 3]
+    for _, pair in table.groupby(["depth", "seed"]):
+        assert len(pair) == 2 and set(pair.init) == {"pretrained", "tutorial"}
+        for col in ("n_train", "width", "noise", "corruption_level", "activation",
+                    "epochs_run"):
+            assert pair[col].nunique() == 1, col
+    csv = pd.read_csv(tiny["root"] / "second" / "cells.csv")
+    assert np.allclose(csv.test_error, table.test_error)
+    summary = pd.read_csv(tiny["root"] / "second" / "summary.csv")
+    assert len(summary) == 4 and set(summary.n) == {3}
+    for _, row in summary.iterrows():
+        errors = table[(table.depth == row.depth) & (table.init == row.init)].test_error
+        assert row["mean"] == pytest.approx(errors.mean())
+        assert row.ci_low <= row["mean"] <= row.ci_high
+        if row.init == "tutorial":
+            pre = table[(table.depth == row.depth) & (table.init == "pretrained")]
+            d = pre.set_index("seed").test_error - table[
+                (table.depth == row.depth) & (table.init == "tutorial")].set_index("seed").test_error
+            assert row.diff_mean == pytest.approx(d.mean()) and row.n_pairs == 3
+            assert 0 < row.p_wilcoxon <= 1 and 0 <= row.p_welch <= 1
+        else:
+            assert math.isnan(row.diff_mean)
+
+
+def test_mlflow_record_of_the_ablation(tiny, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    client = MlflowClient(tiny["uri"])
+    exp = client.get_experiment_by_name("tiny")
+    parents = client.search_runs([exp.experiment_id], "tags.`layerwise.kind` = 'ablation'",
+                                 order_by=["attributes.start_time ASC"])
+    assert len(parents) == 2 and {p.info.status for p in parents} == {"FINISHED"}
+    first, second = parents
+    assert first.info.run_id == tiny["first"].run_id
+    params = second.data.params
+    assert params["grid.name"] == "tiny" and params["grid.factors.depth"] == "[1, 2]"
+    assert params["preset"] == "tiny"  # what `layerwise runs --kind ablation` shows
+    assert params["n_cells"] == "12" and params["n_pretrain_layers"] == "6"
+    children = client.search_runs([exp.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{second.info.run_id}'")
+    assert len(children) == 12
+    for child in children:
+        tags, metrics = child.data.tags, child.data.metrics
+        assert tags["layerwise.status"] == "ok" and child.info.status == "FINISHED"
+        assert tags["layerwise.cell"] == child.info.run_name
+        for factor in ("depth", "width", "noise", "corruption_level", "n_train",
+                       "activation", "init", "seed"):
+            assert factor in tags
+        assert 0 <= metrics["test/error"] <= 1 and 0 <= metrics["val/error"] <= 1
+    failed = client.search_runs([exp.experiment_id],
+                                f"tags.mlflow.parentRunId = '{first.info.run_id}' and "
+                                "tags.`layerwise.status` != 'ok'")
+    assert sorted((r.data.tags["layerwise.status"], r.info.status) for r in failed) == [
+        ("diverged", "FAILED"), ("failed", "FAILED"), ("failed", "FAILED")]
+    assert {r.data.tags["layerwise.error"][:11] for r in failed} >= {"pretraining"}
+    assert client.search_registered_models() == []  # no model registration per cell
+    names = {f.path for f in client.list_artifacts(second.info.run_id, "ablation")}
+    assert names == {f"ablation/{n}" for n in ("cells.csv", "cells.parquet", "summary.csv",
+                                               "grid.yaml")}
+    local = Path(mlflow.artifacts.download_artifacts(run_id=second.info.run_id,
+                                                     tracking_uri=tiny["uri"],
+                                                     dst_path=str(tmp_path)))
+    pngs = sorted(p.name for p in (local / "figures").glob("*.png"))
+    assert pngs == ["test_error_histograms.png", "test_error_vs_depth.png"]
+    for png in (local / "figures").glob("*.png"):
+        with Image.open(png) as img:
+            img.load()
+            assert img.size[0] > 300 and img.size[1] > 200
+    assert len(pd.read_parquet(local / "ablation" / "cells.parquet")) == 12
+
+
+def test_prefect_summary_artifact(tiny):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["layerwise-ablation-summary"])))
+    assert arts and all(a.type == "table" for a in arts)
+
+
+# --- the Dask path -------------------------------------------------------------------------
+
+
+def test_dask_cluster_reproduces_the_in_process_results(tiny, shared_data_dir, tmp_path,
+                                                         monkeypatch):
+    """1 depth × 2 inits × 2 seeds on a LocalCluster of 2 worker processes, in a fresh store,
+    through --dask-address: the same test errors as the in-process run."""
+    from distributed import LocalCluster
+
+    from flows.ablation import run_ablation
+
+    monkeypatch.setenv("LAYERWISE_HOME", str(tmp_path / "home"))
+    grid = tiny["grid"]
+    grid = grid.model_copy(update={"factors": grid.factors.model_copy(
+        update={"depth": [1], "seeds": [0, 1]})})
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster:
+        result = run_ablation(grid, dask_address=cluster.scheduler_address,
+                              out_dir=tmp_path / "out", verbose=False,
+                              tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert result.n_ok == 4 and not result.failed
+    dask = _table(tmp_path / "out").set_index("cell")
+    local = _table(tiny["root"] / "second").set_index("cell")
+    assert not dask.cached.any()  # computed on the workers, not read from the other store
+    assert (dask.test_error == local.loc[dask.index].test_error).all()
+    assert (dask.val_error == local.loc[dask.index].val_error).all()
+    # The workers wrote their checkpoints into this store, not the in-process run's.
+    assert list((tmp_path / "home" / "stages").glob("pretrain-layer-1-*"))
+
+
+def test_task_runner_choice():
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from flows.ablation import task_runner
+
+    one = task_runner(1)
+    assert isinstance(one, ThreadPoolTaskRunner) and one._max_workers == 1  # sequential
+    pool = task_runner(3)
+    assert isinstance(pool, ProcessPoolTaskRunner) and pool._max_workers == 3
+    dask = task_runner(4, dask_address="tcp://127.0.0.1:8786")
+    assert isinstance(dask, DaskTaskRunner) and dask.address == "tcp://127.0.0.1:8786"
+
+
+@pytest.mark.slow
+def test_process_pool_reproduces_the_in_process_results(tiny, tmp_path, monkeypatch):
+    """--workers 2: a local process pool, in a fresh store; the same test errors."""
+    from flows.ablation import run_ablation
+
+    monkeypatch.setenv("LAYERWISE_HOME", str(tmp_path / "home"))
+    grid = tiny["grid"]
+    grid = grid.model_copy(update={"factors": grid.factors.model_copy(
+        update={"depth": [2], "seeds": [0]})})
+    result = run_ablation(grid, workers=2, out_dir=tmp_path / "out", verbose=False,
+                          tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert result.n_ok == 2 and not result.failed
+    pool = _table(tmp_path / "out").set_index("cell")
+    local = _table(tiny["root"] / "second").set_index("cell")
+    assert not pool.cached.any()
+    assert (pool.test_error == local.loc[pool.index].test_error).all()
