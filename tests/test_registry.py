@@ -1,0 +1,361 @@
+"""The registry commands (``runs``, ``show``, ``compare``, ``models``, ``promote``) read what
+two real pipeline runs wrote, and the promoted champion reproduces its recorded test error."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from flows import registry, registry_cli
+from flows.overrides import resolve_config
+
+EXPERIMENT, MODEL = "reg", "reg-classifier"
+SEEDS = (3, 4)
+TINY = ["data.n_train=1000", "data.n_valid=2000", "model.hidden_sizes=[32,16]",
+        "pretrain.epochs=1", "finetune.max_epochs=1"]
+STAGES = ["load-data", "pretrain-layer-1", "pretrain-layer-2", "finetune-pretrained",
+          "finetune-random", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def store(shared_data_dir, prefect_harness, tmp_path_factory):
+    """Two tiny pipeline runs (seeds 3 and 4, same data) into a temporary SQLite store; both
+    register a version of ``reg-classifier``."""
+    from flows.pipeline import run_pipeline
+
+    home = tmp_path_factory.mktemp("registry")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LAYERWISE_HOME", str(home))
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{home}/mlflow.db"
+    results = []
+    for seed in SEEDS:
+        config = resolve_config("quick", data_dir=shared_data_dir, sets=TINY, seed=seed)
+        results.append(run_pipeline(config, preset="quick", tracking_uri=uri,
+                                    experiment=EXPERIMENT, registered_model_name=MODEL))
+    yield {"home": home, "uri": uri, "config": config, "results": results}
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def client(store):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(store["uri"])
+
+
+@pytest.fixture(scope="module")
+def cli():
+    app = typer.Typer(add_completion=False)
+    registry_cli.register(app)
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, list(args))
+
+    return invoke
+
+
+def _ok(result):
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def _metrics(client, run_id):
+    return client.get_run(run_id).data.metrics
+
+
+# ----------------------------------------------------------------------------------- runs
+
+
+def test_runs_lists_parents_with_their_test_errors_in_csv_json_and_table(store, client, cli):
+    import pandas as pd
+
+    uri, results = store["uri"], store["results"]
+    ids = [r.run_id for r in results]
+    expected = {i: _metrics(client, i) for i in ids}
+
+    df = pd.read_csv(io.StringIO(_ok(cli("runs", "--experiment", EXPERIMENT, "--tracking-uri",
+                                         uri, "--format", "csv"))),
+                     float_precision="round_trip", dtype={"runtime.seed": str})
+    assert df["run_id"].tolist() == ids[::-1]  # newest first; the stage runs are not listed
+    for _, row in df.iterrows():
+        m = expected[row["run_id"]]
+        assert row["test_error_pretrained"] == m["test/error_pretrained"]
+        assert row["test_error_random"] == m["test/error_random"]
+        assert row["test_error_diff"] == m["test/error_diff"]
+        assert row["kind"] == "pipeline" and row["preset"] == "quick"
+        assert row["status"] == "FINISHED" and row["duration_s"] > 0
+        assert row["model.hidden_sizes"] == "[32, 16]"
+        assert row["pretrain.corruption_levels"] == "[0.1, 0.2]"
+    assert df.set_index("run_id")["runtime.seed"].to_dict() == {
+        i: str(s) for i, s in zip(ids, SEEDS)}
+    assert set(df["data_digest"]) == {results[0].data["digest"]}
+
+    rows = json.loads(_ok(cli("runs", "--experiment", EXPERIMENT, "--tracking-uri", uri,
+                              "--format", "json")))
+    assert [r["run_id"] for r in rows] == ids[::-1]
+    for r in rows:
+        assert r["test_error_pretrained"] == expected[r["run_id"]]["test/error_pretrained"]
+        assert r["test_error_random"] == expected[r["run_id"]]["test/error_random"]
+
+    table = _ok(cli("runs", "--experiment", EXPERIMENT, "--tracking-uri", uri))
+    for i in ids:
+        line = next(ln for ln in table.splitlines() if ln.startswith(i))
+        assert f"{100 * expected[i]['test/error_pretrained']:.2f}" in line
+        assert f"{100 * expected[i]['test/error_diff']:+.2f}" in line
+
+
+def test_runs_filter_kind_and_limit(store, cli):
+    uri, (first, second) = store["uri"], store["results"]
+
+    def ids(*extra):
+        out = _ok(cli("runs", "--experiment", EXPERIMENT, "--tracking-uri", uri,
+                      "--format", "json", *extra))
+        return [r["run_id"] for r in json.loads(out)]
+
+    assert ids("--filter", f"params.runtime.seed = '{SEEDS[0]}'") == [first.run_id]
+    assert ids("--filter", "params.`model.hidden_sizes` = '[32, 16]'", "--kind", "pipeline"
+               ) == [second.run_id, first.run_id]
+    assert ids("--kind", "ablation") == []
+    assert ids("--limit", "1") == [second.run_id]
+    bad = cli("runs", "--experiment", EXPERIMENT, "--tracking-uri", uri, "--filter", "params.x =")
+    assert bad.exit_code == 1 and bad.stderr.startswith("error: bad --filter")
+
+
+def test_runs_reads_the_default_store_under_layerwise_home(store, cli, monkeypatch):
+    monkeypatch.setenv("LAYERWISE_HOME", str(store["home"]))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = _ok(cli("runs", "--experiment", EXPERIMENT, "--format", "json"))
+    assert {r["run_id"] for r in json.loads(out)} == {r.run_id for r in store["results"]}
+
+
+# ------------------------------------------------------------------------------ show/compare
+
+
+def test_show_prints_config_metrics_stages_and_artifacts(store, client, cli):
+    run = store["results"][0]
+    out = _ok(cli("show", run.run_id, "--tracking-uri", store["uri"]))
+    assert re.search(r"^\s+model\.hidden_sizes\s+\[32, 16\]$", out, re.M)
+    assert re.search(rf"^\s+runtime\.seed\s+{SEEDS[0]}$", out, re.M)
+    m = _metrics(client, run.run_id)["test/error_pretrained"]
+    assert re.search(rf"^\s+test/error_pretrained\s+{m:.6g}$", out, re.M)
+    for stage in STAGES:
+        assert re.search(rf"^\s*{stage}\s+[0-9a-f]{{32}}\s+FINISHED\s+\d+\.\d\s", out, re.M)
+    for path in ("data/summary.json", "figures/filters_layer_1.png",
+                 "figures/reconstruction_layer_2.png", "weights/dae.safetensors",
+                 "weights/classifier_random.safetensors", "evaluation/confusion_random.csv",
+                 "evaluation/summary.json"):
+        assert path in out
+    assert re.search(r"models:/m-[0-9a-f]+/MLmodel", out)  # the logged model's files
+
+    rec = registry.show_run(client, run.run_id[:10])  # a unique prefix is enough
+    assert rec["stages"]["stage"].tolist() == STAGES
+    assert (rec["stages"]["duration_s"] > 0).all()
+    assert dict(zip(rec["stages"]["stage"], rec["stages"]["run_id"])) == {
+        s.name: s.mlflow_run_id for s in run.stages}
+
+
+def test_compare_shows_differing_params_and_metric_deltas(store, client, cli):
+    a, b = (r.run_id for r in store["results"])
+    out = _ok(cli("compare", a, b, "--tracking-uri", store["uri"]))
+    assert re.search(rf"^runtime\.seed\s+{SEEDS[0]}\s+{SEEDS[1]}$", out, re.M)
+    assert not re.search(r"^model\.hidden_sizes", out, re.M)  # equal params are not shown
+    ma, mb = _metrics(client, a), _metrics(client, b)
+    delta = mb["test/error_pretrained"] - ma["test/error_pretrained"]
+    assert re.search(rf"^test/error_pretrained\s+{ma['test/error_pretrained']:.6g}\s+"
+                     rf"{mb['test/error_pretrained']:.6g}\s+{delta:.6g}$", out, re.M)
+
+    rec = registry.compare_runs(client, [a, b])
+    assert rec["params"].loc["runtime.seed"].tolist() == [str(s) for s in SEEDS]
+    for name in ("test/error_pretrained", "test/error_random", "test/error_diff"):
+        assert rec["deltas"].loc[name, b] == mb[name] - ma[name]
+    # stage metrics come along, e.g. the fine-tuned arms' best validation errors
+    kid = next(r for r in registry.children(client, client.get_run(b))
+               if r.data.tags["layerwise.stage"] == "finetune-pretrained")
+    assert rec["metrics"].loc["finetune/pretrained/best_val_error", b] == \
+        kid.data.metrics["finetune/pretrained/best_val_error"]
+
+
+# --------------------------------------------------------------------------- models/promote
+
+
+def test_models_lists_versions_with_test_errors_and_digests(store, client, cli):
+    out = _ok(cli("models", "--name", MODEL, "--tracking-uri", store["uri"], "--format", "json"))
+    rows = {r["version"]: r for r in json.loads(out)}
+    results = store["results"]
+    assert set(rows) == {int(r.model_version) for r in results}
+    for r in results:
+        row = rows[int(r.model_version)]
+        assert row["run_id"] == r.run_id
+        assert row["test_error"] == _metrics(client, r.run_id)["test/error_pretrained"]
+        assert row["test_error_source"] == "tag"
+        assert row["data_digest"] == r.data["digest"]
+
+
+def test_models_falls_back_to_the_parent_run_metric(store, client):
+    """A version without tags: test error and digest come from its run's pipeline parent."""
+    first = store["results"][0]
+    mv = client.get_model_version(MODEL, first.model_version)
+    name = "reg-untagged"
+    client.create_registered_model(name)
+    client.create_model_version(name, mv.source, run_id=mv.run_id)
+    row = registry.list_models(client, name).iloc[0]
+    assert row["test_error"] == _metrics(client, first.run_id)["test/error_pretrained"]
+    assert row["test_error_source"] == "parent"
+    assert row["run_id"] == first.run_id and row["data_digest"] == first.data["digest"]
+
+
+def test_promote_picks_the_lowest_error_on_the_same_data(store, client, cli):
+    results = store["results"]
+    errors = {r.model_version: _metrics(client, r.run_id)["test/error_pretrained"]
+              for r in results}
+    best = min(errors, key=lambda v: (errors[v], -int(v)))
+    out = _ok(cli("promote", "--name", MODEL, "--tracking-uri", store["uri"]))
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == best
+    assert f"{MODEL} v{best} " in out and repr(errors[best]) in out
+    assert results[0].data["digest"] in out
+
+    other = next(v for v in errors if v != best)
+    out = _ok(cli("promote", "--name", MODEL, "--version", other, "--tracking-uri",
+                  store["uri"]))
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == other
+    assert f"v{other} is now champion (was v{best})" in out
+    missing = cli("promote", "--name", MODEL, "--version", "99", "--tracking-uri", store["uri"])
+    assert missing.exit_code == 1 and "no version 99" in missing.stderr
+
+
+def test_promote_refuses_to_compare_across_data_digests(store, client, cli):
+    """Hand-made versions with known digests and errors: v1 (A, 0.30), v2 (B, 0.10),
+    v3 (A, 0.20). Without a champion the newest digest (A) decides: v3. Over a champion on
+    B it refuses, unless --force, which picks the best of all: v2."""
+    mv = client.get_model_version(MODEL, store["results"][0].model_version)
+    name, uri = "reg-mixed", store["uri"]
+    client.create_registered_model(name)
+    for digest, error in (("a" * 64, "0.3"), ("b" * 64, "0.1"), ("a" * 64, "0.2")):
+        client.create_model_version(name, mv.source, run_id=mv.run_id,
+                                    tags={"data.digest": digest, "test_error": error})
+
+    def champion():
+        return str(client.get_model_version_by_alias(name, "champion").version)
+
+    out = _ok(cli("promote", "--name", name, "--tracking-uri", uri))
+    assert champion() == "3" and "left out v2" in out
+    _ok(cli("promote", "--name", name, "--version", "2", "--tracking-uri", uri))
+    refused = cli("promote", "--name", name, "--tracking-uri", uri)
+    assert refused.exit_code == 1 and champion() == "2"
+    assert refused.stderr.startswith("error: champion") and "--force" in refused.stderr
+    assert "bbbbbbbbbbbb" in refused.stderr and "aaaaaaaaaaaa" in refused.stderr
+    out = _ok(cli("promote", "--name", name, "--force", "--tracking-uri", uri))
+    assert champion() == "2" and "was already champion" in out
+
+
+def test_champion_reproduces_its_recorded_test_error(store, client, cli):
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    from tasks.data import load_data
+
+    _ok(cli("promote", "--name", MODEL, "--tracking-uri", store["uri"]))
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    mlflow.set_tracking_uri(store["uri"])
+    model = mlflow.pytorch.load_model(f"models:/{MODEL}@champion")
+    data = load_data(store["config"].data)
+    with torch.no_grad():
+        pred = model(data.x_test).argmax(dim=1)
+    error = int((pred != data.y_test).sum()) / len(data.y_test)
+    assert error == float(champion.tags["test_error"])
+    parent = champion.tags["layerwise.run_id"]
+    assert error == _metrics(client, parent)["test/error_pretrained"]
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("args, named", [
+    (("show", "0123456789abcdef0123456789abcdef"), "0123456789abcdef0123456789abcdef"),
+    (("compare", "PLACEHOLDER", "ffffffffffff"), "ffffffffffff"),
+    (("runs", "--experiment", "no-such-experiment"), "no-such-experiment"),
+    (("models", "--name", "no-such-model"), "no-such-model"),
+    (("promote", "--name", "no-such-model"), "no-such-model"),
+])
+def test_unknown_names_give_one_clear_line(store, cli, args, named):
+    args = [store["results"][0].run_id if a == "PLACEHOLDER" else a for a in args]
+    result = cli(*args, "--tracking-uri", store["uri"])
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0]
+    assert "layerwise runs" in lines[0] and "Traceback" not in result.output
+
+
+def test_a_missing_store_is_an_error_and_is_not_created(tmp_path, cli):
+    path = tmp_path / "nothing" / "mlflow.db"
+    result = cli("runs", "--tracking-uri", f"sqlite:///{path}")
+    assert result.exit_code == 1 and str(path) in result.stderr
+    assert not path.exists()
+
+
+# ------------------------------------------------------------------------------------ stale
+
+
+def test_stale_lists_runs_whose_process_is_gone_and_marks_them_failed(store, client, cli):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    here, uri = socket.gethostname(), store["uri"]
+    exp = client.create_experiment("stale")
+
+    def running(name, pid=None, host=None, parent=None, start_time=None):
+        tags = {"layerwise.kind": "pipeline"} if parent is None else {
+            "layerwise.stage": "evaluate", "mlflow.parentRunId": parent}
+        if pid is not None:
+            tags.update({"layerwise.pid": str(pid), "layerwise.host": host})
+        return client.create_run(exp, run_name=name, tags=tags,
+                                 start_time=start_time).info.run_id
+
+    two_days_ago = int((time.time() - 48 * 3600) * 1000)
+    dead = running("dead", proc.pid, here)
+    dead_child = running("dead-child", proc.pid, here, parent=dead)
+    live = running("live", os.getpid(), here)
+    elsewhere = running("elsewhere", proc.pid, "another-host")
+    untagged_old = running("untagged-old", start_time=two_days_ago)
+    untagged_new = running("untagged-new")
+
+    def stale(*extra):
+        out = _ok(cli("runs", "--stale", "--experiment", "stale", "--tracking-uri", uri,
+                      "--format", "json", *extra))
+        return {r["run_id"] for r in json.loads(out)}
+
+    assert stale() == {dead, dead_child, untagged_old}
+    assert stale("--older-than", "0") == {dead, dead_child, untagged_old, elsewhere,
+                                          untagged_new}
+    result = cli("runs", "--stale", "--mark-failed", "--experiment", "stale", "--tracking-uri",
+                 uri)
+    assert result.exit_code == 0 and "marked 3 run(s) FAILED" in result.stdout
+    status = {r: client.get_run(r).info.status
+              for r in (dead, dead_child, untagged_old, live, elsewhere, untagged_new)}
+    assert status == {dead: "FAILED", dead_child: "FAILED", untagged_old: "FAILED",
+                      live: "RUNNING", elsewhere: "RUNNING", untagged_new: "RUNNING"}
+    assert stale() == set()
+
+
+# ------------------------------------------------------------------------------ fast --help
+
+
+def test_cli_module_imports_neither_mlflow_nor_pandas():
+    code = ("import sys, flows.registry_cli; "
+            "print(sorted(m for m in ('mlflow', 'pandas', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

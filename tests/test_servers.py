@@ -1,0 +1,562 @@
+"""The compose stack's servers, natively: the very commands docker-compose.yml runs (parsed
+out of it, with only hosts, ports, paths and database names substituted) against this
+machine's PostgreSQL, then the pipeline against them the ways a team uses it:
+
+- ``layerwise run`` pointed at both servers;
+- ``layerwise schedule serve`` (a served, scheduled deployment) triggered through the API,
+  and ``layerwise schedule list``;
+- prefect.yaml registered by the compose ``deployments`` command and run by the compose
+  worker command;
+- the MLflow server's basic-auth switch.
+
+Needs PostgreSQL on 127.0.0.1:5432 where user ``postgres`` may create databases (override
+with LAYERWISE_TEST_PG_HOST / _PORT / _USER / _DB) and the shared MNIST. Every database it
+creates has a random name and is dropped at the end; every process it starts is stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+import pytest
+
+from test_compose import ROOT, argv, compose, read_env_file, ENV_EXAMPLE
+
+pytestmark = pytest.mark.integration
+
+BIN = Path(sys.executable).parent
+TINY = ["data.n_train=1000", "model.hidden_sizes=[32,16]", "pretrain.epochs=1",
+        "finetune.max_epochs=1"]
+STAGES = {"load-data", "pretrain-layer-1", "pretrain-layer-2", "finetune-pretrained",
+          "finetune-random", "evaluate"}
+PG = {"host": os.environ.get("LAYERWISE_TEST_PG_HOST", "127.0.0.1"),
+      "port": int(os.environ.get("LAYERWISE_TEST_PG_PORT", "5432")),
+      "user": os.environ.get("LAYERWISE_TEST_PG_USER", "postgres"),
+      "dbname": os.environ.get("LAYERWISE_TEST_PG_DB", "test")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_status(url: str, auth: tuple[str, str] | None = None, timeout: float = 5) -> int:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + b64encode(":".join(auth).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+class Process:
+    """A subprocess in its own process group, logged to a file, stopped with its children."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path,
+                 cwd: Path = ROOT):
+        self.name, self.log = name, log
+        self._file = open(log, "wb")
+        self.proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=self._file,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+    def wait_for(self, ready, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            if self.proc.poll() is not None:
+                pytest.fail(f"{self.name} exited ({self.proc.returncode}) before {what}:\n"
+                            f"{self.tail()}")
+            time.sleep(0.5)
+        pytest.fail(f"{self.name}: no {what} after {timeout:.0f} s; its log:\n{self.tail()}")
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 8) -> None:
+        stop_all([self], timeout)
+
+
+def stop_all(processes: list[Process], timeout: float = 8) -> None:
+    """SIGTERM to every group at once, SIGKILL to what is left after ``timeout``."""
+    for p in processes:
+        p.signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in processes:
+        try:
+            p.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.signal(signal.SIGKILL)
+            p.proc.wait(10)
+        p._file.close()
+
+
+# ---------------------------------------------------------------- databases and servers
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Any]:
+    """An admin connection to the local PostgreSQL that creates and drops test databases."""
+    import psycopg2  # a dependency of the project (MLflow's PostgreSQL backend)
+    try:
+        conn = psycopg2.connect(**PG, connect_timeout=5)
+    except psycopg2.OperationalError as exc:
+        pytest.fail(f"PostgreSQL not reachable at {PG['host']}:{PG['port']}: {exc}")
+    conn.autocommit = True
+    created: list[str] = []
+
+    def create(purpose: str) -> str:
+        name = f"lw_test_{purpose}_{secrets.token_hex(4)}"
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return name
+
+    yield create
+    with conn.cursor() as cur:
+        for name in created:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    conn.close()
+
+
+def local_db_url(url: str, database: str) -> str:
+    """The compose URL (``...@postgres:5432/mlflow``) pointed at the local server and a
+    fresh database; the credentials stay as the compose file builds them."""
+    parts = urlsplit(url)
+    assert (parts.hostname, parts.port) == ("postgres", 5432), url
+    userinfo = parts.netloc.rsplit("@", 1)[0]
+    return f"{parts.scheme}://{userinfo}@{PG['host']}:{PG['port']}/{database}"
+
+
+def native(args: list[str], **options: str) -> list[str]:
+    """A compose command for this machine: the executable from this venv and each named
+    option's value replaced (the option must be there, so the two cannot drift apart)."""
+    args = list(args)
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        assert flag in args, f"{flag} no longer in the compose command {args}"
+        args[args.index(flag) + 1] = value
+    args[0] = str(BIN / args[0])
+    return args
+
+
+def compose_env(**overrides: str) -> dict[str, str]:
+    """.env.example with what this machine needs: the local superuser (trust auth, so the
+    password is never checked), fresh secrets and free host ports."""
+    return {**read_env_file(ENV_EXAMPLE), "POSTGRES_USER": PG["user"],
+            "POSTGRES_PASSWORD": secrets.token_hex(8),
+            "MLFLOW_ADMIN_PASSWORD": secrets.token_hex(8), "MLFLOW_WORKERS": "1",
+            **overrides}
+
+
+def auth_ini(tmp: Path) -> Path:
+    """docker/mlflow/basic_auth.ini with its SQLite user store moved from the container's
+    volume into ``tmp``. MLflow reads it even without logins (its runs/search handler
+    imports the auth app when Flask-WTF is installed), so both servers get it."""
+    text = (ROOT / "docker" / "mlflow" / "basic_auth.ini").read_text()
+    assert "sqlite:////var/lib/mlflow/auth/" in text
+    path = tmp / "basic_auth.ini"
+    path.write_text(text.replace("sqlite:////var/lib/mlflow/auth/", f"sqlite:///{tmp}/"))
+    return path
+
+
+def base_env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PREFECT_", "MLFLOW_", "LAYERWISE_"))}
+    env.update(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               CI="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def stack(postgres, tmp_path_factory, shared_data_dir) -> Iterator[dict[str, Any]]:
+    """The Prefect and MLflow servers of docker-compose.yml on free loopback ports."""
+    tmp = tmp_path_factory.mktemp("servers")
+    mp = pytest.MonkeyPatch()  # this process's MLflow client: fail fast, not minutes of retries
+    mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    mp.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    mlflow_port, prefect_port = free_port(), free_port()
+    env = compose_env(MLFLOW_PORT=str(mlflow_port), PREFECT_PORT=str(prefect_port))
+    services = compose(env)["services"]
+    started: list[Process] = []
+    try:
+        mlflow_db, prefect_db = postgres("mlflow"), postgres("prefect")
+        svc = services["mlflow"]
+        cmd = argv(svc["command"])
+        artifacts = tmp / "mlflow-artifacts"
+        mlflow_args = native(cmd, host="127.0.0.1", port=str(mlflow_port),
+                             artifacts_destination=str(artifacts),
+                             backend_store_uri=local_db_url(
+                                 cmd[cmd.index("--backend-store-uri") + 1], mlflow_db))
+        mlflow_env = {**base_env(tmp), **svc["environment"],
+                      "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini(tmp))}
+        started.append(Process("mlflow server", mlflow_args, mlflow_env, tmp / "mlflow.log",
+                               cwd=tmp))
+
+        svc = services["prefect-server"]
+        prefect_env = {**base_env(tmp), **svc["environment"],
+                       "PREFECT_HOME": str(tmp / "prefect-server-home")}
+        url = prefect_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
+        prefect_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = local_db_url(url, prefect_db)
+        prefect_args = native(argv(svc["command"]), host="127.0.0.1", port=str(prefect_port))
+        started.append(Process("prefect server", prefect_args, prefect_env,
+                               tmp / "prefect.log", cwd=tmp))
+
+        mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+        api_url = f"http://127.0.0.1:{prefect_port}/api"
+        started[1].wait_for(lambda: http_status(f"{api_url}/health") == 200, 180,
+                            "a healthy /api/health")
+        started[0].wait_for(lambda: http_status(f"{mlflow_url}/health") == 200, 180,
+                            "a healthy /health")
+        yield {"tmp": tmp, "env": env, "mlflow": mlflow_url, "api": api_url,
+               "artifacts": artifacts, "mlflow_db": mlflow_db, "data": shared_data_dir,
+               "home": tmp / "layerwise-home", "processes": started}
+    finally:
+        stop_all(started)
+        mp.undo()
+
+
+def client_env(stack: dict[str, Any]) -> dict[str, str]:
+    """What a user's shell has: both servers, a private LAYERWISE_HOME."""
+    env = base_env(stack["tmp"])
+    env.update(PREFECT_API_URL=stack["api"], LAYERWISE_HOME=str(stack["home"]))
+    return env
+
+
+@contextmanager
+def prefect_api(stack: dict[str, Any]) -> Iterator[Any]:
+    """A Prefect client of the test server, in this process."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: stack["api"]}):
+        with get_client(sync_client=True) as client:
+            yield client
+
+
+def mlflow_client(stack: dict[str, Any]) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(stack["mlflow"])
+
+
+def run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@functools.lru_cache(maxsize=None)
+def python_cli(module: str) -> tuple[str, ...]:
+    """``layerwise`` with ``module``'s ``register(app)`` sub-commands, for as long as
+    flows/cli.py does not wire them in yet."""
+    code = (f"import typer; from {module} import register; "
+            "app = typer.Typer(); register(app); app()")
+    wired = run([str(BIN / "layerwise"), "--help"], os.environ.copy(), 60).stdout
+    marker = {"flows.schedule": "schedule", "flows.registry_cli": "models"}[module]
+    if re.search(rf"^\W*{marker}\b", wired, re.M):
+        return (str(BIN / "layerwise"),)
+    return (sys.executable, "-c", code)
+
+
+# ---------------------------------------------------------------- background processes
+
+@pytest.fixture(scope="module")
+def background(stack) -> Iterator[dict[str, Any]]:
+    """Started before the ``layerwise run`` below, so that their start-up overlaps its
+    training: ``layerwise schedule serve`` of the tiny config, and the compose
+    ``deployments`` command (creates the work pool, ``prefect deploy --all``)."""
+    name = f"nightly-{secrets.token_hex(3)}"
+    sets = [a for s in TINY for a in ("--set", s)]
+    env = client_env(stack)
+    serve = Process("schedule serve", [
+        *python_cli("flows.schedule"), "schedule", "serve", "--cron", "0 3 * * *",
+        "--name", name, "--preset", "quick", *sets, "--data-dir", str(stack["data"]),
+        "--tracking-uri", stack["mlflow"], "--experiment", "scheduled"],
+        env, stack["tmp"] / "serve.log")
+    deploy_cmd = argv(compose(stack["env"])["services"]["deployments"]["command"])
+    assert deploy_cmd[:2] == ["sh", "-c"]
+    deploy = Process("compose deployments command", deploy_cmd,
+                     {**env, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"},
+                     stack["tmp"] / "deploy.log")
+    # The worker service: its command and environment with this machine's servers and paths
+    # (its /health on a free port); it creates the pool itself if `deployments` has not yet.
+    svc = compose(stack["env"])["services"]["worker"]
+    health_port = free_port()
+    worker_env = {**env, **svc["environment"], "PREFECT_API_URL": stack["api"],
+                  "MLFLOW_TRACKING_URI": stack["mlflow"], "LAYERWISE_APP_DIR": str(ROOT),
+                  "LAYERWISE_HOME": str(stack["home"]),
+                  "LAYERWISE_DATA_DIR": str(stack["data"]),
+                  "PREFECT_LOCAL_STORAGE_PATH": str(stack["home"] / "prefect-results"),
+                  "PREFECT_WORKER_WEBSERVER_PORT": str(health_port),
+                  "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1"}
+    worker = Process("worker", native(argv(svc["command"])), worker_env,
+                     stack["tmp"] / "worker.log", cwd=stack["tmp"])
+    # The MLflow service again, with MLFLOW_AUTH_ARGS="--app-name basic-auth", on the
+    # (already migrated) backend database of the running one.
+    auth_port = free_port()
+    auth_env = compose_env(MLFLOW_PORT=str(auth_port), MLFLOW_AUTH_ARGS="--app-name basic-auth")
+    svc = compose(auth_env)["services"]["mlflow"]
+    cmd = argv(svc["command"])
+    auth_tmp = stack["tmp"] / "auth"
+    auth_tmp.mkdir()
+    auth = Process("mlflow basic-auth", native(
+        cmd, host="127.0.0.1", port=str(auth_port),
+        artifacts_destination=str(auth_tmp / "artifacts"),
+        backend_store_uri=local_db_url(cmd[cmd.index("--backend-store-uri") + 1],
+                                       stack["mlflow_db"])),
+        {**base_env(auth_tmp), **svc["environment"],
+         "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini(auth_tmp))},
+        auth_tmp / "auth.log", cwd=auth_tmp)
+    try:
+        yield {"serve": serve, "name": name, "deploy": deploy, "worker": worker,
+               "worker_health": f"http://127.0.0.1:{health_port}/health", "auth": auth,
+               "auth_url": f"http://127.0.0.1:{auth_port}", "auth_env": auth_env,
+               "auth_args": cmd}
+    finally:
+        stop_all([worker, deploy, serve, auth])
+
+
+# ---------------------------------------------------------------- layerwise run
+
+@pytest.fixture(scope="module")
+def cli_run(stack, background) -> dict[str, Any]:
+    """``layerwise run`` with a tiny config against both servers."""
+    sets = [a for s in TINY for a in ("--set", s)]
+    result = run([str(BIN / "layerwise"), "run", "--preset", "quick", *sets,
+                  "--data-dir", str(stack["data"]), "--tracking-uri", stack["mlflow"],
+                  "--experiment", "servers", "--model-name", "servers-classifier"],
+                 client_env(stack), timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_id = re.search(r"MLflow run ([0-9a-f]{32})", result.stdout).group(1)
+    version = re.search(r"model servers-classifier v(\d+)", result.stdout).group(1)
+    return {"run_id": run_id, "version": version, "stdout": result.stdout}
+
+
+def test_cli_run_is_recorded_in_the_mlflow_server(stack, cli_run):
+    client = mlflow_client(stack)
+    parent = client.get_run(cli_run["run_id"])
+    assert parent.data.tags["layerwise.kind"] == "pipeline"
+    assert parent.info.status == "FINISHED"
+    assert 0 <= parent.data.metrics["test/error_pretrained"] <= 1
+    assert parent.data.params["model.hidden_sizes"] == "[32, 16]"
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.name == "servers"
+    # Artifacts go through the server's proxy, into its --artifacts-destination.
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")
+    children = client.search_runs([experiment.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{cli_run['run_id']}'")
+    by_stage = {r.data.tags["layerwise.stage"]: r for r in children}
+    assert set(by_stage) == STAGES
+    assert {r.info.status for r in children} == {"FINISHED"}
+    evaluate = by_stage["evaluate"].info.run_id
+    listed = {f.path for f in client.list_artifacts(evaluate, "evaluation")}
+    assert "evaluation/confusion_pretrained.csv" in listed and len(listed) >= 5
+    on_disk = {p.name for p in stack["artifacts"].rglob("*") if p.is_file()}
+    assert {"confusion_pretrained.csv", "filters_layer_1.png", "dae.safetensors"} <= on_disk
+
+
+def test_registered_model_loads_through_the_artifact_proxy(stack, cli_run, tmp_path):
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    client = mlflow_client(stack)
+    version = client.get_model_version("servers-classifier", cli_run["version"])
+    assert version.tags["layerwise.run_id"] == cli_run["run_id"]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(stack["mlflow"])
+    try:
+        model = mlflow.pytorch.load_model(f"models:/servers-classifier/{cli_run['version']}",
+                                          dst_path=str(tmp_path))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert any(tmp_path.rglob("MLmodel"))  # downloaded, not read from a shared disk
+    with torch.no_grad():
+        assert model(torch.zeros(3, 784)).shape == (3, 10)
+
+
+def test_flow_and_task_runs_are_in_the_prefect_server(stack, cli_run):
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with prefect_api(stack) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["layerwise-pipeline"])))
+        (flow_run,) = [r for r in runs if r.parameters.get("experiment") == "servers"]
+        assert flow_run.state.is_completed()
+        assert flow_run.parameters["preset"] == "quick"
+        task_names = {t.name for t in client.read_task_runs() if t.flow_run_id == flow_run.id}
+    assert STAGES <= task_names
+
+
+def test_registry_cli_reads_the_servers_runs_and_models(stack, cli_run):
+    cli, env = python_cli("flows.registry_cli"), client_env(stack)
+    uri = ["--tracking-uri", stack["mlflow"]]
+    out = run([*cli, "runs", "--experiment", "servers", "--format", "json", *uri], env, 120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert cli_run["run_id"] in out.stdout
+    out = run([*cli, "show", cli_run["run_id"], *uri], env, 120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "test/error_pretrained" in out.stdout and "evaluate" in out.stdout
+    out = run([*cli, "models", "--name", "servers-classifier", "--format", "json", *uri],
+              env, 120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert cli_run["run_id"] in out.stdout or f'"{cli_run["version"]}"' in out.stdout
+
+
+# ---------------------------------------------------------------- layerwise schedule
+
+def test_schedule_serve_rejects_a_bad_config_before_registering(stack):
+    name = f"bad-{secrets.token_hex(3)}"
+    result = run([*python_cli("flows.schedule"), "schedule", "serve", "--cron", "0 3 * * *",
+                  "--name", name, "--set", "pretrain.epochs=0"], client_env(stack), 120)
+    assert result.returncode == 2
+    assert "pretrain.epochs = 0" in result.stderr
+    with prefect_api(stack) as client:
+        assert name not in {d.name for d in client.read_deployments()}
+
+
+def _next_3am(now: datetime) -> datetime:
+    today = now.replace(hour=3, minute=0, second=0, microsecond=0)
+    return today if today > now else today + timedelta(days=1)
+
+
+def test_schedule_serve_runs_the_deployment_and_lists_it(stack, background, cli_run):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    serve, name = background["serve"], background["name"]
+    try:
+        with prefect_api(stack) as client:
+            def registered():
+                return any(d.name == name for d in client.read_deployments())
+
+            serve.wait_for(registered, 120, "a registered deployment")
+            (deployment,) = [d for d in client.read_deployments() if d.name == name]
+        params = deployment.parameters
+        assert params["preset"] == "quick" and params["config"]["model"]["hidden_sizes"] == [32, 16]
+        assert params["config"]["data"]["data_dir"] == str(stack["data"])
+
+        with temporary_settings(updates={PREFECT_API_URL: stack["api"]}):
+            flow_run = run_deployment(f"layerwise-pipeline/{name}", timeout=300,
+                                      poll_interval=1)
+        assert flow_run.state.is_completed(), f"{flow_run.state}\n{serve.tail()}"
+
+        client = mlflow_client(stack)
+        experiment = client.get_experiment_by_name("scheduled")
+        (parent,) = client.search_runs([experiment.experiment_id],
+                                       "tags.`layerwise.kind` = 'pipeline'")
+        assert parent.info.status == "FINISHED" and parent.data.params["preset"] == "quick"
+
+        # The server's scheduler turns the cron schedule into scheduled runs within seconds.
+        listed: dict[str, Any] = {}
+
+        def scheduled():
+            out = run([*python_cli("flows.schedule"), "schedule", "list", "--json"],
+                      client_env(stack), 120)
+            assert out.returncode == 0, out.stderr[-2000:]
+            rows = {r["name"]: r for r in json.loads(out.stdout)}
+            listed.update(rows.get(f"layerwise-pipeline/{name}", {}))
+            return listed.get("next_run_source") == "scheduled"
+
+        serve.wait_for(scheduled, 60, "scheduled next run in `schedule list` (the Prefect "
+                       f"server's scheduler creates them: see {stack['tmp']}/prefect.log)")
+        assert listed["schedules"] == ["cron 0 3 * * * (UTC)"]
+        assert listed["runs_on"] == "served" and listed["preset"] == "quick"
+        assert datetime.fromisoformat(listed["next_run"]) == _next_3am(datetime.now(timezone.utc))
+        table = run([*python_cli("flows.schedule"), "schedule", "list"], client_env(stack), 120)
+        assert re.search(rf"layerwise-pipeline/{name}\s+quick\s+cron 0 3 \* \* \* \(UTC\)",
+                         table.stdout), table.stdout
+    finally:
+        serve.signal(signal.SIGTERM)
+        try:
+            serve.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        serve.stop()
+    with prefect_api(stack) as client:  # SIGTERM paused the schedule on the way out
+        (deployment,) = [d for d in client.read_deployments() if d.name == name]
+        assert deployment.paused
+
+
+# ---------------------------------------------------------------- prefect.yaml + worker
+
+def test_prefect_yaml_is_deployed_and_run_by_the_compose_worker(stack, background, cli_run):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # The `deployments` service's command (started in the background) created the work pool
+    # and registered prefect.yaml.
+    deploy = background["deploy"]
+    deploy.wait_for(lambda: deploy.proc.poll() is not None, 300, "the end of prefect deploy")
+    assert deploy.proc.returncode == 0, deploy.tail()
+    with prefect_api(stack) as client:
+        deployment = client.read_deployment_by_name("layerwise-pipeline/nightly")
+        pool = client.read_work_pool("layerwise")
+    assert pool.type == "process"
+    assert deployment.work_pool_name == "layerwise"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    assert deployment.parameters["preset"] == "default"
+    assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory":
+                                      {"directory": "{{ $LAYERWISE_APP_DIR }}"}}]
+
+    worker = background["worker"]
+    try:
+        worker.wait_for(lambda: http_status(background["worker_health"]) == 200, 120,
+                        "a healthy worker /health")
+        from flows.overrides import resolve_config
+
+        tiny = resolve_config("quick", data_dir=stack["data"], sets=TINY)
+        with temporary_settings(updates={PREFECT_API_URL: stack["api"]}):
+            flow_run = run_deployment(
+                "layerwise-pipeline/nightly", timeout=300, poll_interval=1,
+                parameters={"config": tiny.model_dump(mode="json"), "preset": "worker-test",
+                            "experiment": "worker"})
+        assert flow_run.state.is_completed(), f"{flow_run.state}\n{worker.tail()}"
+    finally:
+        worker.stop()
+    client = mlflow_client(stack)
+    experiment = client.get_experiment_by_name("worker")
+    (parent,) = client.search_runs([experiment.experiment_id],
+                                   "tags.`layerwise.kind` = 'pipeline'")
+    assert parent.info.status == "FINISHED" and parent.data.params["preset"] == "worker-test"
+
+
+# ---------------------------------------------------------------- MLflow basic auth
+
+def test_mlflow_basic_auth_switch_requires_logins(background):
+    """MLFLOW_AUTH_ARGS="--app-name basic-auth": the same command, now with logins."""
+    assert background["auth_args"][-2:] == ["--app-name", "basic-auth"]
+    base, server, env = background["auth_url"], background["auth"], background["auth_env"]
+    server.wait_for(lambda: http_status(f"{base}/health") == 200, 180, "a healthy /health")
+    api = f"{base}/api/2.0/mlflow/experiments/search?max_results=5"
+    admin = (env["MLFLOW_ADMIN_USERNAME"], env["MLFLOW_ADMIN_PASSWORD"])
+    # Password checks hash with PBKDF2: seconds each on a busy machine.
+    assert http_status(api, timeout=60) == 401
+    assert http_status(api, (admin[0], "wrong-password"), timeout=60) == 401
+    assert http_status(api, admin, timeout=60) == 200
