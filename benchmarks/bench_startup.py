@@ -1,0 +1,124 @@
+"""Fixed costs: ``layerwise --help``, and one ``quick`` pipeline run split into start-up,
+training and the rest.
+
+The run is a subprocess (``layerwise run --preset quick``) with a private ``LAYERWISE_HOME``
+and ``PREFECT_HOME`` and unbuffered output; every line is time-stamped as it arrives. The
+pipeline prints ``  done  <stage>  <seconds> s`` when a stage ends, so:
+
+- ``startup_s``: process start to the start of the first stage (imports, config, Prefect's
+  ephemeral API, MLflow set-up, the parent run): the time of the ``done  load-data`` line
+  minus that stage's own seconds;
+- ``train_s``: the seconds of the ``pretrain-layer-*`` and ``finetune-*`` stages (training
+  plus their MLflow records), of which ``fit_s`` is the training itself (the
+  ``*/train_seconds`` metrics read back from the run's MLflow database);
+- ``total_s``: wall time of the process.
+
+The run uses the user's ``PREFECT_HOME`` (an existing Prefect database: what every run
+pays). With ``cold=True`` a second run on a fresh ``PREFECT_HOME`` measures a first-ever
+start (Prefect creates and migrates its database), reported under ``cold``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from benchmarks.common import REPO
+
+DONE = re.compile(r"^\s*done\s+(?P<stage>\S+)\s+(?P<seconds>[\d.]+) s")
+
+
+def layerwise_command() -> list[str]:
+    script = Path(sys.executable).with_name("layerwise")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "flows.cli"]
+
+
+def _env(home: Path, fresh_prefect: bool, threads: Optional[int]) -> dict[str, str]:
+    env = dict(os.environ, LAYERWISE_HOME=str(home / "layerwise"), PYTHONUNBUFFERED="1", CI="1")
+    if fresh_prefect:
+        env["PREFECT_HOME"] = str(home / "prefect")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the child
+    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        env.pop(key, None)  # the embedded stores and an ephemeral Prefect API
+    return env
+
+
+def help_seconds(repeats: int = 3) -> float:
+    """Best wall time of ``layerwise --help``."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([*layerwise_command(), "--help"], check=True, capture_output=True,
+                       cwd=REPO)
+        best = min(best, time.perf_counter() - t0)
+    return round(best, 3)
+
+
+def _train_seconds(db: Path) -> Optional[float]:
+    """Σ of the ``*/train_seconds`` metrics (pure training per stage) in the run's store."""
+    try:
+        with sqlite3.connect(db) as con:
+            rows = con.execute("SELECT value FROM metrics WHERE key LIKE '%/train_seconds'")
+            values = [v for (v,) in rows]
+        return round(sum(values), 2) if values else None
+    except sqlite3.Error:
+        return None
+
+
+def quick_run(data_dir: Path, home: Path, cold: bool, threads: Optional[int] = None,
+              timeout: float = 1800, log=print) -> dict[str, Any]:
+    cmd = [*layerwise_command(), "run", "--preset", "quick", "--data-dir", str(data_dir)]
+    stages: dict[str, dict[str, float]] = {}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(home, cold, threads),
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        now = time.perf_counter() - t0
+        tail = (tail + [line.rstrip()])[-20:]
+        m = DONE.match(line)
+        if m:
+            stages[m["stage"]] = {"at_s": round(now, 2), "seconds": float(m["seconds"])}
+    code = proc.wait(timeout=timeout)
+    total = time.perf_counter() - t0
+    if code != 0 or "load-data" not in stages:
+        raise RuntimeError(f"`{' '.join(cmd)}` exited {code}:\n" + "\n".join(tail))
+    first = stages["load-data"]
+    startup = first["at_s"] - first["seconds"]
+    train = sum(s["seconds"] for name, s in stages.items()
+                if name.startswith(("pretrain-", "finetune-")))
+    row = {
+        "startup_s": round(startup, 2),
+        "load_data_s": first["seconds"],
+        "train_s": round(train, 2),
+        "fit_s": _train_seconds(home / "layerwise" / "mlflow.db"),
+        "evaluate_s": stages.get("evaluate", {}).get("seconds"),
+        "total_s": round(total, 2),
+        "stages": stages,
+    }
+    row["other_s"] = round(total - startup - sum(s["seconds"] for s in stages.values()), 2)
+    log(f"  quick run ({'first-ever' if cold else 'usual'}): start-up {row['startup_s']:.1f} s, "
+        f"load-data {row['load_data_s']:.1f} s, training stages {row['train_s']:.1f} s "
+        f"(fit {row['fit_s']} s), evaluate {row['evaluate_s']} s, after the last stage "
+        f"{row['other_s']:.1f} s, total {row['total_s']:.1f} s")
+    return row
+
+
+def run(data_dir: Path, cold: bool = False, threads: Optional[int] = None,
+        log=print) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="layerwise-bench-") as tmp:
+        result = quick_run(data_dir, Path(tmp) / "usual", cold=False, threads=threads, log=log)
+        if cold:
+            first = quick_run(data_dir, Path(tmp) / "cold", cold=True, threads=threads, log=log)
+            result["cold"] = {k: v for k, v in first.items() if k != "stages"}
+    return result

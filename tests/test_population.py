@@ -1,0 +1,308 @@
+"""Population training: member p of a batched population is seed p trained alone.
+
+"Alone" is checked two ways: against the project's own Lightning path
+(``LitDenoisingAutoencoder`` / ``LitClassifier`` with ``TensorDataModule``, ``EpochHistory``
+and ``TutorialEarlyStopping`` through ``make_trainer``), which shows that the population draws
+the noise, the dropout masks and the data order in the same order as a single run; and
+against a plain PyTorch loop written here. In float64 the match is to 1e-12, in float32 to
+1e-5 (a batched matmul sums in another order than a single one).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.batches import TensorDataModule, epoch_permutation
+from models.callbacks import EpochHistory, TutorialEarlyStopping
+from models.classifier import DeepClassifier
+from models.dae import DenoisingAutoencoder
+from models.finetune_module import LitClassifier
+from models.population import (
+    ClassifierPopulation,
+    DAEPopulation,
+    train_classifier_population,
+    train_dae_population,
+)
+from models.pretrain_module import LitDenoisingAutoencoder
+from tasks.config import RuntimeConfig
+from tasks.runtime import make_trainer
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's advice on CPU
+
+SGD = {"name": "sgd", "lr": 0.1}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks: one intra-op thread. Two threads on a busy 2-core machine make every
+    small kernel wait at OpenMP barriers (measured here: 20-40x slower steps)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def histories_close(a: list[dict], b: list[dict], rel: float) -> None:
+    assert len(a) == len(b)
+    for row_a, row_b in zip(a, b):
+        assert row_a.keys() == row_b.keys()
+        for key in row_a:
+            assert row_a[key] == pytest.approx(row_b[key], rel=rel, abs=rel), key
+
+
+def cpu_fit(system, datamodule, max_epochs: int, callbacks: list) -> None:
+    make_trainer(RuntimeConfig(accelerator="cpu"), max_epochs, callbacks).fit(
+        system, datamodule=datamodule)
+
+
+# --- pretraining -------------------------------------------------------------------------------
+
+
+def make_dae(seed: int, dtype=torch.float64, **kwargs) -> DenoisingAutoencoder:
+    kwargs = {"corruption_level": 0.3, **kwargs}
+    return DenoisingAutoencoder(20, 7, generator=gen(100 + seed), **kwargs).to(dtype)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_each_dae_member_equals_its_seed_trained_alone_through_lightning(dtype, tol):
+    g = gen(0)
+    x, x_valid = torch.rand(103, 20, generator=g, dtype=dtype), torch.rand(50, 20, generator=g,
+                                                                             dtype=dtype)
+    seeds = [0, 1, 2]
+    result = train_dae_population(
+        [make_dae(s, dtype) for s in seeds], x, x_valid,
+        noise_seeds=[10 + s for s in seeds], order_seeds=[20 + s for s in seeds],
+        epochs=2, batch_size=10, optimizer=SGD, eval_batch_size=16)
+
+    for s in seeds:  # 103 examples, batch 10: 11 steps per epoch, the last one of 3 examples
+        dae = make_dae(s, dtype)
+        system = LitDenoisingAutoencoder(dae, layer=1, optimizer=SGD, seed=10 + s)
+        history = EpochHistory(system.prefix)
+        cpu_fit(system, TensorDataModule((x,), (x_valid,), 10, seed=20 + s, eval_batch_size=16),
+                2, [history])
+        assert max_diff(result.states[s], dae.state_dict()) < tol
+        histories_close(result.histories[s], history.rows, rel=max(tol, 1e-6))
+        assert [r["step"] for r in result.histories[s]] == [11, 22]
+    # the members really differ (different init, noise and order)
+    assert max_diff(result.states[0], result.states[1]) > 0.01
+
+
+def train_dae_alone(dae, x, noise_seed, order_seed, epochs, batch_size, optimizer):
+    """The plain loop: member's own generator, one corrupt() per step, the seeded order."""
+    g = torch.Generator().manual_seed(noise_seed)
+    opt = (torch.optim.SGD(dae.parameters(), lr=optimizer["lr"], momentum=optimizer["momentum"])
+           if optimizer["name"] == "sgd" else torch.optim.Adam(dae.parameters(), lr=optimizer["lr"]))
+    dae.train()
+    for epoch in range(epochs):
+        order = epoch_permutation(len(x), order_seed, epoch)
+        for start in range(0, len(x), batch_size):
+            xb = x[order[start : start + batch_size]]
+            loss = dae.reconstruction_loss(xb, dae.decoder_logits(dae.encode(dae.corrupt(xb, g))))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return dae.state_dict()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_untied_dae_members_with_their_own_inputs_equal_a_plain_loop(dtype, tol):
+    """Layer k > 1: every member trains on its own codes, (P, N, D); untied, momentum,
+    salt-and-pepper noise with a per-member value range."""
+    P, g = 3, gen(1)
+    codes = torch.rand(P, 64, 20, generator=g, dtype=dtype)  # (P, N, D)
+    ranges = [(float(c.min()), float(c.max())) for c in codes]
+    opt = {"name": "sgd", "lr": 0.05, "momentum": 0.9}
+
+    def member(s):
+        return make_dae(s, dtype, tied=False, noise="salt_and_pepper", loss="squared_error",
+                        value_range=ranges[s])
+
+    result = train_dae_population([member(s) for s in range(P)], codes, codes,
+                                  noise_seeds=[7, 8, 9], order_seeds=[4, 5, 6], epochs=3,
+                                  batch_size=8, optimizer=opt)
+    for s in range(P):
+        alone = train_dae_alone(member(s), codes[s], 7 + s, 4 + s, 3, 8, opt)
+        assert set(alone) == {"encoder.linear.weight", "encoder.linear.bias", "b_prime",
+                              "W_prime"}
+        assert max_diff(result.states[s], alone) < tol
+        # the returned state loads into the single module
+        DenoisingAutoencoder(20, 7, tied=False).to(dtype).load_state_dict(result.states[s])
+
+
+@pytest.mark.parametrize("activation, loss, tied", [
+    ("sigmoid", "cross_entropy", True), ("sigmoid", "cross_entropy", False),
+    ("tanh", "squared_error", True), ("relu", "squared_error", False),
+    ("leaky_relu", "squared_error", True),
+])
+def test_the_fused_sgd_step_equals_autograd_with_torch_optim(activation, loss, tied):
+    """``DAEPopulation.sgd_step`` (gradients by hand, update fused into the matmuls) is the
+    autograd + ``torch.optim.SGD`` step, for every activation, loss and decoder."""
+    x = torch.rand(40, 20, generator=gen(9), dtype=torch.float64)
+
+    def members():
+        return [make_dae(s, torch.float64, activation=activation, loss=loss, tied=tied)
+                for s in range(3)]
+
+    kwargs = dict(noise_seeds=[1, 2, 3], order_seeds=[4, 5, 6], epochs=2, batch_size=8,
+                  optimizer=SGD)
+    fused = train_dae_population(members(), x, x, fused=True, **kwargs)
+    autograd = train_dae_population(members(), x, x, fused=False, **kwargs)
+    for a, b, initial in zip(fused.states, autograd.states, members()):
+        assert max_diff(a, b) < 1e-9  # float64 rounding, summed in another order
+        assert max_diff(a, initial.state_dict()) > 1e-3  # it did train
+    for a, b in zip(fused.histories, autograd.histories):
+        histories_close(a, b, rel=1e-9)
+    with pytest.raises(ValueError, match="plain SGD"):
+        train_dae_population(members(), x, None, fused=True, **{
+            **kwargs, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}})
+
+
+def test_the_population_loss_is_the_sum_of_each_members_own_mean_loss():
+    """Member p's gradient is the single model's gradient, not 1/P of it."""
+    P, g = 4, gen(2)
+    daes = [make_dae(s, torch.float64) for s in range(P)]
+    pop = DAEPopulation(daes)
+    x = torch.rand(P, 5, 20, generator=g, dtype=torch.float64)
+    x_tilde = pop.corrupt(x, [gen(30 + p) for p in range(P)])
+    losses = pop.reconstruction_loss(x, pop.decoder_logits(pop.encode(x_tilde)))
+    losses.sum().backward()
+    for p, dae in enumerate(daes):
+        # the same noise, drawn by the single module from the same generator
+        assert torch.equal(x_tilde[p], dae.corrupt(x[p], gen(30 + p)))
+        single = dae.reconstruction_loss(x[p], dae.decoder_logits(dae.encode(x_tilde[p])))
+        assert losses[p].item() == pytest.approx(single.item(), rel=1e-13)
+        single.backward()
+        assert torch.allclose(pop.W.grad[p], dae.encoder.W.grad, rtol=1e-12, atol=1e-14)
+        assert torch.allclose(pop.b_prime.grad[p], dae.b_prime.grad, rtol=1e-12, atol=1e-14)
+    # by hand, member 0: cross-entropy summed over pixels, averaged over the 5 examples
+    a = pop.decoder_logits(pop.encode(x_tilde))[0]
+    z = torch.sigmoid(a)
+    by_hand = -(x[0] * z.log() + (1 - x[0]) * (1 - z).log()).sum(dim=1).mean()
+    assert losses[0].item() == pytest.approx(by_hand.item(), rel=1e-10)
+
+
+def test_a_population_of_one_equals_the_single_run():
+    x = torch.rand(40, 20, generator=gen(3))
+    result = train_dae_population([make_dae(0, torch.float32)], x, None, noise_seeds=[1],
+                                  order_seeds=[2], epochs=2, batch_size=6, optimizer=SGD)
+    alone = train_dae_alone(make_dae(0, torch.float32), x, 1, 2, 2, 6,
+                            {"name": "sgd", "lr": 0.1, "momentum": 0.0})
+    assert max_diff(result.states[0], alone) < 1e-6
+    assert [r["step"] for r in result.histories[0]] == [7, 14]
+    assert "val_recon_loss" not in result.histories[0][0]
+
+
+def test_populations_reject_members_that_differ_in_more_than_seed():
+    with pytest.raises(ValueError, match="corruption_level"):
+        DAEPopulation([make_dae(0, corruption_level=0.1), make_dae(1, corruption_level=0.2)])
+    with pytest.raises(ValueError, match="layer shapes"):
+        ClassifierPopulation([DeepClassifier.random_init(10, [8], 3),
+                              DeepClassifier.random_init(10, [9], 3)])
+    with pytest.raises(ValueError, match="2 seeds for 3 members"):
+        train_dae_population([make_dae(s) for s in range(3)], torch.rand(9, 20), None,
+                             noise_seeds=[1, 2], order_seeds=[1, 2, 3], epochs=1,
+                             batch_size=3, optimizer=SGD)
+
+
+# --- fine-tuning ---------------------------------------------------------------------------------
+
+C = 3
+
+
+def blobs(n: int, g: torch.Generator, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three overlapping Gaussian classes in 10-D: validation error falls, then wobbles."""
+    centers = 3 * torch.randn(C, 10, generator=gen(0), dtype=dtype)
+    y = torch.randint(0, C, (n,), generator=g)
+    return centers[y] + 2.5 * torch.randn(n, 10, generator=g, dtype=dtype), y
+
+
+def make_classifier(seed: int, dtype, dropout: float = 0.0) -> DeepClassifier:
+    return DeepClassifier.random_init(10, [8, 6], C, dropout=dropout,
+                                      generator=gen(100 + seed)).to(dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype, tol, dropout, rule",
+    [(torch.float64, 1e-12, 0.0, "tutorial"), (torch.float32, 1e-5, 0.2, "patience")],
+)
+def test_each_classifier_member_equals_its_seed_fine_tuned_alone_through_lightning(
+        dtype, tol, dropout, rule):
+    g = gen(4)
+    (x, y), (x_valid, y_valid) = blobs(200, g, dtype), blobs(150, g, dtype)
+    opt = {"name": "sgd", "lr": 0.3, "momentum": 0.5}
+    stop = dict(early_stopping=rule, patience_batches=2, patience_epochs=2)
+    seeds = [0, 1, 2, 3]
+    result = train_classifier_population(
+        [make_classifier(s, dtype, dropout) for s in seeds], x, y, x_valid, y_valid,
+        order_seeds=[20 + s for s in seeds], dropout_seeds=[30 + s for s in seeds],
+        max_epochs=15, batch_size=16, optimizer=opt, eval_batch_size=64, **stop)
+
+    epochs_run = []
+    for s in seeds:
+        clf = make_classifier(s, dtype, dropout)
+        system = LitClassifier(clf, "random", opt)
+        history = EpochHistory(system.prefix)
+        stopping = TutorialEarlyStopping(f"{system.prefix}/val_error", rule=rule,
+                                         patience_batches=2, patience_epochs=2)
+        torch.manual_seed(30 + s)  # as tasks.finetune seeds dropout before a single run
+        cpu_fit(system, TensorDataModule((x, y), (x_valid, y_valid), 16, seed=20 + s,
+                                         eval_batch_size=64), 15, [history, stopping])
+        assert max_diff(result.states[s], clf.state_dict()) < tol
+        histories_close(result.histories[s], history.rows, rel=1e-6)
+        assert result.best_epoch[s] == stopping.best_epoch
+        assert result.best_val_error[s] == pytest.approx(stopping.best, rel=1e-6)
+        assert result.stopped_early[s] == stopping.stopped_early
+        epochs_run.append(len(history.rows))
+    # the members stopped at different epochs: early stopping really is per member
+    assert len(set(epochs_run)) > 1, epochs_run
+
+
+def test_a_stopped_member_keeps_its_best_weights_while_the_others_go_on():
+    dtype, g = torch.float32, gen(5)
+    (x, y), (x_valid, y_valid) = blobs(200, g, dtype), blobs(150, g, dtype)
+    adam = {"name": "adam", "lr": 0.05}
+    kwargs = dict(x_train=x, y_train=y, x_valid=x_valid, y_valid=y_valid, max_epochs=12,
+                  batch_size=16, optimizer=adam, early_stopping="patience", patience_epochs=2)
+    seeds = list(range(4))
+    together = train_classifier_population([make_classifier(s, dtype) for s in seeds],
+                                           order_seeds=[50 + s for s in seeds], **kwargs)
+    runs = [len(h) for h in together.histories]
+    assert min(runs) < max(runs), runs  # some stopped while others went on
+    for s in seeds:
+        # alone (a population of one) gives the same member: dropping the others from the
+        # batch, Adam state and all, does not disturb it
+        alone = train_classifier_population([make_classifier(s, dtype)], order_seeds=[50 + s],
+                                            **kwargs)
+        assert max_diff(together.states[s], alone.states[0]) < 1e-5
+        assert len(alone.histories[0]) == runs[s]
+        # the returned weights are the best epoch's, not the last epoch's
+        clf = make_classifier(s, dtype)
+        clf.load_state_dict(together.states[s])
+        with torch.no_grad():
+            error = (clf.eval()(x_valid).argmax(dim=1) != y_valid).float().mean().item()
+        val_errors = [row["val_error"] for row in together.histories[s]]
+        assert error == pytest.approx(min(val_errors), abs=1e-6)
+        assert together.best_epoch[s] == val_errors.index(min(val_errors))
+    stopped = [s for s in seeds if together.stopped_early[s]]
+    assert any(together.best_epoch[s] < runs[s] - 1 for s in stopped)  # a restore mattered
+
+
+def test_dropout_needs_a_generator_per_member():
+    clfs = [make_classifier(s, torch.float32, dropout=0.5) for s in range(2)]
+    x, y = blobs(20, gen(6), torch.float32)
+    with pytest.raises(ValueError, match="dropout_seeds"):
+        train_classifier_population(clfs, x, y, x, y, order_seeds=[1, 2], max_epochs=1,
+                                    batch_size=5, optimizer=SGD)
+    pop = ClassifierPopulation(clfs).train()
+    with pytest.raises(ValueError, match="one generator per member"):
+        pop(x)
