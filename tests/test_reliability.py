@@ -1,0 +1,200 @@
+"""Reliability: real signals in the middle of a stage, divergence, unreachable servers,
+determinism across processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.overrides import resolve_config
+
+REPO = Path(__file__).resolve().parents[1]
+# Batch 1 makes each pretraining layer thousands of steps: seconds, long enough to be
+# interrupted in the middle.
+SMALL = ["data.n_train=1000", "model.hidden_sizes=[64,64]", "pretrain.epochs=8",
+         "pretrain.batch_size=1", "finetune.max_epochs=1"]
+
+
+def _cli(home: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "flows.cli", "run", "--preset", "quick", "--data-dir",
+            str(data_dir), "--experiment", "signals"]
+    for item in SMALL:
+        args += ["--set", item]
+    env = {**os.environ, "LAYERWISE_HOME": str(home), "PYTHONUNBUFFERED": "1", "CI": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen(args + list(extra), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _interrupt_during_layer_2(proc: subprocess.Popen, signum: int, home: Path) -> str:
+    """Wait until the pretrain-layer-2 stage run exists, let it train a moment, then send
+    ``signum``."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "done  pretrain-layer-1" in line:
+            break
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    exp = client.get_experiment_by_name("signals")
+    query = "tags.`layerwise.stage` = 'pretrain-layer-2'"
+    deadline = time.monotonic() + 300
+    while not client.search_runs([exp.experiment_id], query):
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=600)
+    return "".join(lines) + out
+
+
+def _statuses(home: Path) -> dict[str, list[str]]:
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    exp = client.get_experiment_by_name("signals")
+    out: dict[str, list[str]] = {}
+    for r in client.search_runs([exp.experiment_id]):
+        out.setdefault(r.data.tags.get("layerwise.stage", "parent"), []).append(r.info.status)
+    return out
+
+
+@pytest.mark.parametrize("signum,code", [
+    (signal.SIGINT, 130), pytest.param(signal.SIGTERM, 130, marks=pytest.mark.slow)])
+def test_signal_during_pretrain_layer_2_kills_runs_and_the_rerun_resumes(
+        tmp_path, shared_data_dir, signum, code):
+    home = tmp_path / "home"
+    proc = _cli(home, shared_data_dir)
+    output = _interrupt_during_layer_2(proc, signum, home)
+    assert proc.returncode == code, output
+    status = _statuses(home)
+    assert status["parent"] == ["KILLED"], output
+    assert status["pretrain-layer-2"] == ["KILLED"], output
+    assert status["pretrain-layer-1"] == ["FINISHED"]
+    assert "finetune-pretrained" not in status
+    assert "interrupted" in output
+    # Nothing half-written: no temporary files, and layer 1's checkpoint is intact.
+    assert not list(home.rglob("*.tmp"))
+    (layer1,) = home.glob("stages/pretrain-layer-1-*/dae.safetensors")
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(layer1))) == {"encoder.linear.weight", "encoder.linear.bias",
+                                           "b_prime"}
+    rerun = _cli(home, shared_data_dir)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out
+    assert "pretrain-layer-1" in out and out.split("pretrain-layer-1")[1].split("\n")[0].endswith(
+        "(from cache)")
+    assert "(from cache)" not in out.split("pretrain-layer-2")[1].split("\n")[0]
+
+
+def test_divergence_fails_the_stage_and_keeps_earlier_stages_cached(
+        shared_data_dir, prefect_harness, layerwise_home):
+    from flows.pipeline import run_pipeline
+    from tasks.errors import DivergenceError
+
+    sets = ["data.n_train=1000", "model.hidden_sizes=[32,32]", "pretrain.epochs=1",
+            "finetune.max_epochs=2", "model.activation=relu", "pretrain.loss=squared_error"]
+    uri = f"sqlite:///{layerwise_home}/mlflow.db"
+    bad = resolve_config("quick", data_dir=shared_data_dir,
+                         sets=sets + ["finetune.optimizer.lr=1e12"])
+    with pytest.raises(DivergenceError) as info:
+        run_pipeline(bad, tracking_uri=uri, experiment="diverge")
+    message = str(info.value)
+    assert "finetune/pretrained" in message and "epoch 0" in message and "step" in message
+    assert "Lower finetune.optimizer.lr" in message
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("diverge").experiment_id])
+    status = {r.data.tags.get("layerwise.stage", "parent"): r.info.status for r in runs}
+    assert status["parent"] == "FAILED" and status["finetune-pretrained"] == "FAILED"
+    good = resolve_config("quick", data_dir=shared_data_dir, sets=sets)
+    result = run_pipeline(good, tracking_uri=uri, experiment="diverge")
+    cached = {s.name: s.cached for s in result.stages}
+    assert cached["pretrain-layer-1"] and cached["pretrain-layer-2"]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_mlflow_server_fails_before_any_work(layerwise_home, shared_data_dir):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["run", "--preset", "quick", "--data-dir",
+                                      str(shared_data_dir), "--tracking-uri", uri])
+    assert result.exit_code == 1, result.output
+    assert uri in result.output and "unreachable" in result.output
+    assert time.monotonic() - started < 30
+    assert not (layerwise_home / "stages").exists()
+
+
+def test_unreachable_prefect_server_fails_before_any_work(tmp_path, shared_data_dir):
+    api = f"http://127.0.0.1:{_closed_port()}/api"
+    env = {**os.environ, "LAYERWISE_HOME": str(tmp_path), "PREFECT_API_URL": api}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "quick",
+                           "--data-dir", str(shared_data_dir)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert api in proc.stderr and "Prefect API" in proc.stderr
+    assert not (tmp_path / "stages").exists()
+
+
+@pytest.mark.slow
+def test_same_seed_same_weights_across_processes(tmp_path, shared_data_dir):
+    """Two processes, separate stores (no cache): identical errors and weight digests."""
+    digests = []
+    for i in range(2):
+        home = tmp_path / f"h{i}"
+        proc = _cli(home, shared_data_dir, "--set", "pretrain.batch_size=50",
+                    "--set", "pretrain.epochs=2")
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+        client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+        runs = client.search_runs([client.get_experiment_by_name("signals").experiment_id])
+        by_stage = {r.data.tags.get("layerwise.stage", "parent"): r for r in runs}
+        digests.append((
+            by_stage["parent"].data.metrics["test/error_pretrained"],
+            by_stage["parent"].data.metrics["test/error_random"],
+            by_stage["finetune-pretrained"].data.params["checkpoint.sha256"],
+            by_stage["finetune-random"].data.params["checkpoint.sha256"],
+            by_stage["pretrain-layer-2"].data.params["checkpoint.sha256"],
+        ))
+    assert digests[0] == digests[1]
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_stale_runs_that_can_be_closed_and_the_rerun_resumes(
+        tmp_path, shared_data_dir):
+    import json
+
+    home = tmp_path / "home"
+    proc = _cli(home, shared_data_dir)
+    out = _interrupt_during_layer_2(proc, signal.SIGKILL, home)
+    assert proc.returncode == -signal.SIGKILL
+    status = _statuses(home)
+    assert status["parent"] == ["RUNNING"] and status["pretrain-layer-2"] == ["RUNNING"], out
+    uri = f"sqlite:///{home}/mlflow.db"
+    listed = CliRunner().invoke(app, ["runs", "--stale", "--tracking-uri", uri,
+                                      "--experiment", "signals", "--format", "json"])
+    assert listed.exit_code == 0, listed.output
+    stale = json.loads(listed.stdout)
+    assert len(stale) == 2
+    closed = CliRunner().invoke(app, ["runs", "--stale", "--mark-failed", "--tracking-uri",
+                                      uri, "--experiment", "signals"])
+    assert closed.exit_code == 0, closed.output
+    status = _statuses(home)
+    assert status["parent"] == ["FAILED"] and status["pretrain-layer-2"] == ["FAILED"]
+    rerun = _cli(home, shared_data_dir)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out
+    assert out.split("pretrain-layer-1")[1].split("\n")[0].endswith("(from cache)")
