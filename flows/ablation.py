@@ -84,7 +84,12 @@ def pretrain_layer(k: int, config: PipelineConfig, lower: list[LayerOutcome], ho
     """Layer k of a stack through the pipeline's own cached ``pretrain_layer_task``."""
     if broken := next((o for o in lower if o.status != "ok"), None):
         return LayerOutcome(status=broken.status, error=broken.error)
-    data = worker_data(config.data, home, threads)
+    return single_layer(k, config, worker_data(config.data, home, threads), lower)
+
+
+def single_layer(k: int, config: PipelineConfig, data: Any,
+                 lower: list[LayerOutcome]) -> LayerOutcome:
+    """Layer k of one stack through the pipeline's cached ``pretrain_layer_task``."""
     try:
         state = pretrain_layer_task.with_options(task_run_name=f"pretrain-layer-{k + 1}")(
             k, config, data, [o.layer for o in lower], return_state=True)
@@ -98,15 +103,18 @@ def pretrain_layer(k: int, config: PipelineConfig, lower: list[LayerOutcome], ho
 def run_cell(cell: Cell, stack: list[LayerOutcome], home: str,
              threads: Optional[int] = None) -> CellOutcome:
     """Fine-tune one cell (cached ``finetune_task``) and score it on the test split."""
-    from tasks.evaluate import load_classifier, predict
-    from tasks.finetune import finetune_task
-    from tasks.runtime import eval_device
-
     started = time.perf_counter()
     if broken := next((o for o in stack if o.status != "ok"), None):
         return CellOutcome(status=broken.status, error=broken.error)
+    return single_cell(cell, stack, worker_data(cell.config.data, home, threads), started)
+
+
+def single_cell(cell: Cell, stack: list[LayerOutcome], data: Any, started: float
+                ) -> CellOutcome:
+    """One cell through the pipeline's cached ``finetune_task``, scored on the test split."""
+    from tasks.finetune import finetune_task
+
     config = cell.config
-    data = worker_data(config.data, home, threads)
     encoders = [o.layer for o in stack] if cell.arm == "pretrained" else None
     try:
         state = finetune_task.with_options(task_run_name=f"finetune-{cell.arm}")(
@@ -114,6 +122,18 @@ def run_cell(cell: Cell, stack: list[LayerOutcome], home: str,
         result = state.result()
     except DivergenceError as exc:
         return CellOutcome(status="diverged", error=f"fine-tuning: {exc}")
+    return score_cell(config, data, result, stack if encoders else None, started,
+                      cached=state.name == "Cached")
+
+
+def score_cell(config: PipelineConfig, data: Any, result: Any,
+               stack: Optional[list[LayerOutcome]], started: float, cached: bool
+               ) -> CellOutcome:
+    """A fine-tuned cell's outcome: its test error (the classifier's checkpoint, read back
+    and verified) and how training went; ``stack`` is its pretraining (None: random)."""
+    from tasks.evaluate import load_classifier, predict
+    from tasks.runtime import eval_device
+
     model = load_classifier(result.checkpoint, config, data.n_features, data.n_classes)
     y_pred = predict(model, data.x_test, config.runtime.eval_batch_size, eval_device(config.runtime))
     return CellOutcome(
@@ -123,9 +143,9 @@ def run_cell(cell: Cell, stack: list[LayerOutcome], home: str,
         train_loss=result.history[-1]["train_loss"] if result.history else None,
         epochs_run=result.epochs_run,
         train_seconds=result.train_seconds,
-        pretrain_seconds=sum(o.layer.train_seconds for o in stack) if encoders else None,
+        pretrain_seconds=sum(o.layer.train_seconds for o in stack) if stack else None,
         wall_seconds=time.perf_counter() - started,
-        cached=state.name == "Cached",
+        cached=cached,
     )
 
 
@@ -188,8 +208,13 @@ def ablation(
     experiment: str = "layerwise",
     threads: Optional[int] = None,
     verbose: bool = True,
+    population: int = 1,
 ) -> AblationResult:
-    """Pretrained vs random initialisation over every cell of ``grid``, recorded in MLflow."""
+    """Pretrained vs random initialisation over every cell of ``grid``, recorded in MLflow.
+
+    ``population`` > 1 trains up to that many seeds of a layer or a cell as one batched
+    model (``flows.populations``); the table, runs and figures are the same.
+    """
     import pandas as pd
 
     from tasks.stats import summarize
@@ -203,27 +228,36 @@ def ablation(
         tracker.log_params(parent, {**grid_params(grid), "preset": grid.name,
                                     "n_cells": len(cells),
                                     "n_pretrain_layers": len(nodes),
+                                    "population": population,
                                     **environment_params(_device(cells))})
         echo(f"ablation {grid.name}: {len(cells)} cells, {len(nodes)} distinct pretraining "
              f"layers, {grid.retries} retries per task")
 
-        # 1. Every distinct pretraining layer once, each on the layers below it.
-        layers = {}
-        for node in nodes.values():
-            layers[node.key] = pretrain_layer.with_options(
-                task_run_name=f"layer-{node.k + 1}/{node.key[:8]}", **retry,
-            ).submit(node.k, node.config, [layers[key] for key in node.lower], home, threads)
+        if population > 1:  # seeds of a layer or a cell trained as one batched model
+            from flows.populations import submit
 
-        # 2. Every cell: random-init arms at once, pretrained arms on their stack.
-        futures = {cell.id: run_cell.with_options(task_run_name=f"cell/{cell.id}", **retry)
-                   .submit(cell, [layers[key] for key in stacks.get(cell.id, [])], home, threads)
-                   for cell in cells}
+            futures, below, n_tasks = submit(cells, nodes, stacks, population, home,
+                                             threads, retry)
+            echo(f"  populations of up to {population} seeds: {n_tasks} tasks")
+        else:
+            # 1. Every distinct pretraining layer once, each on the layers below it.
+            layers = {}
+            for node in nodes.values():
+                layers[node.key] = pretrain_layer.with_options(
+                    task_run_name=f"layer-{node.k + 1}/{node.key[:8]}", **retry,
+                ).submit(node.k, node.config, [layers[key] for key in node.lower], home,
+                         threads)
+            below = {cell.id: [layers[key] for key in stacks.get(cell.id, [])]
+                     for cell in cells}
+
+            # 2. Every cell: random-init arms at once, pretrained arms on their stack.
+            futures = {cell.id: run_cell.with_options(task_run_name=f"cell/{cell.id}", **retry)
+                       .submit(cell, below[cell.id], home, threads) for cell in cells}
 
         # 3. One row and one child run per cell, in grid order; failed cells included.
         rows = []
         for i, cell in enumerate(cells, 1):
-            outcome, status, error = settle(futures[cell.id], [layers[k] for k in
-                                                               stacks.get(cell.id, [])])
+            outcome, status, error = settle(futures[cell.id], below[cell.id])
             rows.append(cell_row(cell, outcome, status, error))
             log_cell(tracker, parent, cell, rows[-1])
             echo(progress_line(i, len(cells), rows[-1]))
@@ -264,10 +298,12 @@ def task_runner(workers: int = 1, dask_address: Optional[str] = None) -> Any:
 
 def run_ablation(grid: Grid, workers: int = 1, dask_address: Optional[str] = None,
                  out_dir: Optional[Path] = None, threads: Optional[int] = 1,
-                 **kwargs: Any) -> AblationResult:
+                 population: int = 1, **kwargs: Any) -> AblationResult:
     """Run the flow on the chosen task runner, with cached task results under
     ``$LAYERWISE_HOME/prefect-results`` (shared with the pipeline) and outputs in ``out_dir``
     (default ``$LAYERWISE_HOME/ablations/<timestamp>``).
+
+    ``population`` > 1 trains up to that many seeds as one batched model per task.
 
     ``threads`` is torch's CPU thread count in each worker (None: torch's default). One is
     the default because cells are small: on 2 cores the tiny grid takes 45 s at one thread
@@ -284,7 +320,7 @@ def run_ablation(grid: Grid, workers: int = 1, dask_address: Optional[str] = Non
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: home / "prefect-results"}):
         return ablation.with_options(task_runner=runner)(
             grid=grid, home=str(home), out_dir=str(Path(out_dir).resolve()), threads=threads,
-            **kwargs)
+            population=population, **kwargs)
 
 
 def settle(future: Any, stack: list[Any]) -> tuple[Optional[CellOutcome], Status, str]:
@@ -295,6 +331,8 @@ def settle(future: Any, stack: list[Any]) -> tuple[Optional[CellOutcome], Status
         state = future.state
         if state.is_completed():
             outcome = state.result()
+            if isinstance(index := getattr(future, "index", None), int):
+                outcome = outcome[index]  # a member of a population task
             return outcome, outcome.status, outcome.error
         if state.is_pending():  # NotReady: a layer below failed; report that layer's error
             for layer in stack:

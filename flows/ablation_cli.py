@@ -33,6 +33,9 @@ def ablate(
     threads: int = typer.Option(
         1, "--threads", min=1, help="torch CPU threads per worker (cells are small: "
         "parallelise across cells with --workers instead)."),
+    population: int = typer.Option(
+        1, "--population", min=1, help="Train up to P seeds of a layer or a cell as "
+        "one batched model (models/population.py); 1: every seed on its own."),
     dask_address: Optional[str] = typer.Option(
         None, "--dask-address", help="Run the cells on an existing Dask cluster, "
         "e.g. tcp://HOST:8786 (its workers must see the data dir and $LAYERWISE_HOME)."),
@@ -65,12 +68,13 @@ def ablate(
     _sigterm_as_interrupt()
     typer.echo(f"layerwise ablate: grid {grid.name} ({path}), {len(cells)} cells, "
                + (f"Dask cluster {dask_address}" if dask_address else
-                  f"{workers} local worker{'s' if workers > 1 else ''}"))
+                  f"{workers} local worker{'s' if workers > 1 else ''}")
+               + (f", populations of up to {population} seeds" if population > 1 else ""))
     try:
         from flows.ablation import run_ablation
 
         result = run_ablation(grid, workers=workers, dask_address=dask_address, out_dir=out,
-                              threads=threads,
+                              threads=threads, population=population,
                               tracking_uri=tracking_uri, experiment=experiment)
     except LayerwiseError as exc:
         _fail(str(exc), 1)

@@ -82,27 +82,15 @@ def compute_codes(
     return torch.cat(out)
 
 
-def pretrain_layer(
-    k: int, config: PipelineConfig, data: Any, lower: Sequence[LayerResult], out_dir: Path
-) -> LayerResult:
-    """Train the dA of layer ``k`` (0-based) on the clean codes of the layers below.
-
-    Corruption is applied only to this autoencoder's input, only in training; its loss is
-    measured against the clean codes. Writes ``dae.safetensors`` and figures to ``out_dir``.
-    """
-    from models.batches import TensorDataModule
-    from models.callbacks import EpochHistory
+def build_dae(k: int, config: PipelineConfig, n_visible: int,
+              value_range: tuple[float, float]) -> Any:
+    """The untrained dA of layer ``k`` (0-based), its initial weights drawn from
+    ``derive_seed(seed, "pretrain-init", k)``."""
     from models.dae import DenoisingAutoencoder
-    from models.pretrain_module import LitDenoisingAutoencoder
 
     m, p, rt = config.model, config.pretrain, config.runtime
-    device = eval_device(rt)
-    states = load_stack(lower)
-    x_train = compute_codes(data.x_train, states, m.activation, device, rt.eval_batch_size)
-    x_valid = compute_codes(data.x_valid, states, m.activation, device, rt.eval_batch_size)
-    value_range = (float(x_train.min()), float(x_train.max()))
-    dae = DenoisingAutoencoder(
-        n_visible=x_train.shape[1],
+    return DenoisingAutoencoder(
+        n_visible=n_visible,
         n_hidden=m.hidden_sizes[k],
         activation=m.activation,
         init=m.init,
@@ -113,6 +101,27 @@ def pretrain_layer(
         value_range=value_range,
         generator=torch.Generator().manual_seed(derive_seed(rt.seed, "pretrain-init", k)),
     )
+
+
+def pretrain_layer(
+    k: int, config: PipelineConfig, data: Any, lower: Sequence[LayerResult], out_dir: Path
+) -> LayerResult:
+    """Train the dA of layer ``k`` (0-based) on the clean codes of the layers below.
+
+    Corruption is applied only to this autoencoder's input, only in training; its loss is
+    measured against the clean codes. Writes ``dae.safetensors`` and figures to ``out_dir``.
+    """
+    from models.batches import TensorDataModule
+    from models.callbacks import EpochHistory
+    from models.pretrain_module import LitDenoisingAutoencoder
+
+    m, p, rt = config.model, config.pretrain, config.runtime
+    device = eval_device(rt)
+    states = load_stack(lower)
+    x_train = compute_codes(data.x_train, states, m.activation, device, rt.eval_batch_size)
+    x_valid = compute_codes(data.x_valid, states, m.activation, device, rt.eval_batch_size)
+    value_range = (float(x_train.min()), float(x_train.max()))
+    dae = build_dae(k, config, x_train.shape[1], value_range)
     system = LitDenoisingAutoencoder(
         dae, layer=k + 1, optimizer=p.optimizer.model_dump(),
         seed=derive_seed(rt.seed, "pretrain-noise", k),

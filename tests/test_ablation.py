@@ -474,3 +474,139 @@ def test_process_pool_reproduces_the_in_process_results(tiny, tmp_path, monkeypa
     local = _table(tiny["root"] / "second").set_index("cell")
     assert not pool.cached.any()
     assert (pool.test_error == local.loc[pool.index].test_error).all()
+
+
+# --- populations (--population P) ----------------------------------------------------------
+
+
+def test_population_plan_groups_the_seeds_of_each_layer_and_cell():
+    from flows.ablation import pretraining_plan
+    from flows.populations import population_plan
+
+    cells = expand(load_grid(GRIDS_DIR / "tiny.yaml"))
+    nodes, stacks = pretraining_plan(cells)
+    pops, groups = population_plan(cells, nodes, stacks, 2)
+    # Layer 1 and layer 2 of seeds {0, 1} and {2}: four population layers, lower first.
+    assert [(p.k, [c.runtime.seed for c in p.configs]) for p in pops.values()] == [
+        (0, [0, 1]), (0, [2]), (1, [0, 1]), (1, [2])]
+    by_seed = {}
+    for pop in pops.values():
+        for i, (key, config) in enumerate(zip(pop.keys, pop.configs)):
+            by_seed[(pop.k, config.runtime.seed)] = (pop.id, i)
+            assert nodes[key].config.runtime.seed == config.runtime.seed
+    for pop in pops.values():  # member p's lower layers are its own seed's layers
+        for config, slots in zip(pop.configs, pop.lower):
+            assert [(pop.inputs[pos], i) for pos, i in slots] == [
+                by_seed[(k, config.runtime.seed)] for k in range(pop.k)]
+    # 2 depths x 2 arms, each cut into seeds {0, 1} and {2}; every cell exactly once.
+    assert sorted(len(g.cells) for g in groups) == [1, 1, 1, 1, 2, 2, 2, 2]
+    assert sorted(c.id for g in groups for c in g.cells) == sorted(c.id for c in cells)
+    for group in groups:
+        assert len({c.arm for c in group.cells}) == 1
+        assert len({(c.factors["depth"], c.factors["init"]) for c in group.cells}) == 1
+        for cell, slots in zip(group.cells, group.stacks):
+            expected = ([by_seed[(k, cell.config.runtime.seed)]
+                         for k in range(cell.config.model.n_layers)]
+                        if cell.arm == "pretrained" else [])
+            assert [(group.inputs[pos], i) for pos, i in slots] == expected
+    one = population_plan(cells, nodes, stacks, 1)[1]
+    assert len(one) == 12  # P = 1: one member per group
+    with pytest.raises(ValueError, match="at least 1"):
+        population_plan(cells, nodes, stacks, 0)
+
+
+@pytest.fixture(scope="module")
+def tiny_population(tiny, tmp_path_factory):
+    """The tiny grid with --population 3 in a fresh store, counting population calls, with
+    the depth-1 random-init population forced to diverge and, inside it, seed 2 diverging
+    on its own as in the single-seed run."""
+    import torch
+
+    import tasks.finetune
+    import tasks.populations
+    from tasks.errors import DivergenceError
+
+    root = tmp_path_factory.mktemp("population")
+    calls = collections.defaultdict(list)
+    real_pre = tasks.populations.pretrain_layer_population
+    real_fine = tasks.populations.finetune_population
+    real_single = tasks.finetune.finetune
+
+    def pretrain_layer_population(k, configs, *args, **kwargs):
+        calls["pretrain"].append((k, tuple(c.runtime.seed for c in configs)))
+        return real_pre(k, configs, *args, **kwargs)
+
+    def finetune_population(arm, configs, *args, **kwargs):
+        depth = configs[0].model.n_layers
+        calls["finetune"].append((depth, arm, tuple(c.runtime.seed for c in configs)))
+        if (depth, arm) == (1, "random"):
+            raise DivergenceError("injected population divergence: loss is nan")
+        return real_fine(arm, configs, *args, **kwargs)
+
+    def finetune(arm, config, *args, **kwargs):
+        cell = {"depth": config.model.n_layers, "arm": arm, "seed": config.runtime.seed}
+        calls["single"].append(tuple(cell.values()))
+        if cell == DIVERGE:
+            raise DivergenceError("injected divergence: loss is nan")
+        return real_single(arm, config, *args, **kwargs)
+
+    from flows.ablation import run_ablation
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LAYERWISE_HOME", str(root / "home"))
+        patch.setattr(tasks.populations, "pretrain_layer_population", pretrain_layer_population)
+        patch.setattr(tasks.populations, "finetune_population", finetune_population)
+        patch.setattr(tasks.finetune, "finetune", finetune)
+        result = run_ablation(tiny["grid"], population=3, out_dir=root / "out", verbose=False,
+                              tracking_uri=f"sqlite:///{root}/mlflow.db", experiment="pop")
+    torch.set_num_threads(threads)
+    return {"result": result, "calls": calls, "root": root}
+
+
+def test_population_ablation_trains_each_seed_group_as_one_model(tiny_population):
+    calls, result = tiny_population["calls"], tiny_population["result"]
+    assert calls["pretrain"] == [(0, (0, 1, 2)), (1, (0, 1, 2))]
+    assert sorted(calls["finetune"]) == [(1, "pretrained", (0, 1, 2)), (1, "random", (0, 1, 2)),
+                                         (2, "pretrained", (0, 1, 2)), (2, "random", (0, 1, 2))]
+    # The diverged population was retried seed by seed: only seed 2 really diverges.
+    assert sorted(calls["single"]) == [(1, "random", 0), (1, "random", 1), (1, "random", 2)]
+    assert result.n_cells == 12 and result.n_ok == 11 and result.n_diverged == 1
+    assert not result.failed
+    table = _table(result.out_dir).set_index("cell")
+    assert table.loc[DIVERGE_ID].status == "diverged"
+    assert "injected divergence" in table.loc[DIVERGE_ID].error
+
+
+def test_population_members_match_their_single_seed_runs(tiny, tiny_population):
+    """Member p is the single run of its seed up to rounding: the same epochs and, at
+    worst, a few of the 10,000 test predictions flipped."""
+    pop = _table(tiny_population["result"].out_dir).set_index("cell")
+    single = _table(tiny["root"] / "second").set_index("cell")
+    ok = pop[pop.status == "ok"].index
+    assert len(ok) == 11
+    assert (pop.loc[ok].epochs_run == single.loc[ok].epochs_run).all()
+    assert np.allclose(pop.loc[ok].train_loss, single.loc[ok].train_loss, rtol=1e-4)
+    assert (abs(pop.loc[ok].test_error - single.loc[ok].test_error) <= 0.001).all()
+    assert (abs(pop.loc[ok].val_error - single.loc[ok].val_error) <= 0.001).all()
+    assert not pop.cached.any()
+
+
+def test_population_ablation_records_a_child_run_per_member(tiny_population):
+    from mlflow.tracking import MlflowClient
+
+    result = tiny_population["result"]
+    client = MlflowClient(f"sqlite:///{tiny_population['root']}/mlflow.db")
+    parent = client.get_run(result.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.params["population"] == "3"
+    children = client.search_runs([result.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{result.run_id}'")
+    assert sorted(c.info.run_name for c in children) == sorted(
+        _table(result.out_dir).cell)
+    statuses = collections.Counter(c.data.tags["layerwise.status"] for c in children)
+    assert statuses == {"ok": 11, "diverged": 1}
+    # Checkpoints: one per member, in the population stage directories.
+    stages = Path(tiny_population["root"]) / "home" / "stages"
+    assert len(list(stages.glob("pretrain-layer-1-population-*/member-*/dae.safetensors"))) == 3
+    assert len(list(stages.glob("finetune-pretrained-population-*/member-*/*.safetensors"))) == 6

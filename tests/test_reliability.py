@@ -19,9 +19,10 @@ from flows.cli import app
 from flows.overrides import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
-# Batch 1 makes each pretraining layer thousands of steps: seconds, long enough to be
-# interrupted in the middle.
-SMALL = ["data.n_train=1000", "model.hidden_sizes=[64,64]", "pretrain.epochs=8",
+# Batch 1 makes each pretraining layer 20,000 steps: about 10 s on a fast core, long enough
+# to be interrupted in the middle even when this process needs seconds to open the store
+# (at 8 epochs, a CI run once saw layer 2 finish before the signal arrived).
+SMALL = ["data.n_train=1000", "model.hidden_sizes=[64,64]", "pretrain.epochs=20",
          "pretrain.batch_size=1", "finetune.max_epochs=1"]
 
 
@@ -52,7 +53,8 @@ def _interrupt_during_layer_2(proc: subprocess.Popen, signum: int, home: Path) -
     while not client.search_runs([exp.experiment_id], query):
         assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
         time.sleep(0.1)
-    time.sleep(1.0)
+    time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before the signal:\n" + "".join(lines)
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=600)
     return "".join(lines) + out
