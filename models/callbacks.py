@@ -67,8 +67,11 @@ class TutorialEarlyStopping(L.Callback):
         self.stopped_early = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # num_training_batches is known once the train dataloader is set up.
-        self.patience_steps = self.patience_batches * int(trainer.num_training_batches)
+        # Known once the train dataloader is set up. Minibatches, not Lightning batches: a
+        # ``ChunkedBatches`` item holds several optimiser steps.
+        loader = getattr(trainer, "train_dataloader", None)
+        steps = getattr(loader, "steps_per_epoch", None) or trainer.num_training_batches
+        self.patience_steps = self.patience_batches * int(steps)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.monitor not in trainer.callback_metrics:

@@ -16,7 +16,8 @@ from models.optim import build_optimizer
 class LitClassifier(L.LightningModule):
     """Supervised training of every layer of ``classifier``.
 
-    Batches are ``(x, y)``. Logs ``finetune/<arm>/{train,val}_{loss,error}`` once per epoch;
+    Training batches are chunks, lists of ``(x, y)`` minibatches, one optimiser step each;
+    validation batches are ``(x, y)``. Logs ``finetune/<arm>/{train,val}_{loss,error}`` once per epoch;
     ``val_error`` drives early stopping (``models.callbacks.TutorialEarlyStopping``).
 
     Args:
@@ -27,6 +28,8 @@ class LitClassifier(L.LightningModule):
 
     def __init__(self, classifier: DeepClassifier, arm: str, optimizer: Mapping[str, Any]):
         super().__init__()
+        # One optimiser step per minibatch of a chunk (models.batches.ChunkedBatches).
+        self.automatic_optimization = False
         self.classifier, self.arm, self.optimizer_settings = classifier, arm, optimizer
         self.prefix = f"finetune/{arm}"
 
@@ -53,17 +56,22 @@ class LitClassifier(L.LightningModule):
         error = (logits.argmax(dim=1) != y).float().mean()
         return loss, error
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, error = self._shared_step(batch, "train")
-        n = len(batch[1])
-        self._train_sums = self._train_sums + torch.stack([loss.detach(), error]) * n
-        self._train_count += n
+    def training_step(self, chunk, batch_idx: int) -> None:
+        """One optimiser step per ``(x, y)`` minibatch of the chunk."""
+        optimizer = self.optimizers()
+        for batch in chunk:
+            loss, error = self._shared_step(batch, "train")
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()  # also advances trainer.global_step
+            n = len(batch[1])
+            self._train_sums = self._train_sums + torch.stack([loss.detach(), error]) * n
+            self._train_count += n
         if batch_idx == self.trainer.num_training_batches - 1:  # the epoch's batch-weighted means
             mean_loss, mean_error = self._train_sums / self._train_count
             kwargs = dict(on_step=False, on_epoch=True, batch_size=1)
             self.log(f"{self.prefix}/train_loss", mean_loss, **kwargs)
             self.log(f"{self.prefix}/train_error", mean_error, **kwargs)
-        return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, error = self._shared_step(batch, "val")

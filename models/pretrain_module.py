@@ -15,7 +15,8 @@ from models.optim import build_optimizer
 class LitDenoisingAutoencoder(L.LightningModule):
     """Trains ``dae`` to reconstruct its clean input from a corrupted copy.
 
-    Batches are ``(x,)`` tuples of clean inputs (the clean codes of the layers below).
+    Training batches are chunks, lists of ``(x,)`` minibatches of clean inputs (the clean
+    codes of the layers below), one optimiser step each; validation batches are ``(x,)``.
     Logs ``pretrain/layer_<k>/recon_loss`` (training, on corrupted inputs) and
     ``pretrain/layer_<k>/val_recon_loss`` (validation, clean inputs) once per epoch.
 
@@ -30,6 +31,8 @@ class LitDenoisingAutoencoder(L.LightningModule):
         self, dae: DenoisingAutoencoder, layer: int, optimizer: Mapping[str, Any], seed: int = 0
     ):
         super().__init__()
+        # One optimiser step per minibatch of a chunk (models.batches.ChunkedBatches).
+        self.automatic_optimization = False
         self.dae, self.layer, self.optimizer_settings, self.seed = dae, layer, optimizer, seed
         self.prefix = f"pretrain/layer_{layer}"
         self.noise_generator: torch.Generator | None = None
@@ -59,14 +62,19 @@ class LitDenoisingAutoencoder(L.LightningModule):
                      batch_size=len(x))
         return loss
 
-    def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._shared_step(batch, "train")
-        self._train_sum = self._train_sum + loss.detach() * len(batch[0])
-        self._train_count += len(batch[0])
+    def training_step(self, chunk: list[tuple[torch.Tensor]], batch_idx: int) -> None:
+        """One SGD step per minibatch of the chunk: corrupt, reconstruct, step."""
+        optimizer = self.optimizers()
+        for batch in chunk:
+            loss = self._shared_step(batch, "train")
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()  # also advances trainer.global_step
+            self._train_sum = self._train_sum + loss.detach() * len(batch[0])
+            self._train_count += len(batch[0])
         if batch_idx == self.trainer.num_training_batches - 1:  # the epoch's batch-weighted mean
             self.log(f"{self.prefix}/recon_loss", self._train_sum / self._train_count,
                      on_step=False, on_epoch=True, batch_size=1)
-        return loss
 
     def validation_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val")

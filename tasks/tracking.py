@@ -85,6 +85,25 @@ def enable_wal(db: Path) -> None:
         con.execute("PRAGMA journal_mode=WAL")
 
 
+@contextlib.contextmanager
+def sqlite_init_lock(db: Path) -> Iterator[None]:
+    """An exclusive lock on ``<db>.lock`` while this process creates or migrates the store
+    and its experiment: MLflow creates its tables without ``IF NOT EXISTS``, so eight runs
+    started at once into a new store otherwise fail with "table ... already exists"."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no concurrent start-up protection
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def check_reachable(url: str, what: str, hint: str, timeout: float = 5.0) -> None:
     """Fail fast, before any training, when an HTTP server does not answer its health URL."""
     import urllib.error
@@ -149,10 +168,16 @@ class Tracker:
 
         self.uri = tracking_uri or default_tracking_uri()
         preflight_mlflow(self.uri)
-        if self.uri.startswith("sqlite:///"):
-            enable_wal(Path(self.uri[len("sqlite:///"):]))
-        mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
+        local_db = Path(self.uri[len("sqlite:///"):]) if self.uri.startswith("sqlite:///") else None
+        with sqlite_init_lock(local_db) if local_db else contextlib.nullcontext():
+            if local_db:
+                enable_wal(local_db)
+            mlflow.set_tracking_uri(self.uri)
+            self.client = MlflowClient(self.uri)
+            self._open_experiment(experiment)
+        self.experiment = experiment
+
+    def _open_experiment(self, experiment: str) -> None:
         try:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
@@ -168,7 +193,6 @@ class Tracker:
                 f"{exc}. Start the server, or unset MLFLOW_TRACKING_URI/--tracking-uri to use "
                 "the embedded SQLite store"
             ) from exc
-        self.experiment = experiment
 
     @contextlib.contextmanager
     def run(self, name: str, tags: dict[str, str], parent_id: Optional[str] = None

@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from models.batches import DeviceBatches, TensorDataModule, epoch_permutation
+from models.batches import (ChunkedBatches, DeviceBatches, TensorDataModule,
+                            default_steps_per_batch, epoch_permutation)
 from models.callbacks import EpochHistory, TutorialEarlyStopping
 from models.classifier import DeepClassifier
 from models.dae import DenoisingAutoencoder
@@ -374,10 +375,51 @@ def test_tensor_datamodule_serves_seeded_training_and_ordered_validation():
     x, y = torch.arange(12.0), torch.arange(12)
     dm = TensorDataModule((x, y), (x, y), batch_size=5, seed=4, eval_batch_size=100)
     train = dm.train_dataloader()
-    assert train.shuffle and train.seed == 4 and len(train) == 3
+    assert train.batches.shuffle and train.batches.seed == 4
+    assert train.steps_per_epoch == 3 and train.steps_per_batch == 1024 // 5 and len(train) == 1
     (xv, yv), = list(dm.val_dataloader())
     assert torch.equal(xv, x) and torch.equal(yv, y)
     assert TensorDataModule((x,), None, 5, 0).val_dataloader() == []
+
+
+def test_chunks_group_consecutive_minibatches_in_order():
+    x = torch.arange(23)
+    chunks = ChunkedBatches(DeviceBatches((x,), 5, shuffle=True, seed=3), steps_per_batch=2)
+    assert len(chunks) == 3 and chunks.steps_per_epoch == 5
+    got = list(chunks)
+    assert [len(c) for c in got] == [2, 2, 1]
+    assert torch.equal(torch.cat([xb for c in got for (xb,) in c]), epoch_permutation(23, 3, 0))
+    assert default_steps_per_batch(1) == 1024 and default_steps_per_batch(20) == 51
+    assert default_steps_per_batch(256) == 4 and default_steps_per_batch(5000) == 1
+    with pytest.raises(ValueError, match="at least 1"):
+        ChunkedBatches(DeviceBatches((x,), 5, shuffle=False), 0)
+
+
+@pytest.mark.parametrize("kind", ["dae", "classifier"])
+def test_chunked_training_equals_one_minibatch_per_step(kind):
+    """The same steps in the same order: bit-identical weights, history and global step."""
+    x = prototype_data(60, 4)
+    y = torch.arange(60) % 3
+
+    def train(steps_per_batch):
+        if kind == "dae":
+            model = DenoisingAutoencoder(N_VIS, 6, corruption_level=0.2, generator=gen(2))
+            system = LitDenoisingAutoencoder(model, layer=1, optimizer=SGD, seed=1)
+            tensors = (x,)
+        else:
+            model = DeepClassifier.random_init(N_VIS, [6], 3, generator=gen(2))
+            system = LitClassifier(model, "random", SGD)
+            tensors = (x, y)
+        history = EpochHistory(system.prefix)
+        trainer = cpu_trainer(2, [history])
+        trainer.fit(system, datamodule=TensorDataModule(tensors, tensors, 7, seed=5,
+                                                       steps_per_batch=steps_per_batch))
+        return model.state_dict(), history.rows, trainer.global_step
+
+    one, many = train(1), train(4)
+    assert one[2] == many[2] == 2 * math.ceil(60 / 7)
+    assert one[1] == many[1]
+    assert all(torch.equal(one[0][k], many[0][k]) for k in one[0])
 
 
 # --- divergence -----------------------------------------------------------------------------------
