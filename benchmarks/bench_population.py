@@ -30,7 +30,7 @@ from benchmarks.bench_training import (
 from benchmarks.common import Data, device, sync
 from models.classifier import DeepClassifier
 from models.dae import DenoisingAutoencoder
-from models.population import train_classifier_population, train_dae_population
+from models.population_training import train_classifier_population, train_dae_population
 from tasks.runtime import derive_seed
 
 P = 32

@@ -42,7 +42,8 @@ from tasks.pretrain import (LayerResult, build_dae, compute_codes, encoder_state
 from tasks.runtime import derive_seed, eval_device, stage_dir, stage_key
 
 #: The code a population result depends on beyond the single stages' ``STAGE_MODULES``.
-POPULATION_MODULES = ("models/population.py", "tasks/populations.py")
+POPULATION_MODULES = ("models/population.py", "models/population_training.py",
+                      "tasks/populations.py")
 
 
 def population_code_digest() -> str:
@@ -104,7 +105,7 @@ def pretrain_layer_population(k: int, configs: Sequence[PipelineConfig], data: A
     Raises:
         DivergenceError: a member's loss became NaN/inf (the message names the members).
     """
-    from models.population import train_dae_population
+    from models.population_training import train_dae_population
 
     check_members(configs)
     if len(lowers) != len(configs):
@@ -162,7 +163,7 @@ def finetune_population(arm: Arm, configs: Sequence[PipelineConfig], data: Any,
     Raises:
         DivergenceError: a member's loss became NaN/inf.
     """
-    from models.population import train_classifier_population
+    from models.population_training import train_classifier_population
     from tasks.pretrain import layer_states
 
     check_members(configs)
