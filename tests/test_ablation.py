@@ -144,6 +144,8 @@ def test_cli_rejects_a_bad_grid_with_exit_2(tmp_path):
     assert result.exit_code == 2 and "unknown ablation preset" in result.output
     result = runner.invoke(_cli(), ["ablate", "--preset", "tiny", "--grid", str(bad)])
     assert result.exit_code == 2
+    result = runner.invoke(_cli(), ["ablate", "--preset", "tiny", "--population", "0"])
+    assert result.exit_code == 2 and "--population" in result.output
 
 
 def test_figures_cover_depth_and_n_train(tmp_path):
