@@ -341,7 +341,18 @@ def settle(future: Any, stack: list[Any]) -> tuple[Optional[CellOutcome], Status
                     return None, "failed", f"pretraining failed: {layer.state.message}"
         return None, "failed", state.message or state.name
     except Exception as exc:  # noqa: BLE001 - a crashed worker fails its cell, not the flow
-        return None, "failed", f"{type(exc).__name__}: {exc}"
+        return None, "failed", describe(exc)
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message``, followed by each cause in the chain: Prefect wraps a failed
+    upstream future as "Failed to resolve inputs", which alone says nothing of why."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return " <- caused by ".join(parts)
 
 
 def cell_row(cell: Cell, outcome: Optional[CellOutcome], status: Status,

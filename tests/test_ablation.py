@@ -612,3 +612,18 @@ def test_population_ablation_records_a_child_run_per_member(tiny_population):
     stages = Path(tiny_population["root"]) / "home" / "stages"
     assert len(list(stages.glob("pretrain-layer-1-population-*/member-*/dae.safetensors"))) == 3
     assert len(list(stages.glob("finetune-pretrained-population-*/member-*/*.safetensors"))) == 6
+
+
+def test_a_failed_cell_reports_the_whole_cause_chain():
+    from flows.ablation import describe
+
+    try:
+        try:
+            raise OSError("connection refused")
+        except OSError as inner:
+            raise RuntimeError("Failed to resolve inputs in parameter 'stack'") from inner
+    except RuntimeError as exc:
+        text = describe(exc)
+    assert text == ("RuntimeError: Failed to resolve inputs in parameter 'stack' <- caused by "
+                    "OSError: connection refused")
+    assert describe(ValueError("plain")) == "ValueError: plain"
