@@ -3,8 +3,10 @@ determinism across processes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import socket
 import subprocess
 import sys
@@ -46,13 +48,18 @@ def _interrupt_during_layer_2(proc: subprocess.Popen, signum: int, home: Path) -
         lines.append(line)
         if "done  pretrain-layer-1" in line:
             break
-    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
-    exp = client.get_experiment_by_name("signals")
-    query = "tags.`layerwise.stage` = 'pretrain-layer-2'"
+    # Plain sqlite3, read-only: an MlflowClient needs seconds to open the store (schema
+    # checks), long enough for layer 2 to finish first on a fast machine.
+    db = f"file:{home / 'mlflow.db'}?mode=ro"
+    query = ("SELECT count(*) FROM tags WHERE key = 'layerwise.stage' "
+             "AND value = 'pretrain-layer-2'")
     deadline = time.monotonic() + 300
-    while not client.search_runs([exp.experiment_id], query):
+    while True:
+        with contextlib.closing(sqlite3.connect(db, uri=True, timeout=5)) as con:
+            if con.execute(query).fetchone()[0]:
+                break
         assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
-        time.sleep(0.1)
+        time.sleep(0.05)
     time.sleep(0.5)
     assert proc.poll() is None, "the run ended before the signal:\n" + "".join(lines)
     proc.send_signal(signum)
