@@ -1,9 +1,27 @@
 """Shared pytest fixtures."""
 
 import os
+import signal
+import threading
+import warnings
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _sigint_stays_an_interrupt(request):
+    """Put Ctrl-C handling back after every test. In-process code that catches an interrupt
+    (Lightning sets SIGINT to SIG_IGN on KeyboardInterrupt) would otherwise leave this
+    process ignoring SIGINT, and every subprocess a later test starts would inherit that:
+    a Python child started with SIGINT ignored never raises KeyboardInterrupt."""
+    yield
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    if handler is not signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        warnings.warn(f"{request.node.nodeid} left SIGINT handled by {handler!r}; restored")
 
 
 @pytest.fixture(scope="session")

@@ -36,8 +36,11 @@ def _cli(home: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "LAYERWISE_HOME": str(home), "PYTHONUNBUFFERED": "1", "CI": "1",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    # A terminal's Ctrl-C reaches a foreground process whose SIGINT is at its default,
+    # whatever this test process has done with its own handler.
     return subprocess.Popen(args + list(extra), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _interrupt_during_layer_2(proc: subprocess.Popen, signum: int, home: Path) -> str:
