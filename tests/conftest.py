@@ -9,6 +9,13 @@ from pathlib import Path
 import pytest
 
 
+def pytest_configure(config):
+    """A test run started in the background of a non-interactive shell (as CI jobs often
+    are) inherits SIGINT ignored; the tests that send Ctrl-C need it delivered."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(autouse=True)
 def _sigint_stays_an_interrupt(request):
     """Put Ctrl-C handling back after every test. In-process code that catches an interrupt
