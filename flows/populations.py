@@ -60,9 +60,9 @@ class CellGroup(NamedTuple):
 
 
 def _seedless(config: PipelineConfig) -> str:
-    dump = config.model_dump(mode="json")
-    dump["runtime"].pop("seed")
-    return json.dumps(dump, sort_keys=True)
+    from tasks.populations import seedless
+
+    return json.dumps(seedless(config), sort_keys=True)
 
 
 def _layer_family(k: int, config: PipelineConfig) -> str:
@@ -131,6 +131,20 @@ def population_plan(cells: list[Cell], nodes: dict[str, LayerNode],
     return pop_nodes, groups
 
 
+def _pass_over_broken(stacks: list[list[LayerOutcome]], outcome: type
+                      ) -> tuple[list[Any], list[int]]:
+    """Each member's outcome when a layer of its stack did not finish (that layer's status
+    and error), else None; and the indices of the members that can go on."""
+    outcomes: list[Any] = [None] * len(stacks)
+    ok = []
+    for i, stack in enumerate(stacks):
+        if broken := next((o for o in stack if o.status != "ok"), None):
+            outcomes[i] = outcome(status=broken.status, error=broken.error)
+        else:
+            ok.append(i)
+    return outcomes, ok
+
+
 def _members(results: list[list[Any]], slots: tuple[tuple[Slot, ...], ...]) -> list[list[Any]]:
     return [[results[pos][index] for pos, index in member] for member in slots]
 
@@ -145,13 +159,7 @@ def pretrain_population(k: int, configs: list[PipelineConfig], inputs: list[list
     from tasks.populations import pretrain_population_task
 
     below = _members(inputs, tuple(tuple(m) for m in lower))
-    outcomes: list[Optional[LayerOutcome]] = [None] * len(configs)
-    ok = []
-    for i, stack in enumerate(below):
-        if broken := next((o for o in stack if o.status != "ok"), None):
-            outcomes[i] = LayerOutcome(status=broken.status, error=broken.error)
-        else:
-            ok.append(i)
+    outcomes, ok = _pass_over_broken(below, LayerOutcome)
     if ok:
         data = worker_data(configs[0].data, home, threads)
         try:
@@ -166,7 +174,7 @@ def pretrain_population(k: int, configs: list[PipelineConfig], inputs: list[list
         except DivergenceError:  # find the members that diverge, one by one
             for i in ok:
                 outcomes[i] = single_layer(k, configs[i], data, below[i])
-    return outcomes  # type: ignore[return-value]
+    return outcomes
 
 
 @task(name="ablation-cell-population", cache_policy=NO_CACHE, persist_result=False)
@@ -180,13 +188,7 @@ def run_population_cells(cells: list[Cell], inputs: list[list[LayerOutcome]],
     started = time.perf_counter()
     arm = cells[0].arm
     stack_of = _members(inputs, tuple(tuple(s) for s in stacks))
-    outcomes: list[Optional[CellOutcome]] = [None] * len(cells)
-    ok = []
-    for i, stack in enumerate(stack_of):
-        if broken := next((o for o in stack if o.status != "ok"), None):
-            outcomes[i] = CellOutcome(status=broken.status, error=broken.error)
-        else:
-            ok.append(i)
+    outcomes, ok = _pass_over_broken(stack_of, CellOutcome)
     if ok:
         data = worker_data(cells[0].config.data, home, threads)
         encoders = ([[o.layer for o in stack_of[i]] for i in ok] if arm == "pretrained"
@@ -203,7 +205,7 @@ def run_population_cells(cells: list[Cell], inputs: list[list[LayerOutcome]],
         except DivergenceError:  # find the members that diverge, one by one
             for i in ok:
                 outcomes[i] = single_cell(cells[i], stack_of[i], data, time.perf_counter())
-    return outcomes  # type: ignore[return-value]
+    return outcomes
 
 
 class MemberFuture:

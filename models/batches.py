@@ -49,11 +49,6 @@ class DeviceBatches:
     def __len__(self) -> int:
         return (self.n + self.batch_size - 1) // self.batch_size
 
-    @property
-    def steps_per_epoch(self) -> int:
-        """Minibatches (optimiser steps) per epoch."""
-        return len(self)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         device = self.tensors[0].device
         if self.shuffle:

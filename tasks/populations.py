@@ -23,7 +23,6 @@ as diverged and the others still finish.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -32,33 +31,24 @@ from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
 from pydantic import BaseModel
 
-from tasks.checkpoints import save_state, tensor_sha256
+from tasks.checkpoints import Checkpoint, save_state, tensor_sha256
 from tasks.config import PipelineConfig
 from tasks.errors import DivergenceError
 from tasks.finetune import (Arm, ClassifierResult, build_classifier, finetune_cache_key,
                             hidden_digests)
 from tasks.pretrain import (LayerResult, build_dae, compute_codes, encoder_state, load_stack,
                             pretrain_cache_key)
-from tasks.runtime import derive_seed, eval_device, stage_dir, stage_key
+from tasks.runtime import code_digest, derive_seed, eval_device, stage_dir, stage_key
 
 #: The code a population result depends on beyond the single stages' ``STAGE_MODULES``.
 POPULATION_MODULES = ("models/population.py", "models/population_training.py",
                       "tasks/populations.py")
 
 
-def population_code_digest() -> str:
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for name in POPULATION_MODULES:
-        h.update(name.encode())
-        h.update((root / name).read_bytes())
-    return h.hexdigest()
-
-
 def population_key(stage: str, member_keys: Sequence[str]) -> str:
     """Cache key of a population: its members' single-run keys, in order, and the code."""
     return stage_key(f"{stage}-population", members=list(member_keys),
-                     population_code=population_code_digest())
+                     population_code=code_digest(POPULATION_MODULES))
 
 
 def check_members(configs: Sequence[PipelineConfig]) -> None:
@@ -68,16 +58,25 @@ def check_members(configs: Sequence[PipelineConfig]) -> None:
     seeds = [c.runtime.seed for c in configs]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"population members need distinct seeds; got {seeds}")
-    first = _seedless(configs[0])
+    first = seedless(configs[0])
     for config in configs[1:]:
-        if _seedless(config) != first:
+        if seedless(config) != first:
             raise ValueError("population members may differ in runtime.seed only")
 
 
-def _seedless(config: PipelineConfig) -> dict[str, Any]:
+def seedless(config: PipelineConfig) -> dict[str, Any]:
+    """The config as JSON-able data without ``runtime.seed``: equal for population members."""
     dump = config.model_dump(mode="json")
     dump["runtime"].pop("seed")
     return dump
+
+
+def _save_members(states: Sequence[dict[str, torch.Tensor]], seeds: Sequence[int],
+                  out_dir: Path, filename: str, metadata: dict[str, str]) -> list[Checkpoint]:
+    """Member p's weights as ``out_dir / f"member-{p}" / filename``."""
+    return [save_state(state, out_dir / f"member-{i}" / filename,
+                       {**metadata, "seed": str(seed), "population": str(len(states))})
+            for i, (state, seed) in enumerate(zip(states, seeds))]
 
 
 class PopulationLayers(BaseModel):
@@ -137,17 +136,13 @@ def pretrain_layer_population(k: int, configs: Sequence[PipelineConfig], data: A
     except FloatingPointError as exc:
         raise DivergenceError(f"pretraining layer {k + 1} of seeds {seeds}: {exc}") from exc
     share = result.seconds / len(configs)
-    results = []
-    for i, state in enumerate(result.states):
-        checkpoint = save_state(state, out_dir / f"member-{i}" / "dae.safetensors",
-                                {"layer": str(k + 1), "seed": str(seeds[i]),
-                                 "population": str(len(configs))})
-        results.append(LayerResult(
-            layer=k + 1, n_visible=n_visible, n_hidden=m.hidden_sizes[k],
-            checkpoint=checkpoint, encoder_sha256=tensor_sha256(encoder_state(state)),
-            value_range=ranges[i], history=result.histories[i], figures={},
-            train_seconds=share))
-    return results
+    checkpoints = _save_members(result.states, seeds, out_dir, "dae.safetensors",
+                                {"layer": str(k + 1)})
+    return [LayerResult(
+        layer=k + 1, n_visible=n_visible, n_hidden=m.hidden_sizes[k], checkpoint=checkpoint,
+        encoder_sha256=tensor_sha256(encoder_state(state)), value_range=ranges[i],
+        history=result.histories[i], figures={}, train_seconds=share)
+        for i, (state, checkpoint) in enumerate(zip(result.states, checkpoints))]
 
 
 def finetune_population(arm: Arm, configs: Sequence[PipelineConfig], data: Any,
@@ -193,17 +188,14 @@ def finetune_population(arm: Arm, configs: Sequence[PipelineConfig], data: Any,
     except FloatingPointError as exc:
         raise DivergenceError(f"fine-tuning the {arm} arm of seeds {seeds}: {exc}") from exc
     share = result.seconds / len(configs)
-    results = []
-    for i, state in enumerate(result.states):
-        checkpoint = save_state(state, out_dir / f"member-{i}" / f"classifier_{arm}.safetensors",
-                                {"arm": arm, "seed": str(seeds[i]),
-                                 "population": str(len(configs))})
-        results.append(ClassifierResult(
-            arm=arm, checkpoint=checkpoint, initial_hidden_sha256=initial[i],
-            history=result.histories[i], best_val_error=result.best_val_error[i],
-            best_epoch=result.best_epoch[i], epochs_run=len(result.histories[i]),
-            stopped_early=result.stopped_early[i], train_seconds=share))
-    return results
+    checkpoints = _save_members(result.states, seeds, out_dir,
+                                f"classifier_{arm}.safetensors", {"arm": arm})
+    return [ClassifierResult(
+        arm=arm, checkpoint=checkpoint, initial_hidden_sha256=initial[i],
+        history=result.histories[i], best_val_error=result.best_val_error[i],
+        best_epoch=result.best_epoch[i], epochs_run=len(result.histories[i]),
+        stopped_early=result.stopped_early[i], train_seconds=share)
+        for i, checkpoint in enumerate(checkpoints)]
 
 
 def pretrain_population_key(k: int, configs: Sequence[PipelineConfig], data_digest: str,

@@ -32,13 +32,14 @@ def derive_seed(seed: int, *purpose: Any) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
-@functools.lru_cache(maxsize=1)
-def code_digest() -> str:
-    """SHA-256 of the source of ``STAGE_MODULES``: a cache-key part, so that a change to the
-    training code invalidates cached stage results."""
+@functools.lru_cache(maxsize=None)
+def code_digest(modules: tuple[str, ...] = STAGE_MODULES) -> str:
+    """SHA-256 of the source of ``modules`` (repository-relative paths; by default
+    ``STAGE_MODULES``): a cache-key part, so that a change to the training code invalidates
+    cached stage results."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for name in STAGE_MODULES:
+    for name in modules:
         h.update(name.encode())
         h.update((root / name).read_bytes())
     return h.hexdigest()
