@@ -1,0 +1,121 @@
+"""The ablation's record: one tidy row and one MLflow child run per cell, the progress
+line, the output files (table, summary, grid, figures), the parent run's metrics and
+artifacts, and the summary as text and as a Prefect table artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from flows.grid import Cell, Grid
+from tasks.tracking import Tracker
+
+if TYPE_CHECKING:
+    from flows.ablation import CellOutcome, Status
+
+CELL_TAG, STATUS_TAG, ERROR_TAG = "layerwise.cell", "layerwise.status", "layerwise.error"
+
+
+def cell_row(cell: Cell, outcome: Optional[CellOutcome], status: Status,
+             error: str) -> dict[str, Any]:
+    """One row of the tidy table: the cell's factors, its results and its status."""
+    fields = outcome.model_dump(exclude={"status", "error"}) if outcome else {}
+    return {"cell": cell.id, **cell.factors, "arm": cell.arm, "status": status,
+            "test_error": fields.get("test_error"), "val_error": fields.get("val_error"),
+            "train_loss": fields.get("train_loss"), "epochs_run": fields.get("epochs_run"),
+            "train_seconds": fields.get("train_seconds"),
+            "pretrain_seconds": fields.get("pretrain_seconds"),
+            "wall_seconds": fields.get("wall_seconds"), "cached": fields.get("cached", False),
+            "error": error}
+
+
+def progress_line(i: int, n: int, row: dict[str, Any]) -> str:
+    result = (f"test {100 * row['test_error']:6.2f} %" if row["status"] == "ok"
+              else row["error"].splitlines()[0][:80])
+    cached = "  (from cache)" if row["cached"] else ""
+    return f"  [{i:>{len(str(n))}}/{n}] {row['status']:<8} {row['cell']}  {result}{cached}"
+
+
+def log_cell(tracker: Tracker, parent: str, cell: Cell, row: dict[str, Any]) -> None:
+    """A nested child run per cell: every factor as a tag, its status, its errors."""
+    from mlflow.entities import RunStatus
+
+    from tasks.tracking import with_retries
+
+    tags = {CELL_TAG: cell.id, STATUS_TAG: row["status"], "layerwise.arm": cell.arm,
+            **{k: str(v) for k, v in cell.factors.items()}}
+    if row["error"]:
+        tags[ERROR_TAG] = row["error"][:5000]
+    run = with_retries(tracker.client.create_run, tracker.experiment_id, run_name=cell.id,
+                       tags={**tags, "mlflow.parentRunId": parent})
+    run_id = run.info.run_id
+    if row["status"] == "ok":
+        tracker.log_metrics(run_id, {
+            "test/error": row["test_error"], "val/error": row["val_error"],
+            "finetune/train_loss": row["train_loss"], "finetune/epochs_run": row["epochs_run"],
+            "finetune/train_seconds": row["train_seconds"]})
+    with_retries(tracker.client.set_terminated, run_id, RunStatus.to_string(
+        RunStatus.FINISHED if row["status"] == "ok" else RunStatus.FAILED))
+
+
+def write_outputs(out: Path, grid: Grid, table: Any, summary: Any, by: list[str]
+                  ) -> dict[str, Path]:
+    """The table (CSV, Parquet), the summary (CSV), the grid (YAML) and the figures."""
+    import yaml
+
+    from tasks import ablation_figures
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"table_csv": out / "cells.csv", "table_parquet": out / "cells.parquet",
+             "summary_csv": out / "summary.csv", "grid": out / "grid.yaml"}
+    table.to_csv(files["table_csv"], index=False)
+    table.to_parquet(files["table_parquet"], index=False)
+    summary.to_csv(files["summary_csv"], index=False)
+    files["grid"].write_text(yaml.safe_dump(grid.model_dump(mode="json", exclude_none=True),
+                                            sort_keys=False))
+    for name, path in ablation_figures.draw_all(table, summary, by, out / "figures").items():
+        files[f"figure_{name}"] = path
+    return files
+
+
+def record(tracker: Tracker, parent: str, table: Any, files: dict[str, Path]) -> None:
+    """Parent-run metrics (cell counts) and artifacts (table, summary, grid, figures)."""
+    tracker.log_metrics(parent, {
+        "cells/total": len(table), "cells/ok": int((table.status == "ok").sum()),
+        "cells/failed": int((table.status == "failed").sum()),
+        "cells/diverged": int((table.status == "diverged").sum())})
+    for name, path in files.items():
+        tracker.log_artifact(parent, path, "figures" if name.startswith("figure_") else "ablation")
+
+
+def format_summary(summary: Any, by: list[str], level: float) -> str:
+    """The summary as a plain-text table, errors in percent."""
+    import pandas as pd
+
+    pct = lambda v: "" if pd.isna(v) else f"{100 * v:.2f}"  # noqa: E731
+    sig = lambda v: "" if pd.isna(v) else f"{v:.3g}"  # noqa: E731
+    view = pd.DataFrame({
+        **{c: summary[c] for c in by}, "init": summary["init"], "n": summary["n"],
+        "failed": summary["n_failed"], "mean %": summary["mean"].map(pct),
+        "std %": summary["std"].map(pct), "median %": summary["median"].map(pct),
+        f"{100 * level:g}% CI": [f"[{pct(lo)}, {pct(hi)}]" if not pd.isna(lo) else ""
+                                 for lo, hi in zip(summary.ci_low, summary.ci_high)],
+        "Δ pre−rnd pp": summary["diff_mean"].map(pct),
+        "Δ CI": [f"[{pct(lo)}, {pct(hi)}]" if not pd.isna(lo) else ""
+                 for lo, hi in zip(summary.diff_ci_low, summary.diff_ci_high)],
+        "pairs": summary["n_pairs"].map(lambda v: "" if pd.isna(v) else str(int(v))),
+        "p Wilcoxon": summary["p_wilcoxon"].map(sig), "p Welch": summary["p_welch"].map(sig),
+    })
+    return view.to_string(index=False)
+
+
+def summary_artifact(summary: Any, grid: Grid) -> None:
+    """The summary as a Prefect table artifact (NaN shown as empty cells)."""
+    import json
+
+    from prefect.artifacts import create_table_artifact
+
+    records = json.loads(summary.to_json(orient="records"))  # NaN -> null, numpy -> JSON
+    create_table_artifact(records, key="layerwise-ablation-summary",
+                          description=f"Ablation {grid.name}: test error per group and init "
+                                      "(fractions); diff = pretrained − random")
