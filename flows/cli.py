@@ -11,6 +11,9 @@ from typing import List, Optional
 
 import typer
 
+from flows.cli_options import (ConfigOpt, DataDirOpt, DatasetOpt, ExperimentOpt, ModelNameOpt,
+                               PresetOpt, SeedOpt, SetOpt)
+
 app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -18,14 +21,6 @@ app = typer.Typer(
     help="Greedy layer-wise pretraining vs random initialisation: Prefect + Lightning + MLflow.",
 )
 
-PresetOpt = typer.Option("default", "--preset", "-p", help="quick | default | tutorial")
-ConfigOpt = typer.Option(None, "--config", help="YAML file of config sections to override.")
-SetOpt = typer.Option(None, "--set", help="section.field=value (repeatable), e.g. "
-                      "--set pretrain.corruption_levels=[0.1,0.2]")
-DatasetOpt = typer.Option(None, "--dataset", help="mnist, or PATH.npz")
-DataDirOpt = typer.Option(None, "--data-dir", help="torchvision data root "
-                          "(default: $LAYERWISE_DATA_DIR or ./data)")
-SeedOpt = typer.Option(None, "--seed", help="runtime.seed")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -71,9 +66,8 @@ def run(
     tracking_uri: Optional[str] = typer.Option(
         None, "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or "
         "sqlite:///mlruns/mlflow.db)"),
-    experiment: str = typer.Option("layerwise", "--experiment", help="MLflow experiment."),
-    model_name: str = typer.Option("layerwise-classifier", "--model-name",
-                                   help="Registered model name."),
+    experiment: str = ExperimentOpt,
+    model_name: str = ModelNameOpt,
     fresh: bool = typer.Option(False, "--fresh", help="Ignore cached stage results."),
 ) -> None:
     """Run the pipeline: data, pretrain each layer, fine-tune both twins, evaluate."""

@@ -22,6 +22,9 @@ from typing import Any, List, Optional
 
 import typer
 
+from flows.cli_options import (ConfigOpt, DataDirOpt, DatasetOpt, ExperimentOpt, ModelNameOpt,
+                               PresetOpt, SeedOpt, SetOpt)
+
 # name -> (module, flow object): the flows ``serve --flow`` accepts. The ablation flow goes
 # here when it exists, with its own branch in ``flow_parameters``.
 FLOWS: dict[str, tuple[str, str]] = {
@@ -209,20 +212,17 @@ def serve(
                                      "(default UTC), e.g. Europe/Berlin."),
     flow: str = typer.Option("pipeline", "--flow", help=f"Flow to serve: {' | '.join(FLOWS)}"),
     name: str = typer.Option(DEFAULT_DEPLOYMENT, "--name", help="Deployment name."),
-    preset: str = typer.Option("default", "--preset", "-p", help="quick | default | tutorial"),
-    config_file: Optional[Path] = typer.Option(None, "--config",
-                                               help="YAML file of config sections."),
-    sets: Optional[List[str]] = typer.Option(None, "--set", help="section.field=value "
-                                             "(repeatable)"),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="mnist, or PATH.npz"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="torchvision data root"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="runtime.seed"),
+    preset: str = PresetOpt,
+    config_file: Optional[Path] = ConfigOpt,
+    sets: Optional[List[str]] = SetOpt,
+    dataset: Optional[str] = DatasetOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    seed: Optional[int] = SeedOpt,
     tracking_uri: Optional[str] = typer.Option(
         None, "--tracking-uri", help="MLflow URI of every run (default: the flow run's "
         "$MLFLOW_TRACKING_URI, else the embedded store)"),
-    experiment: str = typer.Option("layerwise", "--experiment", help="MLflow experiment."),
-    model_name: str = typer.Option("layerwise-classifier", "--model-name",
-                                   help="Registered model name."),
+    experiment: str = ExperimentOpt,
+    model_name: str = ModelNameOpt,
     limit: int = typer.Option(1, "--limit", min=1, help="Flow runs at once (a later one "
                               "waits)."),
 ) -> None:

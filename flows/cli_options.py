@@ -1,0 +1,16 @@
+"""Options shared by the commands that resolve a pipeline config (``layerwise run``,
+``data``, ``config``, ``schedule serve``) or record it in MLflow; typer only."""
+
+import typer
+
+PresetOpt = typer.Option("default", "--preset", "-p", help="quick | default | tutorial")
+ConfigOpt = typer.Option(None, "--config", help="YAML file of config sections to override.")
+SetOpt = typer.Option(None, "--set", help="section.field=value (repeatable), e.g. "
+                      "--set pretrain.corruption_levels=[0.1,0.2]")
+DatasetOpt = typer.Option(None, "--dataset", help="mnist, or PATH.npz")
+DataDirOpt = typer.Option(None, "--data-dir", help="torchvision data root "
+                          "(default: $LAYERWISE_DATA_DIR or ./data)")
+SeedOpt = typer.Option(None, "--seed", help="runtime.seed")
+ExperimentOpt = typer.Option("layerwise", "--experiment", help="MLflow experiment.")
+ModelNameOpt = typer.Option("layerwise-classifier", "--model-name",
+                            help="Registered model name.")
