@@ -76,6 +76,15 @@ def _slice_optimizer(old_params, new_params, optimizer, settings, keep):
     return new_opt
 
 
+def _use_fused(fused: Optional[bool], optimizer: Mapping[str, Any]) -> bool:
+    """The fused steps hand-code plain SGD; None picks them whenever that is the optimiser."""
+    if fused is None:
+        return plain_sgd(optimizer)
+    if fused and not plain_sgd(optimizer):
+        raise ValueError("fused=True needs plain SGD (no momentum, no weight decay)")
+    return fused
+
+
 def _check_finite(total: torch.Tensor, members: Sequence[int], stage: str, epoch: int) -> None:
     bad = [m for m, ok in zip(members, torch.isfinite(total).tolist()) if not ok]
     if bad:
@@ -113,10 +122,7 @@ def train_dae_population(
         fused: Use ``DAEPopulation.sgd_step`` (plain SGD only) instead of autograd and
             ``torch.optim``; None: whenever the optimiser is plain SGD.
     """
-    if fused is None:
-        fused = plain_sgd(optimizer)
-    elif fused and not plain_sgd(optimizer):
-        raise ValueError("fused=True needs plain SGD (no momentum, no weight decay)")
+    fused = _use_fused(fused, optimizer)
     P = len(daes)
     _check_seeds(P, noise_seeds=noise_seeds, order_seeds=order_seeds)
     device = x_train.device
@@ -199,6 +205,7 @@ def train_classifier_population(
     patience_epochs: int = 10,
     dropout_seeds: Optional[Sequence[int]] = None,
     eval_batch_size: int = 4096,
+    fused: Optional[bool] = None,
 ) -> PopulationResult:
     """Fine-tune P classifiers at once, each with ``TutorialEarlyStopping``'s rule.
 
@@ -220,16 +227,19 @@ def train_classifier_population(
         dropout_seeds: Seed of member p's dropout masks (as ``torch.manual_seed`` before a
             single run); required when the classifiers use dropout.
         eval_batch_size: Validation batch size (as ``TensorDataModule``'s).
+        fused: Use ``ClassifierPopulation.sgd_step`` (plain SGD only) instead of autograd
+            and ``torch.optim``; None: whenever the optimiser is plain SGD.
     """
     if early_stopping not in ("tutorial", "patience", "none"):
         raise ValueError(f"unknown early-stopping rule {early_stopping!r}")
+    fused = _use_fused(fused, optimizer)
     P = len(classifiers)
     _check_seeds(P, order_seeds=order_seeds, dropout_seeds=dropout_seeds)
     device = x_train.device
     pop = ClassifierPopulation(classifiers).to(device).train()
     if pop.dropout > 0 and dropout_seeds is None:
         raise ValueError("the classifiers use dropout: give dropout_seeds")
-    opt = build_optimizer(pop.parameters(), optimizer)
+    opt = None if fused else build_optimizer(pop.parameters(), optimizer)
     dropout = _generators(dropout_seeds, device) if pop.dropout > 0 else None
     n = len(x_train)
     n_batches = math.ceil(n / batch_size)
@@ -249,12 +259,15 @@ def train_classifier_population(
         error_sum = torch.zeros(Pa, dtype=x_train.dtype, device=device)
         for idx in _batches(n, seeds, epoch, batch_size, device):
             x, y = x_train[idx], y_train[idx]  # (Pa, b, D), (Pa, b)
-            logits = pop(x, dropout)  # (Pa, b, C)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(),
-                                   reduction="none").view(y.shape).mean(dim=1)  # (Pa,)
-            opt.zero_grad(set_to_none=True)
-            loss.sum().backward()  # the sum keeps each member's gradient its own
-            opt.step()
+            if opt is None:
+                loss, logits = pop.sgd_step(x, y, optimizer["lr"], dropout)  # (Pa,), (Pa, b, C)
+            else:
+                logits = pop(x, dropout)  # (Pa, b, C)
+                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(),
+                                       reduction="none").view(y.shape).mean(dim=1)  # (Pa,)
+                opt.zero_grad(set_to_none=True)
+                loss.sum().backward()  # the sum keeps each member's gradient its own
+                opt.step()
             with torch.no_grad():
                 b = y.shape[1]
                 loss_sum = loss_sum + loss * b
@@ -291,7 +304,8 @@ def train_classifier_population(
             keep_t = torch.tensor(keep, device=device)
             old = list(pop.parameters())
             pop.select(keep_t)
-            opt = _slice_optimizer(old, list(pop.parameters()), opt, optimizer, keep_t)
+            if opt is not None:
+                opt = _slice_optimizer(old, list(pop.parameters()), opt, optimizer, keep_t)
             members = [members[i] for i in keep]
             seeds = [seeds[i] for i in keep]
             if dropout is not None:

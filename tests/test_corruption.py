@@ -14,6 +14,7 @@ import torch
 from models.corruption import (
     NOISES,
     corrupt,
+    corrupt_members,
     gaussian_noise,
     masking_noise,
     multiplicative_gaussian_noise,
@@ -176,3 +177,20 @@ def test_unknown_noise_is_rejected_naming_the_choices():
     assert "'dropout'" in message
     for name in ("masking", "gaussian", "salt_and_pepper", "multiplicative_gaussian"):
         assert name in message
+
+
+@pytest.mark.parametrize("noise", sorted(NOISES))
+def test_corrupting_members_together_is_each_member_corrupted_alone(noise):
+    """A population's corruption: member p's slice is, bit for bit, what ``corrupt`` gives
+    its single run from the same generator, with its own salt-and-pepper value range."""
+    x = torch.stack([positive_input(s)[:40] for s in range(3)]) - 0.5  # (3, 40, 100)
+    ranges = [(-0.5, 0.5), (-1.0, 2.0), (0.0, 0.25)]
+    together = corrupt_members(x, noise, 0.3, [gen(20 + p) for p in range(3)], ranges)
+    for p in range(3):
+        alone = corrupt(x[p], noise, 0.3, gen(20 + p), ranges[p])
+        assert torch.equal(together[p], alone)
+    assert not torch.equal(together[0], x[0])
+    if noise == "salt_and_pepper":  # the per-member extremes really are used
+        assert (together[1] == 2.0).any() and not (together[0] == 2.0).any()
+    with pytest.raises(ValueError, match="3 members need as many generators"):
+        corrupt_members(x, noise, 0.3, [gen(0)], ranges)

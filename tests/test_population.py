@@ -263,6 +263,69 @@ def test_each_classifier_member_equals_its_seed_fine_tuned_alone_through_lightni
     assert len(set(epochs_run)) > 1, epochs_run
 
 
+@pytest.mark.parametrize("activation, dropout", [
+    ("sigmoid", 0.0), ("sigmoid", 0.3), ("tanh", 0.0), ("relu", 0.2), ("leaky_relu", 0.0),
+])
+def test_the_fused_classifier_sgd_step_equals_autograd_with_torch_optim(activation, dropout):
+    """``ClassifierPopulation.sgd_step`` (backpropagation by hand, updates fused into the
+    matmuls) is the autograd + ``torch.optim.SGD`` step, dropout masks included, and so
+    is everything early stopping decides from it."""
+    dtype, g = torch.float64, gen(7)
+    (x, y), (x_valid, y_valid) = blobs(120, g, dtype), blobs(60, g, dtype)
+
+    def members():
+        return [DeepClassifier.random_init(10, [8, 6], C, activation=activation,
+                                           dropout=dropout, generator=gen(100 + s)).to(dtype)
+                for s in range(3)]
+
+    kwargs = dict(order_seeds=[1, 2, 3], dropout_seeds=[4, 5, 6], max_epochs=6,
+                  batch_size=16, optimizer={"name": "sgd", "lr": 0.3},
+                  early_stopping="patience", patience_epochs=2, eval_batch_size=32)
+    fused = train_classifier_population(members(), x, y, x_valid, y_valid, fused=True,
+                                        **kwargs)
+    autograd = train_classifier_population(members(), x, y, x_valid, y_valid, fused=False,
+                                           **kwargs)
+    for a, b, initial in zip(fused.states, autograd.states, members()):
+        assert max_diff(a, b) < 1e-9  # float64 rounding, summed in another order
+        assert max_diff(a, initial.state_dict()) > 1e-3  # it did train
+    for a, b in zip(fused.histories, autograd.histories):
+        histories_close(a, b, rel=1e-9)
+    assert fused.best_epoch == autograd.best_epoch
+    assert fused.stopped_early == autograd.stopped_early
+    with pytest.raises(ValueError, match="plain SGD"):
+        train_classifier_population(members(), x, y, x_valid, y_valid, fused=True, **{
+            **kwargs, "optimizer": {"name": "adam", "lr": 0.01}})
+
+
+def test_the_fused_classifier_step_by_hand_on_one_example():
+    """One member, one example, a 2-2-2 sigmoid network: the loss and every updated weight
+    against the chain rule written out with numbers."""
+    clf = DeepClassifier.random_init(2, [2], 2).to(torch.float64)
+    W = torch.tensor([[0.5, -1.0], [2.0, 0.25]], dtype=torch.float64)
+    V = torch.tensor([[1.0, -0.5], [-1.5, 2.0]], dtype=torch.float64)
+    with torch.no_grad():
+        clf.hidden[0].linear.weight.copy_(W)
+        clf.hidden[0].linear.bias.copy_(torch.tensor([0.1, -0.2], dtype=torch.float64))
+        clf.output.weight.copy_(V)
+        clf.output.bias.copy_(torch.tensor([0.3, 0.0], dtype=torch.float64))
+    pop = ClassifierPopulation([clf]).train()
+    x = torch.tensor([[[1.0, 2.0]]], dtype=torch.float64)  # (P=1, B=1, 2)
+    loss, _ = pop.sgd_step(x, torch.tensor([[1]]), lr=0.5)
+    # h = sigmoid(W x + b) = sigmoid([-1.4, 2.3]); o = V h + c; L = -log softmax(o)_1
+    h = torch.sigmoid(torch.tensor([-1.4, 2.3], dtype=torch.float64))
+    o = V @ h + torch.tensor([0.3, 0.0], dtype=torch.float64)
+    p1 = torch.exp(o[1]) / torch.exp(o).sum()
+    assert loss.item() == pytest.approx(-torch.log(p1).item(), rel=1e-12)
+    do = torch.stack([1 - p1, p1 - 1])  # softmax - onehot(1)
+    dpre = (V.t() @ do) * h * (1 - h)
+    assert torch.allclose(pop.out_weight[0], V - 0.5 * torch.outer(do, h), atol=1e-14)
+    assert torch.allclose(pop.out_bias[0], torch.tensor([0.3, 0.0], dtype=torch.float64)
+                          - 0.5 * do, atol=1e-14)
+    assert torch.allclose(pop.weights[0][0], W - 0.5 * torch.outer(dpre, x[0, 0]), atol=1e-14)
+    assert torch.allclose(pop.biases[0][0], torch.tensor([0.1, -0.2], dtype=torch.float64)
+                          - 0.5 * dpre, atol=1e-14)
+
+
 def test_a_stopped_member_keeps_its_best_weights_while_the_others_go_on():
     dtype, g = torch.float32, gen(5)
     (x, y), (x_valid, y_valid) = blobs(200, g, dtype), blobs(150, g, dtype)
