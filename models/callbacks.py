@@ -112,3 +112,44 @@ def check_finite(loss: torch.Tensor, stage: str, epoch: int, step: int, hint: st
         raise FloatingPointError(
             f"{stage}: loss became {float(loss.detach())} at epoch {epoch}, step {step}. {hint}"
         )
+
+
+class FiniteGuard:
+    """Watches a stage's training losses for NaN/inf and names the first bad step.
+
+    ``bool(torch.isfinite(loss))`` waits for the device: on a CPU that costs nothing, so
+    every loss is checked at its own step; on an accelerator it would stall the host at
+    every step, which then can no longer queue the next kernels while the device works.
+    There the losses of a chunk (``models.batches.ChunkedBatches``, ≈ 1,024 examples) are
+    checked together in ``flush``, with one wait, and the error still names the exact
+    epoch and step of the first non-finite loss; the steps after it in that chunk only
+    train weights the failed stage then throws away.
+
+    Args:
+        stage: Metric prefix named in the error, e.g. ``pretrain/layer_2``.
+        hint: What to change, appended to the error.
+        every_step: Check each loss at once (None: only on a CPU).
+    """
+
+    def __init__(self, stage: str, hint: str, every_step: Optional[bool] = None):
+        self.stage, self.hint, self.every_step = stage, hint, every_step
+        self._pending: list[tuple[torch.Tensor, int, int]] = []
+
+    def watch(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        """Check ``loss`` now (CPU) or at the next ``flush`` (accelerator)."""
+        every_step = loss.device.type == "cpu" if self.every_step is None else self.every_step
+        if every_step:
+            check_finite(loss, self.stage, epoch, step, self.hint)
+        else:
+            self._pending.append((loss.detach(), epoch, step))
+
+    def flush(self) -> None:
+        """Check the losses watched since the last flush: one device wait for all of them."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        finite = torch.isfinite(torch.stack([loss for loss, _, _ in pending]))
+        if bool(finite.all()):
+            return
+        loss, epoch, step = pending[int((~finite).nonzero()[0])]
+        check_finite(loss, self.stage, epoch, step, self.hint)

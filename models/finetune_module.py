@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.nn import functional as F
 
-from models.callbacks import check_finite
+from models.callbacks import FiniteGuard
 from models.classifier import DeepClassifier
 from models.optim import build_optimizer
 
@@ -32,6 +32,7 @@ class LitClassifier(L.LightningModule):
         self.automatic_optimization = False
         self.classifier, self.arm, self.optimizer_settings = classifier, arm, optimizer
         self.prefix = f"finetune/{arm}"
+        self.finite = FiniteGuard(self.prefix, "Lower finetune.optimizer.lr or add weight decay.")
 
     def on_fit_start(self) -> None:
         # Lightning keeps a module's mode at fit start; eval mode would disable dropout.
@@ -51,8 +52,7 @@ class LitClassifier(L.LightningModule):
         logits = self.classifier(x)
         loss = F.cross_entropy(logits, y)  # mean negative log-likelihood
         if stage == "train":
-            check_finite(loss, self.prefix, self.current_epoch, self.global_step,
-                         "Lower finetune.optimizer.lr or add weight decay.")
+            self.finite.watch(loss, self.current_epoch, self.global_step)
         error = (logits.argmax(dim=1) != y).float().mean()
         return loss, error
 
@@ -67,6 +67,7 @@ class LitClassifier(L.LightningModule):
             n = len(batch[1])
             self._train_sums = self._train_sums + torch.stack([loss.detach(), error]) * n
             self._train_count += n
+        self.finite.flush()  # on an accelerator: the chunk's losses, one device wait
         if batch_idx == self.trainer.num_training_batches - 1:  # the epoch's batch-weighted means
             mean_loss, mean_error = self._train_sums / self._train_count
             kwargs = dict(on_step=False, on_epoch=True, batch_size=1)

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import lightning as L
 import torch
 
-from models.callbacks import check_finite
+from models.callbacks import FiniteGuard
 from models.dae import DenoisingAutoencoder
 from models.optim import build_optimizer
 
@@ -36,6 +36,8 @@ class LitDenoisingAutoencoder(L.LightningModule):
         self.dae, self.layer, self.optimizer_settings, self.seed = dae, layer, optimizer, seed
         self.prefix = f"pretrain/layer_{layer}"
         self.noise_generator: torch.Generator | None = None
+        self.finite = FiniteGuard(self.prefix, "Lower pretrain.optimizer.lr or check the "
+                                               "input normalisation.")
 
     def on_fit_start(self) -> None:
         # The noise source lives on the training device so no mask is copied host->device.
@@ -54,8 +56,7 @@ class LitDenoisingAutoencoder(L.LightningModule):
         (x,) = batch  # (B, n_visible), clean
         if stage == "train":
             loss = self.dae(x, generator=self.noise_generator)  # corrupt -> encode -> decode
-            check_finite(loss, self.prefix, self.current_epoch, self.global_step,
-                         "Lower pretrain.optimizer.lr or check the input normalisation.")
+            self.finite.watch(loss, self.current_epoch, self.global_step)
         else:
             loss = self.dae(x)  # eval mode: no corruption
             self.log(f"{self.prefix}/{stage}_recon_loss", loss, on_step=False, on_epoch=True,
@@ -72,6 +73,7 @@ class LitDenoisingAutoencoder(L.LightningModule):
             optimizer.step()  # also advances trainer.global_step
             self._train_sum = self._train_sum + loss.detach() * len(batch[0])
             self._train_count += len(batch[0])
+        self.finite.flush()  # on an accelerator: the chunk's losses, one device wait
         if batch_idx == self.trainer.num_training_batches - 1:  # the epoch's batch-weighted mean
             self.log(f"{self.prefix}/recon_loss", self._train_sum / self._train_count,
                      on_step=False, on_epoch=True, batch_size=1)

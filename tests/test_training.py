@@ -443,6 +443,28 @@ def test_an_infinite_input_stops_pretraining_at_the_first_step():
     assert "pretrain.optimizer.lr" in str(info.value)
 
 
+@pytest.mark.parametrize("every_step", [True, False])
+def test_the_first_non_finite_step_is_named_whether_checked_at_once_or_per_chunk(every_step):
+    """On an accelerator the losses of a chunk are checked together (one device wait,
+    ``FiniteGuard``); the error must still name the step whose batch first holds the inf,
+    not the chunk's last step. Forced here on the CPU with ``every_step=False``."""
+    x = prototype_data(40, 3)
+    x[17, 0] = math.inf  # one bad example: its batch, and every step after it, is non-finite
+    expected = int((epoch_permutation(40, 0, 0) == 17).nonzero()) // 5  # batch 5: 8 steps
+    assert 0 < expected < 7  # mid-chunk, so a chunk-end check would name the wrong step
+    dae = DenoisingAutoencoder(N_VIS, 5, corruption_level=0.1, generator=gen(1))
+    system = LitDenoisingAutoencoder(dae, layer=1, optimizer=SGD, seed=0)
+    system.finite.every_step = every_step
+    with pytest.raises(FloatingPointError) as info:
+        cpu_trainer(2, []).fit(system, datamodule=TensorDataModule(
+            (x,), None, 5, seed=0, steps_per_batch=8))  # the whole epoch is one chunk
+    m = MESSAGE.match(str(info.value))
+    assert m, str(info.value)
+    assert (m["prefix"], m["epoch"], m["step"]) == ("pretrain/layer_1", "0", str(expected))
+    assert "pretrain.optimizer.lr" in str(info.value)
+    assert system.finite._pending == []  # nothing left over for a later chunk
+
+
 def test_a_huge_learning_rate_is_reported_at_the_step_it_diverges():
     x, y = blobs(50, 4)
     lr = 1e6
