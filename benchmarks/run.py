@@ -110,7 +110,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         result["training"] = bench_training.run(data, args.repeats, batch_sizes)
     if "population" in parts:
         print(f"population: {bench_population.P} seeds batched against sequential runs")
-        result["population"] = bench_population.run(data)
+        result["population"] = bench_population.run(data, repeats=args.repeats)
     if "startup" in parts:
         from benchmarks.common import DEFAULT_DATA_DIR
 
