@@ -4,6 +4,8 @@ An ablation over seeds trains many small networks, where the per-step cost of la
 kernels and running Python dominates the arithmetic. A population stacks the P members'
 parameters along a leading axis, ``W`` of shape (P, n_hidden, n_visible), and runs one
 batched matmul (``torch.baddbmm``) where P single runs would run P small ones.
+``DAEPopulation`` lives here, ``ClassifierPopulation`` in ``models.classifier_population``,
+and their training loops in ``models.population_training``.
 
 Member p is the same seed trained alone, up to floating-point rounding:
 
@@ -18,9 +20,10 @@ Member p is the same seed trained alone, up to floating-point rounding:
 - **loss**: the SUM over members of each member's mean loss, so that member p's gradient is
   exactly the gradient of its own loss (a mean over members would scale it by 1/P); any
   element-wise optimiser (SGD with momentum or weight decay, Adam) then updates member p as
-  it would update the single model. With plain SGD the autoencoders skip autograd and
-  ``torch.optim``: ``DAEPopulation.sgd_step`` writes the same update straight into the
-  weights from the gradient matmuls (less memory traffic; tested equal to autograd);
+  it would update the single model. With plain SGD both kinds skip autograd and
+  ``torch.optim``: ``DAEPopulation.sgd_step`` and ``ClassifierPopulation.sgd_step`` write
+  the same update straight into the weights from the gradient matmuls (less memory
+  traffic, no autograd graph; tested equal to autograd);
 - **dropout** (fine-tuning): member p's masks come from its own generator, drawn layer by
   layer as ``torch.nn.functional.dropout`` draws them on the CPU;
 - **history and early stopping**: per-epoch metrics are the batch-size-weighted means that
@@ -48,7 +51,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.classifier import DeepClassifier
 from models.corruption import corrupt_members
 from models.dae import DenoisingAutoencoder
 from models.layers import LEAKY_SLOPE, activate
@@ -121,7 +123,7 @@ def _cross_entropy_from_sigmoid(x: torch.Tensor, a: torch.Tensor,
 
 
 def plain_sgd(settings: Mapping[str, Any]) -> bool:
-    """SGD without momentum or weight decay: the update ``DAEPopulation.sgd_step`` fuses."""
+    """SGD without momentum or weight decay: the update the populations' ``sgd_step`` fuse."""
     return (settings["name"] == "sgd" and not settings.get("momentum", 0.0)
             and not settings.get("weight_decay", 0.0))
 
@@ -250,133 +252,4 @@ class DAEPopulation(nn.Module):
         for name, param in list(self.named_parameters()):
             setattr(self, name, nn.Parameter(param.detach()[keep].clone()))
         self.value_ranges = [self.value_ranges[i] for i in keep.tolist()]
-        self.P = len(keep)
-
-
-class ClassifierPopulation(nn.Module):
-    """P deep classifiers with stacked parameters.
-
-    ``weights[l]`` is (P, n_out, n_in) and ``biases[l]`` (P, n_out) for hidden layer l;
-    ``out_weight`` (P, n_classes, n_hidden_L) and ``out_bias`` (P, n_classes).
-
-    Args:
-        classifiers: The members, built as single ``DeepClassifier``s (random or pretrained
-            hidden layers); they must share architecture, activation and dropout.
-    """
-
-    def __init__(self, classifiers: Sequence[DeepClassifier]):
-        super().__init__()
-        if not classifiers:
-            raise ValueError("a population needs at least one member")
-        self.P = len(classifiers)
-        shapes = [tuple(tuple(l.W.shape) for l in c.hidden) + (tuple(c.output.weight.shape),)
-                  for c in classifiers]
-        _same(shapes, "layer shapes")
-        self.activation = _same([l.activation for c in classifiers for l in c.hidden],
-                                "activation")
-        self.dropout = _same([c.dropout.p for c in classifiers], "dropout")
-        n_layers = len(classifiers[0].hidden)
-        self.weights = nn.ParameterList(
-            [_stack([c.hidden[l].W for c in classifiers]) for l in range(n_layers)])
-        self.biases = nn.ParameterList(
-            [_stack([c.hidden[l].linear.bias for c in classifiers]) for l in range(n_layers)])
-        self.out_weight = _stack([c.output.weight for c in classifiers])
-        self.out_bias = _stack([c.output.bias for c in classifiers])
-
-    def _dropout_mask(self, h: torch.Tensor,
-                      generators: Sequence[torch.Generator]) -> torch.Tensor:
-        """``F.dropout``'s CPU arithmetic with member p's mask drawn from ``generators[p]``:
-        noise ~ Bernoulli(1−p) of shape (B, n), divided by 1−p; the layer's output is
-        h ⊙ mask."""
-        q = 1 - self.dropout
-        noise = torch.stack([
-            torch.empty(h.shape[1:], dtype=h.dtype, device=h.device).bernoulli_(q, generator=g)
-            for g in generators
-        ])
-        return noise.div_(q)
-
-    def forward(self, x: torch.Tensor,
-                generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
-        """Class logits: (P, B, D) or shared (B, D) -> (P, B, n_classes)."""
-        drop = self.training and self.dropout > 0
-        if drop and generators is None:
-            raise ValueError("dropout needs one generator per member")
-        h = x
-        for weight, bias in zip(self.weights, self.biases):
-            h = activate(_linear(h, weight, bias), self.activation)  # (P, B, n_in) -> (P, B, n_out)
-            if drop:
-                h = h * self._dropout_mask(h, generators)
-        return _linear(h, self.out_weight, self.out_bias)
-
-    @torch.no_grad()
-    def sgd_step(self, x: torch.Tensor, y: torch.Tensor, lr: float,
-                 generators: Optional[Sequence[torch.Generator]] = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One plain-SGD step of every member by hand (as ``DAEPopulation.sgd_step``);
-        returns the per-member mean cross-entropy (P,) and the logits (P, B, C), both
-        before the step.
-
-        Forward: h_0 = x, h_l = s(W_l h̃_{l−1} + b_l), h̃_l = h_l ⊙ m_l (dropout, else
-        h̃_l = h_l), logits o = V h̃_L + c, L = mean_B −log softmax(o)_y. Backward:
-        ∂L/∂o = (softmax(o) − onehot(y))/B; ∂L/∂V = ∂L/∂oᵀ h̃_L, ∂L/∂c = Σ_B ∂L/∂o;
-        ∂L/∂h̃_L = ∂L/∂o V; ∂L/∂pre_l = ∂L/∂h̃_l ⊙ m_l ⊙ s'(pre_l); ∂L/∂W_l = ∂L/∂pre_lᵀ h̃_{l−1},
-        ∂L/∂b_l = Σ_B ∂L/∂pre_l; ∂L/∂h̃_{l−1} = ∂L/∂pre_l W_l, taken before W_l changes.
-        Each weight update is one ``baddbmm_`` with alpha = −lr. Measured on a CPU at
-        784-256-128-10, B = 20, P = 32: 0.45 ms per member-step against 0.62 ms through
-        autograd and ``torch.optim.SGD``. Equal to those up to rounding.
-
-        Args:
-            x: Inputs (P, B, D), member p's own minibatch.
-            y: Labels (P, B).
-            lr: Learning rate.
-            generators: Member p's dropout generator (required with dropout).
-        """
-        drop = self.training and self.dropout > 0
-        if drop and generators is None:
-            raise ValueError("dropout needs one generator per member")
-        inputs, outputs, masks = [], [], []  # h̃_{l−1}, h_l and m_l of every hidden layer
-        h = x
-        for weight, bias in zip(self.weights, self.biases):
-            inputs.append(h)
-            h = activate(_linear(h, weight, bias), self.activation)  # (P, B, n_in) -> (P, B, n_out)
-            outputs.append(h)
-            if drop:
-                masks.append(self._dropout_mask(h, generators))
-                h = h * masks[-1]
-        logits = _linear(h, self.out_weight, self.out_bias)  # (P, B, C)
-        B = logits.shape[1]
-        log_p = torch.log_softmax(logits, dim=2)
-        loss = -log_p.gather(2, y.unsqueeze(2)).squeeze(2).mean(dim=1)  # (P,)
-        d = log_p.exp_().scatter_add_(2, y.unsqueeze(2), torch.full_like(log_p[..., :1], -1.0))
-        d.div_(B)  # ∂L/∂o, (P, B, C)
-        dh = torch.bmm(d, self.out_weight)  # (P, B, C) @ (P, C, H_L) -> (P, B, H_L)
-        self.out_bias.sub_(d.sum(dim=1), alpha=lr)
-        self.out_weight.baddbmm_(d.transpose(1, 2), h, alpha=-lr)
-        for l in reversed(range(len(self.weights))):
-            weight, bias = self.weights[l], self.biases[l]
-            if drop:
-                dh = dh.mul_(masks[l])
-            dpre = dh.mul_(_activation_slope(outputs[l], self.activation))  # (P, B, n_out)
-            if l > 0:
-                dh = torch.bmm(dpre, weight)  # (P, B, n_out) @ (P, n_out, n_in) -> (P, B, n_in)
-            bias.sub_(dpre.sum(dim=1), alpha=lr)
-            weight.baddbmm_(dpre.transpose(1, 2), inputs[l], alpha=-lr)
-        return loss, logits
-
-    def member_state(self, p: int) -> dict[str, torch.Tensor]:
-        """Member p as a ``DeepClassifier`` state dict (copies)."""
-        state: dict[str, torch.Tensor] = {}
-        for l, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            state[f"hidden.{l}.linear.weight"] = weight[p]
-            state[f"hidden.{l}.linear.bias"] = bias[p]
-        state["output.weight"], state["output.bias"] = self.out_weight[p], self.out_bias[p]
-        return {k: v.detach().clone() for k, v in state.items()}
-
-    def select(self, keep: torch.Tensor) -> None:
-        """Keep only members ``keep`` (indices), e.g. to drop stopped ones."""
-        for plist in (self.weights, self.biases):
-            for i, param in enumerate(plist):
-                plist[i] = nn.Parameter(param.detach()[keep].clone())
-        self.out_weight = nn.Parameter(self.out_weight.detach()[keep].clone())
-        self.out_bias = nn.Parameter(self.out_bias.detach()[keep].clone())
         self.P = len(keep)

@@ -18,8 +18,8 @@ from models.batches import epoch_permutation
 from models.classifier import DeepClassifier
 from models.dae import DenoisingAutoencoder
 from models.optim import build_optimizer
-from models.population import (ClassifierPopulation, DAEPopulation, History, _gather,
-                               plain_sgd)
+from models.classifier_population import ClassifierPopulation
+from models.population import DAEPopulation, History, _gather, plain_sgd
 
 
 @dataclass

@@ -41,8 +41,8 @@ from tasks.pretrain import (LayerResult, build_dae, compute_codes, encoder_state
 from tasks.runtime import code_digest, derive_seed, eval_device, stage_dir, stage_key
 
 #: The code a population result depends on beyond the single stages' ``STAGE_MODULES``.
-POPULATION_MODULES = ("models/population.py", "models/population_training.py",
-                      "tasks/populations.py")
+POPULATION_MODULES = ("models/population.py", "models/classifier_population.py",
+                      "models/population_training.py", "tasks/populations.py")
 
 
 def population_key(stage: str, member_keys: Sequence[str]) -> str:

@@ -18,7 +18,8 @@ from models.callbacks import EpochHistory, TutorialEarlyStopping
 from models.classifier import DeepClassifier
 from models.dae import DenoisingAutoencoder
 from models.finetune_module import LitClassifier
-from models.population import ClassifierPopulation, DAEPopulation
+from models.classifier_population import ClassifierPopulation
+from models.population import DAEPopulation
 from models.population_training import train_classifier_population, train_dae_population
 from models.pretrain_module import LitDenoisingAutoencoder
 from tasks.config import RuntimeConfig
