@@ -70,6 +70,13 @@ def _interrupt_during_layer_2(proc: subprocess.Popen, signum: int, home: Path) -
     return "".join(lines) + out
 
 
+def _cmdline(proc_dir: Path) -> bytes:
+    try:
+        return (proc_dir / "cmdline").read_bytes()
+    except OSError:  # exited meanwhile
+        return b""
+
+
 def _statuses(home: Path) -> dict[str, list[str]]:
     client = MlflowClient(f"sqlite:///{home}/mlflow.db")
     exp = client.get_experiment_by_name("signals")
@@ -193,6 +200,13 @@ def test_kill_9_leaves_stale_runs_that_can_be_closed_and_the_rerun_resumes(
     proc = _cli(home, shared_data_dir)
     out = _interrupt_during_layer_2(proc, signal.SIGKILL, home)
     assert proc.returncode == -signal.SIGKILL
+    # Its ephemeral Prefect server went with it (flows.orphan_guard): it shared the run's
+    # stdout, so communicate() above returning already means it exited; and no process is
+    # left whose command line names the killed run.
+    guard = f"flows.orphan_guard\0{proc.pid}\0".encode()
+    left = [d.name for d in Path("/proc").iterdir() if d.name.isdigit()
+            and guard in _cmdline(d)]
+    assert not left, left
     status = _statuses(home)
     assert status["parent"] == ["RUNNING"] and status["pretrain-layer-2"] == ["RUNNING"], out
     uri = f"sqlite:///{home}/mlflow.db"

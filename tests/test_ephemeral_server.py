@@ -1,0 +1,93 @@
+"""The ephemeral Prefect API server of a CLI run: it dies with the run that started it
+(``flows.orphan_guard``, checked on a stand-in server: a parent that starts ``python -m
+flows.orphan_guard PID -m http.server``, killed with SIGKILL as a run killed by ``kill -9`` or
+the OOM killer is), and a local process pool's workers use it rather than starting their own
+(``flows.ablation.shared_api``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows import orphan_guard
+
+REPO = Path(__file__).resolve().parents[1]
+
+PARENT = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-m", "flows.orphan_guard", str(os.getpid()),
+                          "-m", "http.server", "0", "--bind", "127.0.0.1"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie has exited; only its entry is left
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_the_guarded_server_lives_with_its_parent_and_dies_after_kill_9():
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        server = int(parent.stdout.readline())
+        time.sleep(4 * orphan_guard.POLL_S)
+        assert alive(server)  # the watch does not fire while the parent lives
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        # SIGTERM within a poll; uvicorn and http.server stop on it (SIGKILL after GRACE_S)
+        assert wait_until(lambda: not alive(server), orphan_guard.GRACE_S + 5)
+    finally:
+        parent.kill()
+
+
+def test_only_the_uvicorn_command_is_rewritten_and_install_is_idempotent(monkeypatch):
+    uvicorn = orphan_guard._GuardedPopen([sys.executable, "-m", "uvicorn", "--version"],
+                                         cwd=REPO, stdout=subprocess.PIPE, text=True)
+    out, _ = uvicorn.communicate(timeout=60)
+    assert uvicorn.args == [sys.executable, "-m", "flows.orphan_guard", str(os.getpid()),
+                            "-m", "uvicorn", "--version"]
+    assert uvicorn.returncode == 0 and "uvicorn" in out.lower()  # the module really ran
+    other = orphan_guard._GuardedPopen([sys.executable, "-c", "pass"])
+    assert other.wait(timeout=30) == 0 and other.args == [sys.executable, "-c", "pass"]
+
+    from prefect.server.api import server
+
+    monkeypatch.setattr(server, "subprocess", subprocess)
+    orphan_guard.install()
+    shim = server.subprocess
+    orphan_guard.install()
+    assert server.subprocess is shim and shim.Popen is orphan_guard._GuardedPopen
+    assert shim.TimeoutExpired is subprocess.TimeoutExpired and shim.PIPE == subprocess.PIPE
+
+
+def test_a_guard_whose_parent_is_already_gone_exits_at_once():
+    proc = subprocess.run([sys.executable, "-m", "flows.orphan_guard", "1", "-m", "http.server"],
+                          cwd=REPO, capture_output=True, timeout=30)
+    assert proc.returncode == 1
+    bad = subprocess.run([sys.executable, "-m", "flows.orphan_guard", "123"], cwd=REPO,
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode != 0 and "usage" in bad.stderr
+
