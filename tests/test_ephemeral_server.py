@@ -6,6 +6,7 @@ the OOM killer is), and a local process pool's workers use it rather than starti
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -91,3 +92,52 @@ def test_a_guard_whose_parent_is_already_gone_exits_at_once():
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode != 0 and "usage" in bad.stderr
 
+
+SHARED = """
+import json, os
+from prefect import flow, task
+from prefect.settings import get_current_settings, temporary_settings
+
+@task
+def probe():
+    from prefect.server.api.server import SubprocessASGIServer
+    return os.getpid(), get_current_settings().api.url, len(SubprocessASGIServer._instances)
+
+@flow
+def fan_out():
+    return [f.result() for f in [probe.submit() for _ in range(4)]]
+
+if __name__ == "__main__":
+    from flows.cli import _prepare_environment
+    _prepare_environment()  # as the CLI does: no API configured, so the guard is installed
+    from flows.ablation import shared_api, task_runner
+    from prefect.server.api.server import SubprocessASGIServer
+    assert shared_api(False) == {}  # a Dask cluster or one worker: nothing started here
+    assert not SubprocessASGIServer._instances
+    settings = shared_api(True)
+    server = SubprocessASGIServer()
+    with temporary_settings(settings):
+        probes = fan_out.with_options(task_runner=task_runner(2))()
+    with open(f"/proc/{server.server_process.pid}/cmdline", "rb") as f:
+        cmdline = f.read().decode().split(chr(0))
+    print(json.dumps({"pid": os.getpid(), "urls": [str(v) for v in settings.values()],
+                      "server": server.api_url, "cmdline": cmdline, "probes": probes}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_process_pool_workers_use_the_runs_one_guarded_ephemeral_server(tmp_path):
+    script = tmp_path / "shared.py"
+    script.write_text(SHARED)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["urls"] == [out["server"]]
+    assert out["cmdline"][1:4] == ["-m", "flows.orphan_guard", str(out["pid"])]
+    workers = {pid for pid, _, _ in out["probes"]}
+    assert len(out["probes"]) == 4 and out["pid"] not in workers  # they ran in the pool
+    for _, url, servers in out["probes"]:
+        assert url == out["server"] and servers == 0  # no worker started a server of its own
