@@ -282,8 +282,9 @@ def ablation(
 
 
 def task_runner(workers: int = 1, dask_address: Optional[str] = None) -> Any:
-    """In process and sequential for one worker; a local process pool for more; an existing
-    Dask cluster (prefect-dask) when given its scheduler address."""
+    """In process and sequential for one worker; a local process pool for more (its workers
+    stop when this process is gone, ``flows.orphan_guard.watch_parent``); an existing Dask
+    cluster (prefect-dask) when given its scheduler address."""
     if dask_address:
         from prefect_dask import DaskTaskRunner
 
@@ -291,7 +292,10 @@ def task_runner(workers: int = 1, dask_address: Optional[str] = None) -> Any:
     if workers > 1:
         from prefect.task_runners import ProcessPoolTaskRunner
 
-        return ProcessPoolTaskRunner(max_workers=workers)
+        from flows.orphan_guard import watch_parent
+
+        return ProcessPoolTaskRunner(max_workers=workers, initializer=watch_parent,
+                                     initargs=(os.getpid(),))
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=1)

@@ -1,4 +1,5 @@
-"""The ephemeral Prefect API server dies with the run that started it, even under kill -9.
+"""The processes a run starts die with it, even under kill -9: the ephemeral Prefect API
+server (``install``) and a local process pool's workers (``watch_parent``).
 
 With no ``PREFECT_API_URL``, Prefect starts a temporary API server in a child process
 (``SubprocessASGIServer``) and stops it from an ``atexit`` hook. A run killed with SIGKILL
@@ -25,16 +26,31 @@ import time
 import types
 
 POLL_S = 0.5
-#: After SIGTERM the server has this long to shut down before it is killed.
+#: After the stop signal a process has this long to shut down before it is killed.
 GRACE_S = 10.0
 
 
-def _watch(parent: int) -> None:
+def _watch(parent: int, signum: int) -> None:
     while os.getppid() == parent:
         time.sleep(POLL_S)
-    os.kill(os.getpid(), signal.SIGTERM)  # uvicorn shuts down on SIGTERM
+    os.kill(os.getpid(), signum)
     time.sleep(GRACE_S)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _start_watch(parent: int, signum: int) -> None:
+    threading.Thread(target=_watch, args=(parent, signum), name="orphan-guard",
+                     daemon=True).start()
+
+
+def watch_parent(parent: int) -> None:
+    """``ProcessPoolExecutor`` initializer (``initargs=(os.getpid(),)``): the worker stops
+    once ``parent`` is gone. Spawned pool workers otherwise outlive a run killed with
+    SIGKILL, measured here: idle for ever, each holding torch and its data. SIGINT first,
+    so ``finally`` blocks (temporary files of atomic writes) run; SIGKILL after GRACE_S."""
+    if os.getppid() != parent:  # the parent died before this worker started
+        os._exit(1)
+    _start_watch(parent, signal.SIGINT)
 
 
 def main(argv: list[str]) -> None:
@@ -44,7 +60,7 @@ def main(argv: list[str]) -> None:
     parent, module = int(argv[0]), argv[2]
     if os.getppid() != parent:  # the parent died before we got here
         raise SystemExit(1)
-    threading.Thread(target=_watch, args=(parent,), name="orphan-guard", daemon=True).start()
+    _start_watch(parent, signal.SIGTERM)  # uvicorn shuts down on SIGTERM
     sys.argv = [module, *argv[3:]]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 

@@ -101,7 +101,10 @@ from prefect.settings import get_current_settings, temporary_settings
 @task
 def probe():
     from prefect.server.api.server import SubprocessASGIServer
-    return os.getpid(), get_current_settings().api.url, len(SubprocessASGIServer._instances)
+    import threading
+    guarded = any(t.name == "orphan-guard" for t in threading.enumerate())
+    return (os.getpid(), get_current_settings().api.url, len(SubprocessASGIServer._instances),
+            guarded)
 
 @flow
 def fan_out():
@@ -137,7 +140,38 @@ def test_process_pool_workers_use_the_runs_one_guarded_ephemeral_server(tmp_path
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["urls"] == [out["server"]]
     assert out["cmdline"][1:4] == ["-m", "flows.orphan_guard", str(out["pid"])]
-    workers = {pid for pid, _, _ in out["probes"]}
+    workers = {pid for pid, *_ in out["probes"]}
     assert len(out["probes"]) == 4 and out["pid"] not in workers  # they ran in the pool
-    for _, url, servers in out["probes"]:
+    for _, url, servers, guarded in out["probes"]:
         assert url == out["server"] and servers == 0  # no worker started a server of its own
+        assert guarded  # and each watches the run (flows.orphan_guard.watch_parent)
+
+
+POOL = """
+import multiprocessing, os, time
+from concurrent.futures import ProcessPoolExecutor
+from flows.orphan_guard import watch_parent
+pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                           initializer=watch_parent, initargs=(os.getpid(),))
+print(pool.submit(os.getpid).result(), flush=True)
+pool.submit(time.sleep, 600)  # busy in a task when the parent dies
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_a_watched_pool_worker_stops_when_its_parent_is_killed():
+    parent = subprocess.Popen([sys.executable, "-c", POOL], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    worker = None
+    try:
+        worker = int(parent.stdout.readline())
+        time.sleep(4 * orphan_guard.POLL_S)
+        assert alive(worker)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        assert wait_until(lambda: not alive(worker), orphan_guard.GRACE_S + 5)
+    finally:
+        parent.kill()
+        if worker is not None and alive(worker):
+            os.kill(worker, signal.SIGKILL)
