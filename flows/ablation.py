@@ -316,6 +316,7 @@ def run_ablation(grid: Grid, workers: int = 1, dask_address: Optional[str] = Non
     """
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
+    from flows.ephemeral_api import shared_settings
     from tasks.runtime import layerwise_home
 
     home = layerwise_home()
@@ -323,30 +324,10 @@ def run_ablation(grid: Grid, workers: int = 1, dask_address: Optional[str] = Non
         out_dir = home / "ablations" / datetime.now().strftime("%Y%m%d-%H%M%S")
     runner = task_runner(workers, dask_address)
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: home / "prefect-results",
-                             **shared_api(workers > 1 and not dask_address)}):
+                             **shared_settings(workers > 1 and not dask_address)}):
         return ablation.with_options(task_runner=runner)(
             grid=grid, home=str(home), out_dir=str(Path(out_dir).resolve()), threads=threads,
             population=population, **kwargs)
-
-
-def shared_api(local_pool: bool) -> dict[Any, Any]:
-    """Settings that make a local process pool's workers use this process's Prefect API.
-
-    With no ``PREFECT_API_URL``, every spawned worker would start an ephemeral API server
-    of its own (12-25 s and ~220 MB each, and a port race: six cells of a ``reversal`` run
-    failed when the workers' servers lost theirs). Instead the flow starts one here, as
-    Prefect would for itself, and hands its URL to the flow and, through the flow's
-    settings, to the workers. Nothing changes with a configured API or a Dask cluster
-    (whose workers may be on machines that cannot reach this one's loopback)."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    if not local_pool or PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return {}
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the instance Prefect's own clients would start
-    server.start()  # idempotent; stopped at exit, as Prefect does
-    return {PREFECT_API_URL: server.api_url}
 
 
 def settle(future: Any, stack: list[Any]) -> tuple[Optional[CellOutcome], Status, str]:

@@ -30,20 +30,17 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _prepare_environment() -> None:
     """Embedded defaults for Prefect, set before it is imported; with no Prefect API
-    configured, the ephemeral server it starts dies with this process
-    (``flows.orphan_guard``)."""
+    configured, its ephemeral server starts now, in the background, and dies with this
+    process (``flows.ephemeral_api``)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
     # Prefect's 20 s default was too short for eight runs starting their ephemeral servers
     # at once on 2 busy cores (one timed out: "Timed out while attempting to connect").
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from prefect.settings import get_current_settings
+    from flows.ephemeral_api import prestart
 
-    if get_current_settings().api.url is None:
-        from flows.orphan_guard import install
-
-        install()
+    prestart()
 
 
 def _sigterm_as_interrupt():

@@ -145,6 +145,15 @@ def run_pipeline(config: PipelineConfig, **kwargs: Any) -> PipelineResult:
     if api:  # a server: make sure it answers before any work (ephemeral mode needs none)
         check_reachable(api.rstrip("/") + "/health", "the Prefect API",
                         "Start the server, or unset PREFECT_API_URL to run ephemeral.")
+    from flows.ephemeral_api import ready
+
+    # Every run needs these, cached or not (the stages, evaluation, the logged model);
+    # imported here, their ~5 s overlap the boot of the ephemeral Prefect server that the
+    # CLI started in the background, which ready() then waits for.
+    import lightning  # noqa: F401
+    import mlflow.pytorch  # noqa: F401
+
+    ready()
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: layerwise_home() / "prefect-results"}):
         return pipeline(config=config, **kwargs)
 

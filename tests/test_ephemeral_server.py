@@ -2,7 +2,7 @@
 (``flows.orphan_guard``, checked on a stand-in server: a parent that starts ``python -m
 flows.orphan_guard PID -m http.server``, killed with SIGKILL as a run killed by ``kill -9`` or
 the OOM killer is), and a local process pool's workers use it rather than starting their own
-(``flows.ablation.shared_api``)."""
+(``flows.ephemeral_api``)."""
 
 from __future__ import annotations
 
@@ -112,13 +112,15 @@ def fan_out():
 
 if __name__ == "__main__":
     from flows.cli import _prepare_environment
-    _prepare_environment()  # as the CLI does: no API configured, so the guard is installed
-    from flows.ablation import shared_api, task_runner
+    _prepare_environment()  # as the CLI does: guarded, and started in the background
+    from flows.ablation import task_runner
+    from flows.ephemeral_api import shared_settings
     from prefect.server.api.server import SubprocessASGIServer
-    assert shared_api(False) == {}  # a Dask cluster or one worker: nothing started here
-    assert not SubprocessASGIServer._instances
-    settings = shared_api(True)
+    assert shared_settings(False) == {}  # one worker or a Dask cluster: nothing to hand out
     server = SubprocessASGIServer()
+    import urllib.request  # ready() waited: it answers before any Prefect client asked
+    assert urllib.request.urlopen(server.api_url + "/health", timeout=5).status == 200
+    settings = shared_settings(True)
     with temporary_settings(settings):
         probes = fan_out.with_options(task_runner=task_runner(2))()
     with open(f"/proc/{server.server_process.pid}/cmdline", "rb") as f:
@@ -175,3 +177,20 @@ def test_a_watched_pool_worker_stops_when_its_parent_is_killed():
         parent.kill()
         if worker is not None and alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+def test_a_background_start_that_fails_is_raised_by_ready_once(monkeypatch):
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from flows import ephemeral_api
+
+    def boom(self, timeout=None):
+        raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API")
+
+    monkeypatch.setattr(ephemeral_api, "configured", lambda: False)
+    monkeypatch.setattr(orphan_guard, "install", lambda: None)
+    monkeypatch.setattr(SubprocessASGIServer, "start", boom)
+    ephemeral_api.prestart()
+    with pytest.raises(RuntimeError, match="Timed out"):
+        ephemeral_api.ready()
+    ephemeral_api.ready()  # reported once; nothing left to wait for

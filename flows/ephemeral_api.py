@@ -1,0 +1,88 @@
+"""The run's ephemeral Prefect API server, used when no ``PREFECT_API_URL`` is configured.
+
+Prefect starts it on the first client call (``SubprocessASGIServer``, a child process that
+takes about 7 s to answer here). A CLI run instead:
+
+- starts it in the background as soon as the command line is validated (``prestart``), so
+  its boot overlaps the ~7 s of importing torch, Lightning and MLflow; ``ready()`` waits for
+  it before the flow's first Prefect call (measured: ``quick``'s start-up 16.0 s → see the
+  README's Benchmarks);
+- guards it (``flows.orphan_guard``): it dies with the run, even under ``kill -9``;
+- hands its URL to a local process pool's workers (``shared_settings``), which would
+  otherwise each start a server of their own.
+
+Nothing here applies with a configured API (a real server is nobody's child, and the
+workers reach it already).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional
+
+_boot: Optional[threading.Thread] = None
+_failure: list[BaseException] = []
+
+
+def configured() -> bool:
+    """True when Prefect will not start an ephemeral server (an API URL is set, or
+    ephemeral servers are disabled)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    return bool(PREFECT_API_URL.value()) or not PREFECT_SERVER_EPHEMERAL_ENABLED.value()
+
+
+def _start() -> None:
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        SubprocessASGIServer().start()  # the instance Prefect's own clients use
+    except BaseException as exc:  # noqa: BLE001 - re-raised by ready() in the main thread
+        _failure.append(exc)
+
+
+def prestart() -> None:
+    """Guard the ephemeral server and start it in the background (no-op when configured).
+
+    The thread is a daemon: a run that fails before ``ready()`` exits at once, and Prefect's
+    ``atexit`` hook (or the guard) stops the server."""
+    global _boot
+    if _boot is not None or configured():
+        return
+    from flows.orphan_guard import install
+
+    install()
+    _boot = threading.Thread(target=_start, name="prefect-api-boot", daemon=True)
+    _boot.start()
+
+
+def ready() -> None:
+    """Wait for a server ``prestart`` began; raise what stopped it from answering. Must run
+    before any Prefect client call: while it boots, Prefect would take it as started."""
+    global _boot
+    if _boot is None:
+        return
+    _boot.join()
+    _boot = None
+    if _failure:
+        raise _failure.pop()
+
+
+def shared_settings(local_pool: bool) -> dict[Any, Any]:
+    """Prefect settings that make a local process pool's workers use this process's API.
+
+    With no ``PREFECT_API_URL``, every spawned worker would start an ephemeral API server
+    of its own (7-25 s and ~220 MB each, and a port race: six cells of a ``reversal`` run
+    failed when the workers' servers lost theirs). Instead this process's server, started
+    as Prefect would start it for itself, is named in the flow's settings, which the workers
+    receive. Nothing changes with a configured API or a Dask cluster (whose workers may be
+    on machines that cannot reach this one's loopback)."""
+    ready()
+    if not local_pool or configured():
+        return {}
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    server = SubprocessASGIServer()
+    server.start()  # at once when prestart() started it; stopped at exit, as Prefect does
+    return {PREFECT_API_URL: server.api_url}
