@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from models.callbacks import FiniteGuard
 from models.classifier import DeepClassifier
-from models.optim import build_optimizer
+from models.optim import ManualSteps, build_optimizer
 
 
 class LitClassifier(L.LightningModule):
@@ -41,6 +41,9 @@ class LitClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(x)  # (B, D) -> (B, n_classes) logits
 
+    def on_train_start(self) -> None:
+        self.steps = ManualSteps(self)
+
     def on_train_epoch_start(self) -> None:
         # Σ_b metric_b·|b| on the device, logged once per epoch: a self.log call costs far
         # more than a small step (Lightning moves its metric state on every call).
@@ -58,12 +61,9 @@ class LitClassifier(L.LightningModule):
 
     def training_step(self, chunk, batch_idx: int) -> None:
         """One optimiser step per ``(x, y)`` minibatch of the chunk."""
-        optimizer = self.optimizers()
         for batch in chunk:
             loss, error = self._shared_step(batch, "train")
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            optimizer.step()  # also advances trainer.global_step
+            self.steps.step(loss)  # zero_grad, backward, step; global_step + 1
             n = len(batch[1])
             self._train_sums = self._train_sums + torch.stack([loss.detach(), error]) * n
             self._train_count += n

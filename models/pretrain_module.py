@@ -9,7 +9,7 @@ import torch
 
 from models.callbacks import FiniteGuard
 from models.dae import DenoisingAutoencoder
-from models.optim import build_optimizer
+from models.optim import ManualSteps, build_optimizer
 
 
 class LitDenoisingAutoencoder(L.LightningModule):
@@ -46,6 +46,9 @@ class LitDenoisingAutoencoder(L.LightningModule):
         # silently train without corruption.
         self.dae.train()
 
+    def on_train_start(self) -> None:
+        self.steps = ManualSteps(self)
+
     def on_train_epoch_start(self) -> None:
         # Σ_b loss_b·|b| on the device, logged once per epoch: a self.log call costs far
         # more than a small step (Lightning moves its metric state on every call).
@@ -65,12 +68,9 @@ class LitDenoisingAutoencoder(L.LightningModule):
 
     def training_step(self, chunk: list[tuple[torch.Tensor]], batch_idx: int) -> None:
         """One SGD step per minibatch of the chunk: corrupt, reconstruct, step."""
-        optimizer = self.optimizers()
         for batch in chunk:
             loss = self._shared_step(batch, "train")
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            optimizer.step()  # also advances trainer.global_step
+            self.steps.step(loss)  # zero_grad, backward, step; global_step + 1
             self._train_sum = self._train_sum + loss.detach() * len(batch[0])
             self._train_count += len(batch[0])
         self.finite.flush()  # on an accelerator: the chunk's losses, one device wait
