@@ -119,7 +119,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         data_dir = args.data_dir or Path(os.environ.get("LAYERWISE_DATA_DIR", DEFAULT_DATA_DIR))
         if (data_dir / "MNIST" / "raw").is_dir():
             result["quick_run"] = bench_startup.run(data_dir, cold=args.cold,
-                                                     threads=args.threads)
+                                                     threads=args.threads,
+                                                     repeats=min(args.repeats, 3))
         else:
             print(f"  no MNIST under {data_dir}: the quick pipeline run is skipped")
     result["load_avg_end"] = load_avg()
