@@ -1,12 +1,12 @@
 """The run's ephemeral Prefect API server, used when no ``PREFECT_API_URL`` is configured.
 
 Prefect starts it on the first client call (``SubprocessASGIServer``, a child process that
-takes about 7 s to answer here). A CLI run instead:
+takes 5-7 s to answer here). A CLI run instead:
 
 - starts it in the background as soon as the command line is validated (``prestart``), so
-  its boot overlaps the ~7 s of importing torch, Lightning and MLflow; ``ready()`` waits for
-  it before the flow's first Prefect call (measured: ``quick``'s start-up 16.0 s → see the
-  README's Benchmarks);
+  its boot overlaps the ~6 s of importing torch, Lightning and MLflow; ``ready()`` waits for
+  it before the flow's first Prefect call (measured: ``quick``'s start-up went from
+  17.3-18.2 s to 13.9-14.2 s; README, Benchmarks);
 - guards it (``flows.orphan_guard``): it dies with the run, even under ``kill -9``;
 - hands its URL to a local process pool's workers (``shared_settings``), which would
   otherwise each start a server of their own.

@@ -52,7 +52,7 @@ class ManualSteps:
     those hooks, all of that reduces to ``loss.backward()`` and ``optimizer.step()``; this
     class then calls just those and advances ``trainer.global_step`` as Lightning does.
     Anything else (several devices, ``16-mixed``, a profiler, a hook someone relies on) takes
-    Lightning's own path. Both give bit-identical weights (``tests/test_training.py``).
+    Lightning's own path. Both give bit-identical weights (``tests/test_manual_steps.py``).
 
     Build it in ``on_train_start`` (the optimisers exist by then).
     """
