@@ -179,20 +179,31 @@ class Tracker:
 
     def _open_experiment(self, experiment: str) -> None:
         try:
-            exp = self.client.get_experiment_by_name(experiment)
-            if exp is None:
-                location = None
-                if is_local(self.uri):
-                    location = (layerwise_home() / "artifacts").as_uri()
-                self.experiment_id = self.client.create_experiment(experiment, location)
-            else:
-                self.experiment_id = exp.experiment_id
+            self.experiment_id = self._get_or_create(experiment)
         except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
             raise TrackingError(
                 f"cannot use MLflow tracking URI {self.uri!r} (experiment {experiment!r}): "
                 f"{exc}. Start the server, or unset MLFLOW_TRACKING_URI/--tracking-uri to use "
                 "the embedded SQLite store"
             ) from exc
+
+    def _get_or_create(self, experiment: str) -> str:
+        """The experiment's id, creating it if needed. Runs started at once against a
+        tracking server race to create it (seen: eight runs on the PostgreSQL-backed server,
+        one failed with RESOURCE_ALREADY_EXISTS); the loser uses the winner's."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is not None:
+            return exp.experiment_id
+        location = (layerwise_home() / "artifacts").as_uri() if is_local(self.uri) else None
+        try:
+            return self.client.create_experiment(experiment, location)
+        except MlflowException as exc:
+            exp = self.client.get_experiment_by_name(experiment)
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS" or exp is None:
+                raise
+            return exp.experiment_id
 
     @contextlib.contextmanager
     def run(self, name: str, tags: dict[str, str], parent_id: Optional[str] = None
