@@ -45,11 +45,15 @@ def _prepare_environment() -> None:
 
 def _sigterm_as_interrupt():
     """SIGTERM ends a run like Ctrl-C: MLflow runs are marked KILLED, exit is non-zero.
-    Returns the previous handler, to be restored."""
+    Both are remembered (``tasks.runtime.note_interrupt``), so one that Python swallows is
+    raised again at the next chunk of training. Returns the previous SIGTERM handler."""
+    from tasks.runtime import note_interrupt
 
     def handler(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise note_interrupt(f"signal {signum}")
 
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored
+        signal.signal(signal.SIGINT, handler)
     return signal.signal(signal.SIGTERM, handler)
 
 

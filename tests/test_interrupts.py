@@ -1,0 +1,33 @@
+"""An interrupt Python swallowed (a ``KeyboardInterrupt`` raised inside a garbage-collector
+callback is only printed) is raised again at the next chunk of training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.batches import TensorDataModule
+from models.dae import DenoisingAutoencoder
+from models.pretrain_module import LitDenoisingAutoencoder
+from tasks import runtime
+from tasks.config import RuntimeConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's advice on CPU
+
+
+def train(epochs: int = 2) -> LitDenoisingAutoencoder:
+    x = torch.rand(40, 10, generator=torch.Generator().manual_seed(0))
+    system = LitDenoisingAutoencoder(DenoisingAutoencoder(10, 4), layer=1,
+                                     optimizer={"name": "sgd", "lr": 0.1})
+    trainer = runtime.make_trainer(RuntimeConfig(accelerator="cpu"), epochs, [])
+    runtime.fit(trainer, system, TensorDataModule((x,), (x,), 5, seed=0))
+    return system
+
+
+def test_a_remembered_interrupt_stops_training_at_the_next_chunk(monkeypatch):
+    monkeypatch.setattr(runtime, "_INTERRUPTS", [])
+    assert train().trainer.current_epoch == 2  # nothing pending: trains to the end
+    swallowed = runtime.note_interrupt("signal 2")
+    assert isinstance(swallowed, KeyboardInterrupt)  # ... and, say, lost in a GC callback
+    with pytest.raises(KeyboardInterrupt, match="training interrupted"):
+        train()
