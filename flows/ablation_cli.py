@@ -65,7 +65,7 @@ def ablate(
     except ConfigError as exc:
         _fail(str(exc), 2)
     _prepare_environment()
-    _sigterm_as_interrupt()
+    restore_signals = _sigterm_as_interrupt()
     typer.echo(f"layerwise ablate: grid {grid.name} ({path}), {len(cells)} cells, "
                + (f"Dask cluster {dask_address}" if dask_address else
                   f"{workers} local worker{'s' if workers > 1 else ''}")
@@ -85,6 +85,8 @@ def ablate(
             raise
         _fail("interrupted; the MLflow runs were marked KILLED. Rerun the same command to "
               "resume: finished layers and cells come from the cache.", 130)
+    finally:
+        restore_signals()
     typer.echo("")
     typer.echo(result.summary_text)
     typer.echo("")

@@ -46,15 +46,24 @@ def _prepare_environment() -> None:
 def _sigterm_as_interrupt():
     """SIGTERM ends a run like Ctrl-C: MLflow runs are marked KILLED, exit is non-zero.
     Both are remembered (``tasks.runtime.note_interrupt``), so one that Python swallows is
-    raised again at the next chunk of training. Returns the previous SIGTERM handler."""
+    raised again at the next chunk of training. Returns a function that restores the
+    previous handlers (for callers in the same process, such as tests)."""
     from tasks.runtime import note_interrupt
 
     def handler(signum, frame):  # noqa: ARG001
         raise note_interrupt(f"signal {signum}")
 
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:  # not when SIGINT is ignored
         signal.signal(signal.SIGINT, handler)
-    return signal.signal(signal.SIGTERM, handler)
+    previous_term = signal.signal(signal.SIGTERM, handler)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous_term)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous_int)
+
+    return restore
 
 
 def _resolve(preset, config_file, sets, dataset, data_dir, seed):
@@ -85,7 +94,7 @@ def run(
     """Run the pipeline: data, pretrain each layer, fine-tune both twins, evaluate."""
     config = _resolve(preset, config_file, sets, dataset, data_dir, seed)
     _prepare_environment()
-    previous_sigterm = _sigterm_as_interrupt()
+    restore_signals = _sigterm_as_interrupt()
     from tasks.errors import LayerwiseError
 
     typer.echo(f"layerwise: preset {preset}, {config.model.n_layers} layers "
@@ -105,7 +114,7 @@ def run(
         _fail("interrupted; the MLflow runs were marked KILLED. Rerun the same command to "
               "resume after the last finished stage.", code=130)
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        restore_signals()
     _print_result(result)
 
 
