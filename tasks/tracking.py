@@ -200,8 +200,10 @@ class Tracker:
         try:
             return self.client.create_experiment(experiment, location)
         except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
             exp = self.client.get_experiment_by_name(experiment)
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS" or exp is None:
+            if exp is None:
                 raise
             return exp.experiment_id
 
