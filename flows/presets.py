@@ -32,7 +32,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "optimizer": {"name": "sgd", "lr": 0.1},
         },
     },
-    # Exactly DeepLearningTutorials' SdA.py (REFERENCES.md): batch 1, patience rule.
+    # Exactly DeepLearningTutorials' SdA.py (docs/references.md): batch 1, patience rule.
     "tutorial": {
         "data": {"n_train": None, "n_valid": 10000, "normalization": "unit"},
         "model": {"hidden_sizes": [1000, 1000, 1000], "activation": "sigmoid",

@@ -3,7 +3,7 @@
 A flow takes one :class:`PipelineConfig`. Every field is documented, validated before any
 work starts, flattened into MLflow params, and used somewhere: no knob is declared and then
 ignored (the reference tutorial's unused ``corruption_levels`` argument is the cautionary
-tale, DESIGN.md §4).
+tale, docs/design.md §4).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from tasks.errors import ConfigError
 
 
 def test_tutorial_preset_equals_the_reference_field_by_field(tmp_path):
-    """REFERENCES.md: DeepLearningTutorials SdA.py."""
+    """docs/references.md: DeepLearningTutorials SdA.py."""
     c = resolve_config("tutorial", data_dir=tmp_path)
     expected = {
         "data.n_valid": 10000, "data.n_train": None, "data.normalization": "unit",
