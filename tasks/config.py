@@ -57,10 +57,11 @@ class DataConfig(StageConfig):
     )
     data_dir: Path = Field(
         default_factory=default_data_dir,
-        description="torchvision root holding MNIST/raw/*-ubyte (env LAYERWISE_DATA_DIR).",
+        description="torchvision root holding MNIST/raw/*-ubyte and the other named datasets "
+        "(env LAYERWISE_DATA_DIR).",
     )
     download: bool = Field(
-        True, description="Download MNIST into data_dir when the raw files are absent."
+        True, description="Download a named dataset into data_dir when its files are absent."
     )
     n_valid: Optional[int] = Field(
         None,
