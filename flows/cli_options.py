@@ -7,7 +7,8 @@ PresetOpt = typer.Option("default", "--preset", "-p", help="quick | default | tu
 ConfigOpt = typer.Option(None, "--config", help="YAML file of config sections to override.")
 SetOpt = typer.Option(None, "--set", help="section.field=value (repeatable), e.g. "
                       "--set pretrain.corruption_levels=[0.1,0.2]")
-DatasetOpt = typer.Option(None, "--dataset", help="mnist, or PATH.npz")
+DatasetOpt = typer.Option(None, "--dataset", help="mnist | fashion-mnist | kmnist | "
+                          "mnist-bg-rand | mnist-rot, or PATH.npz / .csv / .parquet")
 DataDirOpt = typer.Option(None, "--data-dir", help="torchvision data root "
                           "(default: $LAYERWISE_DATA_DIR or ./data)")
 SeedOpt = typer.Option(None, "--seed", help="runtime.seed")

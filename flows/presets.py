@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Demos, tests and smoke runs: 5k examples, two small layers, a few epochs.
+    # Demos, tests and smoke runs: at most 5k examples, two small layers, a few epochs.
     "quick": {
         "data": {"n_train": 5000},
         "model": {"hidden_sizes": [256, 128]},

@@ -21,7 +21,9 @@ STAGE_MODULES = (
     "models/corruption.py", "models/layers.py", "models/dae.py", "models/classifier.py",
     "models/batches.py", "models/callbacks.py", "models/optim.py",
     "models/pretrain_module.py", "models/finetune_module.py",
-    "tasks/config.py", "tasks/data.py", "tasks/checkpoints.py", "tasks/runtime.py",
+    "tasks/config.py", "tasks/data.py", "tasks/data_files.py", "tasks/data_idx.py",
+    "tasks/data_sizes.py", "tasks/data_tables.py", "tasks/data_variants.py",
+    "tasks/checkpoints.py", "tasks/runtime.py",
     "tasks/pretrain.py", "tasks/finetune.py", "tasks/errors.py", "tasks/figures.py",
 )
 
