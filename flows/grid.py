@@ -36,17 +36,18 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flows.overrides import merge
-from tasks.config import Activation, NoiseType, PipelineConfig, default_data_dir
+from models.corruption import check_level
+from tasks.config import Activation, InitScheme, NoiseType, PipelineConfig, default_data_dir
 from tasks.errors import ConfigError
 
 GRIDS_DIR = Path(__file__).resolve().parent / "grids"
-RANDOM_SCHEMES = ("tutorial", "xavier", "he")
-InitValue = Literal["pretrained", "random", "tutorial", "xavier", "he"]
+RANDOM_SCHEMES = get_args(InitScheme)  # the config's init schemes, declared there only
+InitValue = Literal[("pretrained", "random", *RANDOM_SCHEMES)]
 #: Columns of the results table that describe a cell, in order (``variant`` only when used).
 FACTOR_COLUMNS = ("variant", "depth", "width", "noise", "corruption_level", "n_train",
                   "activation", "init", "seed")
@@ -124,8 +125,8 @@ class Factors(_Strict):
     @field_validator("corruption_level")
     @classmethod
     def _levels(cls, v: Optional[list[float]]) -> Optional[list[float]]:
-        if v is not None and any(not 0 <= x < 1 for x in v):
-            raise ValueError("corruption levels must lie in [0, 1)")
+        for i, level in enumerate(v or []):
+            check_level(level, f"corruption_level[{i}]")
         return v
 
     def listed(self) -> list[str]:

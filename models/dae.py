@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.corruption import corrupt as corrupt_fn
+from models.corruption import check_level, corrupt as corrupt_fn
 from models.layers import EncoderLayer, init_weight_
 
 LOSSES = ("cross_entropy", "squared_error")
@@ -60,8 +60,7 @@ class DenoisingAutoencoder(nn.Module):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown reconstruction loss {loss!r}; choose one of {LOSSES}")
-        if not 0 <= corruption_level < 1:
-            raise ValueError(f"corruption_level={corruption_level} is outside [0, 1)")
+        check_level(corruption_level)
         self.n_visible, self.n_hidden = n_visible, n_hidden
         self.noise, self.corruption_level, self.loss = noise, corruption_level, loss
         self.value_range = value_range
