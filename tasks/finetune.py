@@ -112,6 +112,7 @@ def finetune_cache_key(arm: Arm, config: PipelineConfig, data_digest: str,
     """The random arm does not depend on pretraining, so changing it never invalidates it."""
     return stage_key(
         f"finetune-{arm}",
+        kind="finetune",
         data=data_digest,
         model=config.model.model_dump(mode="json"),
         finetune=config.finetune.model_dump(mode="json"),

@@ -38,17 +38,14 @@ from tasks.finetune import (Arm, ClassifierResult, build_classifier, finetune_ca
                             hidden_digests)
 from tasks.pretrain import (LayerResult, build_dae, compute_codes, encoder_state, load_stack,
                             pretrain_cache_key)
-from tasks.runtime import code_digest, derive_seed, eval_device, stage_dir, stage_key
-
-#: The code a population result depends on beyond the single stages' ``STAGE_MODULES``.
-POPULATION_MODULES = ("models/population.py", "models/classifier_population.py",
-                      "models/population_training.py", "tasks/populations.py")
+from tasks.runtime import derive_seed, eval_device, stage_dir, stage_key
 
 
 def population_key(stage: str, member_keys: Sequence[str]) -> str:
-    """Cache key of a population: its members' single-run keys, in order, and the code."""
-    return stage_key(f"{stage}-population", members=list(member_keys),
-                     population_code=code_digest(POPULATION_MODULES))
+    """Cache key of a population: its members' single-run keys, in order (each carries its
+    stage kind's behaviour version)."""
+    return stage_key(f"{stage}-population", kind=stage.split("-")[0],
+                     members=list(member_keys))
 
 
 def check_members(configs: Sequence[PipelineConfig]) -> None:

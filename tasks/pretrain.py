@@ -214,6 +214,7 @@ def pretrain_cache_key(k: int, config: PipelineConfig, data_digest: str,
     m, p, rt = config.model, config.pretrain, config.runtime
     return stage_key(
         f"pretrain-layer-{k + 1}",
+        kind="pretrain",
         data=data_digest,
         model={"hidden_sizes": m.hidden_sizes[: k + 1], "activation": m.activation,
                "tied_weights": m.tied_weights, "init": m.init},
