@@ -15,53 +15,15 @@ kind measures per epoch and how it stops; ``train_dae_population`` and
 
 from __future__ import annotations
 
-import math
 import time
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import lightning as L
 import torch
 
-from models.batches import epoch_permutation
+from models.batches import EpochChunks
 from models.optim import build_optimizer
 from models.population import History, plain_sgd
-
-#: Examples per training chunk (one Lightning batch): enough that a chunk's arithmetic
-#: outweighs Lightning's per-batch cost at any batch size.
-CHUNK_EXAMPLES = 1024
-
-
-class EpochChunks:
-    """One epoch of per-member minibatch indices, in chunks: each item is a list of (P, b)
-    index tensors, one per optimiser step. Member p's epoch e is
-    ``epoch_permutation(n, order_seeds[p], e)`` cut into batches of ``batch_size`` (the last
-    one may be short). The seeds are read from the system at every epoch, so members that
-    stopped early are left out.
-
-    Args:
-        system: The ``PopulationSystem`` whose ``order_seeds`` and device are used.
-        n: Training examples.
-        batch_size: Minibatch size.
-    """
-
-    def __init__(self, system: "PopulationSystem", n: int, batch_size: int):
-        self.system, self.n, self.batch_size = system, n, batch_size
-        self.steps_per_epoch = math.ceil(n / batch_size)
-        self.steps_per_chunk = max(1, CHUNK_EXAMPLES // batch_size)
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return math.ceil(self.steps_per_epoch / self.steps_per_chunk)
-
-    def __iter__(self) -> Iterator[list[torch.Tensor]]:
-        seeds = self.system.order_seeds
-        order = torch.stack([epoch_permutation(self.n, s, self.epoch) for s in seeds])
-        order = order.to(self.system.device)  # (P, n)
-        self.epoch += 1
-        batches = [order[:, s : s + self.batch_size] for s in range(0, self.n, self.batch_size)]
-        for start in range(0, len(batches), self.steps_per_chunk):
-            yield batches[start : start + self.steps_per_chunk]
-
 
 class PopulationSystem(L.LightningModule):
     """What both stage kinds share: the chunked data order, the optimiser steps, the step
@@ -79,10 +41,12 @@ class PopulationSystem(L.LightningModule):
         fused: Use the population's ``sgd_step`` (plain SGD only) instead of autograd and
             ``torch.optim``; None: whenever the optimiser is plain SGD.
         stage: Names the stage in errors, e.g. ``pretrain layer 2``.
+        names: Names member p in errors (None: ``member p``).
     """
 
     def __init__(self, *, n: int, order_seeds: Sequence[int], batch_size: int,
-                 optimizer: Mapping[str, Any], fused: Optional[bool], stage: str):
+                 optimizer: Mapping[str, Any], fused: Optional[bool], stage: str,
+                 names: Optional[Sequence[str]] = None):
         super().__init__()
         self.automatic_optimization = False  # the steps are taken here, one per minibatch
         self.n, self.batch_size, self.stage = n, batch_size, stage
@@ -90,6 +54,7 @@ class PopulationSystem(L.LightningModule):
         self.optimizer_settings = dict(optimizer)
         self.fused = use_fused(fused, optimizer)
         self.members = list(range(len(order_seeds)))  # original index of each row
+        self.names = list(names) if names else [f"member {p}" for p in self.members]
         self.histories: list[History] = [[] for _ in order_seeds]
         self.steps, self.seconds = 0, 0.0
         self.opt: Optional[torch.optim.Optimizer] = None
@@ -127,10 +92,12 @@ class PopulationSystem(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         sums, self._sums = self._sums, None
-        bad = [m for m, ok in zip(self.members, torch.isfinite(sums[:, 0]).tolist()) if not ok]
-        if bad:
-            raise FloatingPointError(f"{self.stage}: the loss of member(s) {bad} became "
-                                     f"non-finite in epoch {self.current_epoch}")
+        bad = [self.names[m] for m, ok in zip(self.members, torch.isfinite(sums[:, 0]).tolist())
+               if not ok]
+        if bad:  # checked once an epoch: a check per step would wait for the device each time
+            raise FloatingPointError(
+                f"{self.stage}: the loss of {', '.join(bad)} became non-finite in epoch "
+                f"{self.current_epoch} (by step {self.steps})")
         self.end_epoch(sums / self.n)
 
     def record(self, rows: Sequence[dict[str, float]]) -> None:

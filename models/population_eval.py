@@ -22,7 +22,7 @@ def _sub_chunks(start: int, stop: int, P: int, width: int):
 @torch.no_grad()
 def dae_valid_loss(pop: DAEPopulation, x_valid: torch.Tensor, chunk: int) -> torch.Tensor:
     """Clean reconstruction loss per member (P,), the batch-weighted mean over chunks of
-    ``chunk`` examples, as Lightning's epoch-level ``self.log`` averages it."""
+    ``chunk`` examples."""
     was_training = pop.training
     pop.eval()
     n = x_valid.shape[-2]
@@ -42,8 +42,8 @@ def dae_valid_loss(pop: DAEPopulation, x_valid: torch.Tensor, chunk: int) -> tor
 def classifier_valid(pop: ClassifierPopulation, x: torch.Tensor, y: torch.Tensor,
                      chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Validation loss and error per member (P,), batch-weighted means over chunks of
-    ``chunk`` examples: the arithmetic of Lightning's epoch-level ``self.log``, so that the
-    error (which decides early stopping) is the single run's float, bit for bit."""
+    ``chunk`` examples; the error (which decides early stopping) is the fraction of wrong
+    predictions, exactly."""
     was_training = pop.training
     pop.eval()
     width = max(w.shape[1] for w in pop.weights)

@@ -32,9 +32,7 @@ class PopulationResult:
     Attributes:
         states: Member p's final weights as a ``DenoisingAutoencoder`` / ``DeepClassifier``
             state dict on the CPU (the best validation weights for classifiers).
-        histories: Member p's per-epoch rows: ``epoch``, ``step``, then ``recon_loss``,
-            ``val_recon_loss`` or ``train_loss``, ``train_error``, ``val_loss``,
-            ``val_error``.
+        histories: Member p's per-epoch rows: ``epoch``, ``step`` and the system's metrics.
         best_val_error, best_epoch, stopped_early: ``EarlyStopping.summary()`` per member
             (classifiers only).
         seconds: Wall time of the training loop.
@@ -80,10 +78,10 @@ class DAESystem(PopulationSystem):
                  x_valid: Optional[torch.Tensor], *, noise_seeds: Sequence[int],
                  order_seeds: Sequence[int], batch_size: int, optimizer: Mapping[str, Any],
                  eval_batch_size: int = 4096, fused: Optional[bool] = None,
-                 stage: str = "pretrain population"):
+                 stage: str = "pretrain population", names: Optional[Sequence[str]] = None):
         _check_seeds(len(daes), noise_seeds=noise_seeds, order_seeds=order_seeds)
         super().__init__(n=x_train.shape[-2], order_seeds=order_seeds, batch_size=batch_size,
-                         optimizer=optimizer, fused=fused, stage=stage)
+                         optimizer=optimizer, fused=fused, stage=stage, names=names)
         self.population = DAEPopulation(daes)
         self.x_train, self.x_valid, self.eval_batch_size = x_train, x_valid, eval_batch_size
         self.noise_seeds = list(noise_seeds)
@@ -128,10 +126,11 @@ def train_dae_population(
     eval_batch_size: int = 4096,
     fused: Optional[bool] = None,
     stage: str = "pretrain population",
+    names: Optional[Sequence[str]] = None,
     trainer: Optional[Any] = None,
     fit: Optional[Fit] = None,
 ) -> PopulationResult:
-    """Pretrain P autoencoders at once (no early stopping in pretraining).
+    """Pretrain P autoencoders at once, one ``DAESystem``.
 
     Args:
         daes: Single modules, one per member, already initialised from their seeds.
@@ -139,18 +138,19 @@ def train_dae_population(
         x_valid: Clean validation inputs, same layout, or None.
         noise_seeds: Seed of member p's corruption generator.
         order_seeds: Seed of member p's data order.
-        epochs: Epochs.
+        epochs: Epochs (no early stopping in pretraining).
         batch_size: Minibatch size.
         optimizer: ``models.optim.build_optimizer`` settings.
         eval_batch_size: Validation chunk size (the epoch's loss is their weighted mean).
         fused: See ``models.engine.PopulationSystem``.
-        stage: Names the stage in a divergence error.
+        stage, names: Name the stage and member p in a divergence error.
         trainer: A Lightning trainer of ``epochs`` epochs (None: ``make_trainer``'s).
         fit: How to run it (None: ``trainer.fit``).
     """
     system = DAESystem(daes, x_train, x_valid, noise_seeds=noise_seeds,
                        order_seeds=order_seeds, batch_size=batch_size, optimizer=optimizer,
-                       eval_batch_size=eval_batch_size, fused=fused, stage=stage)
+                       eval_batch_size=eval_batch_size, fused=fused, stage=stage,
+                       names=names)
     _fit(system, epochs, x_train.device, trainer, fit)
     return system.result()
 
@@ -166,11 +166,12 @@ class ClassifierSystem(PopulationSystem):
                  order_seeds: Sequence[int], batch_size: int, optimizer: Mapping[str, Any],
                  stopping: Callable[[int], EarlyStopping],
                  dropout_seeds: Optional[Sequence[int]] = None, eval_batch_size: int = 4096,
-                 fused: Optional[bool] = None, stage: str = "finetune population"):
+                 fused: Optional[bool] = None, stage: str = "finetune population",
+                 names: Optional[Sequence[str]] = None):
         P = len(classifiers)
         _check_seeds(P, order_seeds=order_seeds, dropout_seeds=dropout_seeds)
         super().__init__(n=len(x_train), order_seeds=order_seeds, batch_size=batch_size,
-                         optimizer=optimizer, fused=fused, stage=stage)
+                         optimizer=optimizer, fused=fused, stage=stage, names=names)
         self.population = ClassifierPopulation(classifiers)
         if self.population.dropout > 0 and dropout_seeds is None:
             raise ValueError("the classifiers use dropout: give dropout_seeds")
@@ -255,6 +256,7 @@ def train_classifier_population(
     eval_batch_size: int = 4096,
     fused: Optional[bool] = None,
     stage: str = "finetune population",
+    names: Optional[Sequence[str]] = None,
     trainer: Optional[Any] = None,
     fit: Optional[Fit] = None,
 ) -> PopulationResult:
@@ -274,7 +276,7 @@ def train_classifier_population(
             dropout.
         eval_batch_size: Validation chunk size (the epoch's metrics are their weighted means).
         fused: See ``models.engine.PopulationSystem``.
-        stage: Names the stage in a divergence error.
+        stage, names: Name the stage and member p in a divergence error.
         trainer: A Lightning trainer of ``max_epochs`` epochs (None: ``make_trainer``'s).
         fit: How to run it (None: ``trainer.fit``).
     """
@@ -292,6 +294,6 @@ def train_classifier_population(
                               order_seeds=order_seeds, batch_size=batch_size,
                               optimizer=optimizer, stopping=stopping,
                               dropout_seeds=dropout_seeds, eval_batch_size=eval_batch_size,
-                              fused=fused, stage=stage)
+                              fused=fused, stage=stage, names=names)
     _fit(system, max_epochs, x_train.device, trainer, fit)
     return system.result()

@@ -13,10 +13,8 @@ from pydantic import BaseModel
 
 from tasks.checkpoints import load_state
 from tasks.config import PipelineConfig
-from tasks.finetune import ClassifierResult
+from tasks.finetune import ARMS, ClassifierResult
 from tasks.runtime import eval_device, stage_dir, stage_key
-
-ARMS = ("pretrained", "random")
 
 
 class ArmEvaluation(BaseModel):
