@@ -22,6 +22,27 @@ from models.layers import EncoderLayer, init_weight_
 LOSSES = ("cross_entropy", "squared_error")
 
 
+def reconstruction_loss(x: torch.Tensor, a: torch.Tensor, loss: str) -> torch.Tensor:
+    """L(x, z) summed over features (the last axis) and averaged over the batch (the one
+    before): (B, V) -> (), or per member (P, B, V) -> (P,) with x shared (B, V) or (P, B, V).
+
+    cross-entropy: L = −Σ_i [x_i log z_i + (1−x_i) log(1−z_i)], z = sigmoid(a), computed
+    from the logits ``a`` for stability; x must lie in [0,1].
+    squared error: L = Σ_i (x_i − z_i)², z = a.
+
+    Args:
+        x: The clean input.
+        a: Decoder logits of the (corrupted) input's code.
+        loss: ``cross_entropy`` or ``squared_error``.
+    """
+    x = x.expand(a.shape)
+    if loss == "cross_entropy":
+        per_pixel = F.binary_cross_entropy_with_logits(a, x, reduction="none")
+    else:
+        per_pixel = (x - a) ** 2
+    return per_pixel.sum(dim=-1).mean(dim=-1)
+
+
 class DenoisingAutoencoder(nn.Module):
     """One dA layer with tied (default) or untied decoder weights.
 
@@ -95,21 +116,8 @@ class DenoisingAutoencoder(nn.Module):
         return torch.sigmoid(a) if self.loss == "cross_entropy" else a
 
     def reconstruction_loss(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """L(x, z) summed over features and averaged over the batch.
-
-        cross-entropy: L = −Σ_i [x_i log z_i + (1−x_i) log(1−z_i)], z = sigmoid(a), computed
-        from the logits ``a`` (``decoder_logits``) for stability; x must lie in [0,1].
-        squared error: L = Σ_i (x_i − z_i)², z = a.
-
-        Args:
-            x: The clean input, (B, n_visible).
-            a: Decoder logits of the (corrupted) input's code, (B, n_visible).
-        """
-        if self.loss == "cross_entropy":
-            per_pixel = F.binary_cross_entropy_with_logits(a, x, reduction="none")
-        else:
-            per_pixel = (x - a) ** 2
-        return per_pixel.sum(dim=1).mean()
+        """``reconstruction_loss`` with this layer's loss: (B, n_visible) x and logits a."""
+        return reconstruction_loss(x, a, self.loss)
 
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """The training objective on a batch: corrupt, encode, decode, compare to clean x."""

@@ -49,10 +49,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from models.corruption import corrupt_members
-from models.dae import DenoisingAutoencoder
+from models.dae import DenoisingAutoencoder, reconstruction_loss
 from models.layers import LEAKY_SLOPE, activate
 
 History = list[dict[str, float]]
@@ -173,20 +172,12 @@ class DAEPopulation(nn.Module):
         return torch.baddbmm(self.b_prime.unsqueeze(1), y, self.W_prime.transpose(1, 2))
 
     def reconstruction_loss(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """Per member, L(x, z) summed over features and averaged over the batch: (P,).
-
-        The definition of ``DenoisingAutoencoder.reconstruction_loss`` (cross-entropy from
-        the logits, or squared error), reduced over the last two axes only.
-        """
-        if x.dim() == 2:
-            x = x.expand(a.shape)
+        """Per member, ``models.dae.reconstruction_loss``: (P,). Without autograd the
+        cross-entropy takes the faster, equal-to-rounding ``_cross_entropy_from_sigmoid``."""
+        x = x.expand(a.shape)
         if self.loss == "cross_entropy" and not (torch.is_grad_enabled() and a.requires_grad):
             return _cross_entropy_from_sigmoid(x, a, torch.sigmoid(a))  # validation: faster
-        if self.loss == "cross_entropy":
-            per_pixel = F.binary_cross_entropy_with_logits(a, x, reduction="none")
-        else:
-            per_pixel = (x - a) ** 2
-        return per_pixel.sum(dim=-1).mean(dim=-1)
+        return reconstruction_loss(x, a, self.loss)
 
     def forward(self, x: torch.Tensor,
                 generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
