@@ -433,3 +433,37 @@ def test_dropout_needs_a_generator_per_member():
     pop = ClassifierPopulation(clfs).train()
     with pytest.raises(ValueError, match="one generator per member"):
         pop(x)
+
+
+def test_the_twins_fine_tuned_as_one_population_equal_each_arm_alone(tmp_path):
+    """The pipeline's fine-tuning stage: the pretrained and random arms of one seed as a
+    population of two give each arm's single run, and they share their data order."""
+    from types import SimpleNamespace
+
+    from tasks.config import PipelineConfig
+    from tasks.finetune import ARMS, finetune, finetune_members
+
+    config = PipelineConfig.model_validate({
+        "model": {"hidden_sizes": [8, 6], "dropout": 0.2},
+        "pretrain": {"corruption_levels": [0.1, 0.2]},
+        "finetune": {"max_epochs": 4, "batch_size": 16, "early_stopping": "patience",
+                     "patience_epochs": 1, "optimizer": {"name": "sgd", "lr": 0.3}},
+        "runtime": {"accelerator": "cpu", "seed": 3}})
+    g = gen(8)
+    (x, y), (xv, yv) = blobs(120, g, torch.float32), blobs(60, g, torch.float32)
+    data = SimpleNamespace(x_train=x, y_train=y, x_valid=xv, y_valid=yv, n_features=10,
+                           n_classes=C)
+    encoders = [layer.state_dict() for layer in make_classifier(9, torch.float32).hidden]
+    states = {"pretrained": encoders, "random": None}
+    twins = finetune_members(ARMS, [config, config], data, [states[a] for a in ARMS],
+                             [tmp_path / f"{a}.safetensors" for a in ARMS])
+    assert twins[0].initial_hidden_sha256 != twins[1].initial_hidden_sha256
+    for arm, together in zip(ARMS, twins):
+        alone = finetune(arm, config, data, states[arm], tmp_path / arm)
+        assert together.arm == alone.arm == arm
+        histories_close(together.history, alone.history, rel=1e-6)
+        assert together.best_epoch == alone.best_epoch
+        assert together.initial_hidden_sha256 == alone.initial_hidden_sha256
+    with pytest.raises(ValueError, match="distinct"):
+        finetune_members(["random", "random"], [config, config], data, [None, None],
+                         [tmp_path / "a", tmp_path / "b"])
