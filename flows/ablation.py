@@ -23,7 +23,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows.grid import GROUPING, Cell, Grid, expand, grid_params
+from flows.grid import expand, grid_params
+from flows.grid_spec import GROUPING, Cell, Grid
 from tasks.config import DataConfig, PipelineConfig
 from tasks.errors import DivergenceError
 from tasks.pretrain import LayerResult, pretrain_cache_key, pretrain_layer_task

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from flows.grid import Cell, Grid
+from flows.grid_spec import Cell, Grid
 from tasks.tracking import Tracker
 
 if TYPE_CHECKING:

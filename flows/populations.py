@@ -31,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.ablation import (CellOutcome, LayerNode, LayerOutcome, score_cell, single_cell,
                             single_layer, worker_data)
-from flows.grid import Cell
+from flows.grid_spec import Cell
 from tasks.config import PipelineConfig
 from tasks.errors import DivergenceError
 

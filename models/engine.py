@@ -25,13 +25,15 @@ from models.batches import EpochChunks
 from models.optim import build_optimizer
 from models.population import History, plain_sgd
 
+
 class PopulationSystem(L.LightningModule):
     """What both stage kinds share: the chunked data order, the optimiser steps, the step
     count, the per-member history and the divergence check.
 
     Subclasses set ``self.population`` and implement ``batch_step(idx)`` (one optimiser
     step of every member on its rows ``idx``, (P, b); returns the per-member sums of the
-    epoch's metrics, (P, k)) and ``end_epoch(sums)``.
+    epoch's metrics, (P, k), loss first) and ``end_epoch(means)`` (those sums over the
+    epoch divided by the number of examples: record, validate, stop).
 
     Args:
         n: Training examples.

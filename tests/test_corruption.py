@@ -227,7 +227,7 @@ def test_every_process_has_its_own_arithmetic(noise):
 
 @pytest.mark.parametrize("level", [-0.1, 1.0, 1.5])
 def test_one_range_check_serves_the_config_the_grid_and_the_layer(level):
-    from flows.grid import Factors
+    from flows.grid_spec import Factors
     from models.dae import DenoisingAutoencoder
     from tasks.config import PretrainConfig
 
@@ -242,7 +242,7 @@ def test_one_range_check_serves_the_config_the_grid_and_the_layer(level):
 def test_the_grid_takes_its_init_schemes_from_the_config():
     from typing import get_args
 
-    from flows.grid import RANDOM_SCHEMES, InitValue
+    from flows.grid_spec import RANDOM_SCHEMES, InitValue
     from models.layers import INIT_SCHEMES
     from tasks.config import InitScheme
 
