@@ -11,7 +11,7 @@ from flows.grid_spec import Cell, Grid
 from tasks.tracking import Tracker
 
 if TYPE_CHECKING:
-    from flows.ablation import CellOutcome, Status
+    from flows.ablation_stages import CellOutcome, Status
 
 CELL_TAG, STATUS_TAG, ERROR_TAG = "layerwise.cell", "layerwise.status", "layerwise.error"
 
