@@ -15,7 +15,7 @@ from tasks.config import PipelineConfig, check_train_size, flatten
 from tasks.data import load_data_task
 from tasks.errors import ConfigError, TrackingError
 from tasks.evaluate import ARMS, evaluate_task, load_classifier, per_class_table
-from tasks.finetune import finetune_task
+from tasks.finetune import finetune_twins_task
 from tasks.pretrain import pretrain_layer_task
 from tasks.runtime import eval_device, layerwise_home
 from tasks.tracking import CACHED_TAG, KIND_TAG, STAGE_TAG, Tracker, environment_params
@@ -107,12 +107,18 @@ def pipeline(
                 log_layer(tracker, run, layer)
             stack.append(layer)
 
-        results = {}
-        for arm, encoders in (("pretrained", stack), ("random", None)):
+        # The twins fine-tune as one population of two (one pass over the data, the same
+        # data order by construction) in the first arm's stage; each arm keeps its own run.
+        results, twins = {}, None
+        for arm in ARMS:
             name = f"finetune-{arm}"
             with stages.stage(name) as (run, info):
-                results[arm] = _run_task(finetune_task, name, fresh, info, arm, config, data,
-                                         encoders)
+                if twins is None:
+                    twins = _run_task(finetune_twins_task, "finetune-twins", fresh, info,
+                                      config, data, stack)
+                    cached = info["cached"]
+                info["cached"] = cached
+                results[arm] = twins.arms[arm]
                 log_classifier_run(tracker, run, results[arm])
 
         with stages.stage("evaluate") as (run, info):

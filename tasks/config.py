@@ -16,9 +16,11 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from models.corruption import NOISE_NAMES, check_level
+
 Activation = Literal["sigmoid", "tanh", "relu", "leaky_relu"]
 InitScheme = Literal["tutorial", "xavier", "he"]
-NoiseType = Literal["masking", "gaussian", "salt_and_pepper", "multiplicative_gaussian"]
+NoiseType = Literal[NOISE_NAMES]  # the keys of models.corruption.PROCESSES
 ReconstructionLoss = Literal["cross_entropy", "squared_error"]
 Normalization = Literal["unit", "standardize", "zca"]
 
@@ -182,8 +184,7 @@ class PretrainConfig(StageConfig):
     @classmethod
     def _levels_in_range(cls, v: list[float]) -> list[float]:
         for i, level in enumerate(v):
-            if not 0 <= level < 1:
-                raise ValueError(f"corruption_levels[{i}] = {level} is outside [0, 1)")
+            check_level(level, f"corruption_levels[{i}]")
         return v
 
 
