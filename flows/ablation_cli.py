@@ -68,7 +68,9 @@ def ablate(
     with guarded_work("Rerun the same command to resume: finished layers and cells come "
                       "from the cache.", f"MLflow experiment {experiment!r} at {uri}"):
         from flows.ablation import run_ablation
+        from flows.expected_errors import install
 
+        install()  # cells that fail with the project's errors: logged without tracebacks
         result = run_ablation(grid, workers=workers, dask_address=dask_address, out_dir=out,
                               threads=threads, population=population,
                               tracking_uri=uri, experiment=experiment)
