@@ -1,5 +1,6 @@
 """Options shared by the commands that resolve a pipeline config (``layerwise run``,
-``data``, ``config``, ``schedule serve``) or record it in MLflow; typer only."""
+``data``, ``config``, ``schedule serve``, ``ablate``) or read and write MLflow; typer only.
+Declared once here; every command imports them from this module."""
 
 import typer
 
@@ -15,3 +16,6 @@ SeedOpt = typer.Option(None, "--seed", help="runtime.seed")
 ExperimentOpt = typer.Option("layerwise", "--experiment", help="MLflow experiment.")
 ModelNameOpt = typer.Option("layerwise-classifier", "--model-name",
                             help="Registered model name.")
+TrackingUriOpt = typer.Option(None, "--tracking-uri", help="MLflow URI (default: "
+                              "$MLFLOW_TRACKING_URI or sqlite:///$LAYERWISE_HOME/mlflow.db, "
+                              "LAYERWISE_HOME=./mlruns).")

@@ -81,6 +81,9 @@ def pipeline(
     fresh: bool = False,
 ) -> PipelineResult:
     """Greedy layer-wise pretraining vs random initialisation, recorded in MLflow."""
+    from flows.expected_errors import install
+
+    install()  # the project's own errors are logged without tracebacks (also when served)
     echo = print
     tracker = Tracker(tracking_uri, experiment)
     device = str(eval_device(config.runtime))
