@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from flows.grid_spec import RANDOM_SCHEMES, Cell, Grid
 from flows.overrides import merge
-from tasks.config import PipelineConfig, default_data_dir
+from tasks.config import NAMED_DATASETS, PipelineConfig, default_data_dir
 from tasks.errors import ConfigError
 
 GRIDS_DIR = Path(__file__).resolve().parent / "grids"
@@ -132,7 +132,7 @@ def expand(grid: Grid) -> list[Cell]:
     data = tree.setdefault("data", {})
     # Workers in other processes (or machines) get the data root explicitly, never via env.
     data["data_dir"] = str(Path(data.get("data_dir") or default_data_dir()).resolve())
-    if str(data.get("dataset", "mnist")).lower() != "mnist":
+    if str(data.get("dataset", "mnist")).lower() not in NAMED_DATASETS:
         data["dataset"] = str(Path(data["dataset"]).resolve())
     f = grid.factors
     names = [n for n in f.listed() if n != "variant"]

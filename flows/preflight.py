@@ -28,6 +28,7 @@ import numpy as np
 
 from flows.memory_estimate import (FLOAT, Shape, available_bytes, classifier_params,
                                    dae_params, memory_problem)
+from tasks.config import NAMED_DATASETS
 from tasks.errors import PreflightError
 from tasks.tracking_uri import check_tracking_uri, sqlite_path, writable_dir_problem
 
@@ -74,7 +75,7 @@ def data_shape(dataset: str) -> tuple[Optional[Shape], list[str]]:
     huge label (an id instead of a class) would size the output layer and the per-class
     counts by it. They must stay below the number of training rows.
     """
-    if dataset.lower() == "mnist":
+    if dataset.lower() in NAMED_DATASETS:  # all 60k + 10k, 28×28, 10 classes
         return MNIST_SHAPE, []
     path = Path(dataset)
     try:

@@ -46,6 +46,12 @@ def _write(tmp_path: Path, text: str) -> Path:
 # --- the grid spec -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", ["fashion-mnist", "kmnist", "mnist-bg-rand", "mnist-rot"])
+def test_a_named_dataset_stays_a_name_in_every_cell(name, tmp_path):
+    cells = expand(customise(load_grid(GRIDS_DIR / "tiny.yaml"), dataset=name, data_dir=tmp_path))
+    assert {c.config.data.dataset for c in cells} == {name}
+
+
 def test_shipped_grids_load_and_expand(tmp_path):
     assert {"tiny", "erhan-small", "erhan", "reversal"} <= set(grid_presets())
     sizes = {}
