@@ -21,6 +21,7 @@ from tasks.errors import LayerwiseError
 
 KIND_TAG, STAGE_TAG, CACHED_TAG = "layerwise.kind", "layerwise.stage", "layerwise.cached"
 PID_TAG, HOST_TAG = "layerwise.pid", "layerwise.host"
+ARTIFACTS_FROM_TAG = "layerwise.artifacts_from"  # identical artifacts kept by an earlier run
 PARENT_TAG = "mlflow.parentRunId"
 KINDS = ("pipeline", "ablation")
 KEY_PARAMS = ("model.hidden_sizes", "pretrain.corruption_levels", "runtime.seed")
@@ -149,8 +150,9 @@ def show_run(client: Any, run_id: str) -> dict[str, Any]:
 
     Returns:
         ``{"info": dict, "params": dict, "metrics": dict, "stages": DataFrame (stage, run_id,
-        status, duration_s, cached), "artifacts": DataFrame (stage, path, size)}``; the
-        artifacts of the run itself have stage ``""``.
+        status, duration_s, cached), "artifacts": DataFrame (stage, path, size, from_run)}``;
+        the artifacts of the run itself have stage ``""``; ``from_run`` names the earlier run
+        that holds a stage's identical artifacts (tag ``layerwise.artifacts_from``), else None.
     """
     run = get_run(client, run_id)
     exp_id = run.info.experiment_id
@@ -166,14 +168,17 @@ def show_run(client: Any, run_id: str) -> dict[str, Any]:
         [{"stage": _stage(k), "run_id": k.info.run_id, "status": k.info.status,
           "duration_s": _duration(k.info), "cached": k.data.tags.get(CACHED_TAG) == "true"}
          for k in kids], columns=["stage", "run_id", "status", "duration_s", "cached"])
-    artifacts = [{"stage": "", "path": path, "size": size}
-                 for path, size in list_artifacts(client, run.info.run_id, exp_id)]
-    for kid in kids:
-        artifacts += [{"stage": _stage(kid), "path": path, "size": size}
-                      for path, size in list_artifacts(client, kid.info.run_id, exp_id)]
+    artifacts = []
+    for stage, holder in [("", run), *((_stage(k), k) for k in kids)]:
+        # a rerun with identical artifacts points at the earlier run that holds them
+        source = holder.data.tags.get(ARTIFACTS_FROM_TAG)
+        artifacts += [{"stage": stage, "path": path, "size": size, "from_run": source}
+                      for path, size in list_artifacts(client, source or holder.info.run_id,
+                                                       exp_id)]
     return {"info": info, "params": dict(sorted(run.data.params.items())),
             "metrics": dict(sorted(run.data.metrics.items())), "stages": stages,
-            "artifacts": pd.DataFrame(artifacts, columns=["stage", "path", "size"])}
+            "artifacts": pd.DataFrame(artifacts, columns=["stage", "path", "size",
+                                                          "from_run"])}
 
 
 def list_artifacts(client: Any, run_id: str, experiment_id: Optional[str] = None

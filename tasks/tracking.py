@@ -22,6 +22,9 @@ from tasks.runtime import layerwise_home
 
 KIND_TAG, STAGE_TAG, CACHED_TAG = "layerwise.kind", "layerwise.stage", "layerwise.cached"
 PID_TAG, HOST_TAG = "layerwise.pid", "layerwise.host"
+# A stage run that uploaded the artifacts of a content key (data and checkpoint digests)
+# carries the key; a later run with the same key points at it instead of uploading again.
+ARTIFACTS_KEY_TAG, ARTIFACTS_FROM_TAG = "layerwise.artifacts_key", "layerwise.artifacts_from"
 MAX_PARAM_CHARS = 6000
 MAX_BATCH = 1000
 
@@ -264,32 +267,18 @@ class Tracker:
                      json.dumps(obj, indent=2, sort_keys=True, default=str),
                      safe_artifact_path(artifact_file))
 
-    def log_classifier(self, run_id: str, model: Any, input_example: Any,
-                       registered_name: str, tags: dict[str, str]) -> str:
-        """Log the classifier as an MLflow model (pt2: no pickle) with signature and input
-        example, register it under ``registered_name`` and tag the version. Returns the
-        version number."""
-        import mlflow
-        import mlflow.pytorch
-        import torch
-        from mlflow.models import infer_signature
+    def find_run(self, tags: dict[str, str]) -> Optional[str]:
+        """The oldest FINISHED run of this experiment carrying all ``tags``, or None."""
+        clauses = [f"tags.`{k}` = '{quote_filter(v)}'" for k, v in tags.items()]
+        runs = with_retries(self.client.search_runs, [self.experiment_id],
+                            " and ".join([*clauses, "attributes.status = 'FINISHED'"]),
+                            max_results=1, order_by=["attributes.start_time ASC"])
+        return runs[0].info.run_id if runs else None
 
-        with torch.no_grad():
-            output = model(torch.as_tensor(input_example)).numpy()
-        signature = infer_signature(input_example, output)
-        def log() -> Any:
-            with mlflow.start_run(run_id=run_id):
-                return mlflow.pytorch.log_model(
-                    model, name="model", input_example=input_example, signature=signature,
-                    serialization_format="pt2", registered_model_name=registered_name,
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                )
 
-        info = with_retries(log)
-        version = str(info.registered_model_version)
-        for key, value in tags.items():
-            with_retries(self.client.set_model_version_tag, registered_name, version, key, value)
-        return version
+def quote_filter(text: str) -> str:
+    """A value inside single quotes of an MLflow search filter."""
+    return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _param_value(value: Any) -> str:

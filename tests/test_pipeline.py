@@ -138,13 +138,16 @@ def test_registered_model_reproduces_logged_test_error(quick_run, shared_data_di
     import mlflow.pytorch
 
     config, result, uri = quick_run
+    from flows.records import raw_test_inputs
     from tasks.data import load_data
 
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model(f"models:/e2e-classifier/{result.model_version}")
     data = load_data(config.data)
+    raw = torch.from_numpy(raw_test_inputs(config.data))  # (10000, 784) pixels in 0-255
+    assert raw.max() == 255  # the model normalises them itself
     with torch.no_grad():
-        pred = model(data.x_test).argmax(dim=1)
+        pred = model(raw).argmax(dim=1)
     error = int((pred != data.y_test).sum()) / len(data.y_test)
     assert error == result.test_error_pretrained
     from mlflow.tracking import MlflowClient

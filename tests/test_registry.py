@@ -260,24 +260,32 @@ def test_promote_refuses_to_compare_across_data_digests(store, client, cli):
     assert champion() == "2" and "was already champion" in out
 
 
-def test_champion_reproduces_its_recorded_test_error(store, client, cli):
+def test_champion_reproduces_its_recorded_test_error_from_raw_pixels(store, client, cli):
+    """The registered model takes MNIST as a user has it (784 pixels in 0-255), applies the
+    run's normalisation itself and returns probabilities: its argmax over the raw test set
+    reproduces the logged test error exactly; its signature and description say so."""
     import mlflow
-    import mlflow.pytorch
-    import torch
-
-    from tasks.data import load_data
+    import mlflow.pyfunc
+    import numpy as np
+    from torchvision.datasets import MNIST
 
     _ok(cli("promote", "--name", MODEL, "--tracking-uri", store["uri"]))
     champion = client.get_model_version_by_alias(MODEL, "champion")
     mlflow.set_tracking_uri(store["uri"])
-    model = mlflow.pytorch.load_model(f"models:/{MODEL}@champion")
-    data = load_data(store["config"].data)
-    with torch.no_grad():
-        pred = model(data.x_test).argmax(dim=1)
-    error = int((pred != data.y_test).sum()) / len(data.y_test)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    test = MNIST(root=store["config"].data.data_dir, train=False, download=False)
+    raw = test.data.reshape(len(test.data), 784).numpy().astype(np.float32)  # 0-255
+    probs = model.predict(raw)
+    assert probs.shape == (10000, 10) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    error = int((probs.argmax(axis=1) != test.targets.numpy()).sum()) / 10000
     assert error == float(champion.tags["test_error"])
-    parent = champion.tags["layerwise.run_id"]
-    assert error == _metrics(client, parent)["test/error_pretrained"]
+    assert error == _metrics(client, champion.tags["layerwise.run_id"])["test/error_pretrained"]
+
+    inputs = model.metadata.get_input_schema().inputs[0]
+    assert inputs.shape == (-1, 784) and str(inputs.type) == "float32"
+    assert "0-255" in champion.description and "'unit' normalisation" in champion.description
+    assert "probabilities" in champion.description
+    assert "'champion'" in client.get_registered_model(MODEL).description
 
 
 # ----------------------------------------------------------------------------------- errors
@@ -359,3 +367,42 @@ def test_cli_module_imports_neither_mlflow_nor_pandas():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------- rerun
+
+
+def test_a_cached_rerun_reuses_the_version_and_uploads_nothing(store, client, cli):
+    """Rerunning seed 3 (every trained stage from cache; same weights, same data) registers
+    no new version and writes no artifact file: each stage points at the first run's, and
+    the run says what it reused. Runs last: it adds a run to the experiment."""
+    from flows.pipeline import run_pipeline
+
+    first = store["results"][0]
+    files = sorted(p for p in (store["home"] / "artifacts").rglob("*") if p.is_file())
+    versions = {v.version for v in client.search_model_versions(f"name = '{MODEL}'")}
+    config = resolve_config("quick", data_dir=store["config"].data.data_dir, sets=TINY,
+                            seed=SEEDS[0])
+    again = run_pipeline(config, preset="quick", tracking_uri=store["uri"],
+                         experiment=EXPERIMENT, registered_model_name=MODEL)
+
+    assert again.model_version == first.model_version and again.model_reused
+    assert {v.version for v in client.search_model_versions(f"name = '{MODEL}'")} == versions
+    assert sorted(p for p in (store["home"] / "artifacts").rglob("*") if p.is_file()) == files
+    earlier = {s.name: s.mlflow_run_id for s in first.stages}
+    assert {s.name: s.artifacts_from for s in again.stages} == earlier
+    assert [s.name for s in again.stages if s.cached] == STAGES[1:5]  # data, evaluate: never
+    assert again.test_error_pretrained == first.test_error_pretrained
+    for stage in again.stages:
+        assert client.list_artifacts(stage.mlflow_run_id) == []
+        assert client.get_run(stage.mlflow_run_id).data.tags[
+            "layerwise.artifacts_from"] == earlier[stage.name]
+    note = client.get_run(again.run_id).data.tags["layerwise.reused"]
+    assert f"model {MODEL} v{first.model_version} (same weights and data)" in note
+    assert "the artifacts of " + ", ".join(STAGES) in note
+
+    rec = registry.show_run(client, again.run_id)
+    art = rec["artifacts"].set_index("path")
+    assert art.loc["weights/classifier_random.safetensors", "from_run"] == \
+        earlier["finetune-random"]
+    assert art.loc["evaluation/summary.json", "stage"] == "evaluate"
