@@ -12,6 +12,8 @@ from prefect import flow
 from pydantic import BaseModel
 
 from tasks.config import PipelineConfig, check_train_size, flatten
+from tasks.conventions import (NOTE_TAG, dataset_inputs, run_description, run_name,
+                               stage_description)
 from tasks.data import load_data_task
 from tasks.errors import ConfigError
 from tasks.evaluate import ARMS, evaluate_task, per_class_table
@@ -56,7 +58,8 @@ class StageRecorder:
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[tuple[str, dict[str, Any]]]:
         started, info = time.perf_counter(), {"cached": False, "artifacts_from": None}
-        with self.tracker.run(name, {STAGE_TAG: name}, self.parent_id) as run_id:
+        tags = {STAGE_TAG: name, NOTE_TAG: stage_description(name)}
+        with self.tracker.run(name, tags, self.parent_id) as run_id:
             yield run_id, info
             self.tracker.set_tags(run_id, {CACHED_TAG: str(info["cached"]).lower()})
         seconds = time.perf_counter() - started
@@ -86,7 +89,18 @@ def _run_task(task: Any, name: str, fresh: bool, info: dict[str, Any], *args: An
     return state.result()
 
 
-@flow(name="layerwise-pipeline", validate_parameters=True)
+def _flow_run_name() -> str:
+    """The Prefect flow run's name: the MLflow parent run's, ``<preset>-seed<seed>-<UTC>``."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    config = params.get("config")
+    seed = (config.runtime.seed if isinstance(config, PipelineConfig)
+            else ((config or {}).get("runtime") or {}).get("seed", 0))
+    return run_name(params.get("preset", "custom"), seed)
+
+
+@flow(name="layerwise-pipeline", validate_parameters=True, flow_run_name=_flow_run_name)
 def pipeline(
     config: PipelineConfig,
     preset: str = "custom",
@@ -97,9 +111,13 @@ def pipeline(
 ) -> PipelineResult:
     """Greedy layer-wise pretraining vs random initialisation, recorded in MLflow."""
     echo = print
-    tracker = Tracker(tracking_uri, experiment)
+    from prefect.runtime import flow_run
+
+    tracker = Tracker(tracking_uri, experiment, source_name="flows/pipeline.py")
     device = str(eval_device(config.runtime))
-    with tracker.run("pipeline", {KIND_TAG: "pipeline"}) as parent:
+    name = flow_run.name or run_name(preset, config.runtime.seed)
+    with tracker.run(name, {KIND_TAG: "pipeline", NOTE_TAG: run_description(
+            "pipeline", preset, config)}) as parent:
         tracker.log_params(parent, {**flatten(config), "preset": preset,
                                     **environment_params(device)})
         stages = StageRecorder(tracker, parent, echo)
@@ -107,6 +125,9 @@ def pipeline(
         with stages.stage("load-data") as (run, info):
             data = _run_task(load_data_task, "load-data", fresh, info, config.data)
             info["artifacts_from"] = log_data(tracker, run, data)
+        tracker.log_inputs(parent, dataset_inputs(data, str(
+            config.data.data_dir / "MNIST" / "raw" if config.data.is_mnist
+            else config.data.dataset)))
         tracker.log_params(parent, {"data.digest": data.digest})
         try:
             check_train_size(config, len(data.x_train) if config.data.n_train is None

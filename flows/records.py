@@ -21,6 +21,7 @@ from tasks.tracking import ARTIFACTS_FROM_TAG, ARTIFACTS_KEY_TAG, Tracker
 # format are never reused.
 SERVED_FORMAT = "raw-pixels-probabilities-v1"
 FORMAT_TAG = "layerwise.model_format"
+ARM_TAG = "layerwise.arm"
 
 
 def upload_once(tracker: Tracker, run: str, key: str, upload: Callable[[], None]
@@ -79,9 +80,11 @@ def log_layer(tracker: Tracker, run: str, layer: Any) -> Optional[str]:
 
 
 def log_classifier_run(tracker: Tracker, run: str, result: Any) -> Optional[str]:
-    """History, stopping point and final weights of one fine-tuned arm. Returns the run
-    whose artifacts were reused, if any."""
-    prefix = f"finetune/{result.arm}"
+    """History, stopping point and final weights of one fine-tuned arm, under the same
+    keys in both arms' runs (``finetune/val_error``…) so that MLflow overlays the arms; the
+    arm is the tag ``layerwise.arm``. Returns the run whose artifacts were reused, if any."""
+    prefix = "finetune"
+    tracker.set_tags(run, {ARM_TAG: result.arm})
     tracker.log_history(run, prefix, result.history)
     tracker.log_params(run, {"arm": result.arm, "checkpoint.sha256": result.checkpoint.sha256,
                              "initial_hidden_sha256": result.initial_hidden_sha256})

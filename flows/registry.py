@@ -22,6 +22,7 @@ from tasks.errors import LayerwiseError
 KIND_TAG, STAGE_TAG, CACHED_TAG = "layerwise.kind", "layerwise.stage", "layerwise.cached"
 PID_TAG, HOST_TAG = "layerwise.pid", "layerwise.host"
 ARTIFACTS_FROM_TAG = "layerwise.artifacts_from"  # identical artifacts kept by an earlier run
+ARM_TAG = "layerwise.arm"  # a fine-tuning arm's run: pretrained | random
 PARENT_TAG = "mlflow.parentRunId"
 KINDS = ("pipeline", "ablation")
 KEY_PARAMS = ("model.hidden_sizes", "pretrain.corruption_levels", "runtime.seed")
@@ -211,6 +212,8 @@ def compare_runs(client: Any, run_ids: Sequence[str]) -> dict[str, Any]:
 
     Metrics are each run's own final metrics (listed first), then its stages' final metrics
     (``finetune/<arm>/...``, ``pretrain/layer_<k>/...``) where the run has none of that name.
+    Each fine-tuning arm's run logs ``finetune/<name>`` (tag ``layerwise.arm``); here they
+    read ``finetune/<arm>/<name>`` so that the two arms stay apart.
 
     Returns:
         ``{"run_ids": [full ids], "params": DataFrame (index param, one column per run: only
@@ -230,7 +233,7 @@ def compare_runs(client: Any, run_ids: Sequence[str]) -> dict[str, Any]:
     for run_id, run in zip(ids, runs):
         values = {}
         for kid in children(client, run):
-            values.update(kid.data.metrics)
+            values.update(_arm_metrics(kid))
         values.update(run.data.metrics)
         metrics[run_id] = values
         own |= set(run.data.metrics)
@@ -504,6 +507,15 @@ def _try_run(client: Any, run_id: Optional[str]) -> Any:
         return client.get_run(run_id)
     except MlflowException:
         return None
+
+
+def _arm_metrics(run: Any) -> dict[str, float]:
+    """A stage run's final metrics; an arm's ``finetune/x`` as ``finetune/<arm>/x``."""
+    arm = run.data.tags.get(ARM_TAG)
+    if not arm:
+        return dict(run.data.metrics)
+    return {(f"finetune/{arm}/{k.split('/', 1)[1]}" if k.startswith("finetune/") else k): v
+            for k, v in run.data.metrics.items()}
 
 
 def _stage(run: Any) -> str:

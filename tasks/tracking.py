@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from tasks.conventions import EXPERIMENT_DESCRIPTION, NOTE_TAG, system_tags
 from tasks.errors import TrackingError
 from tasks.runtime import layerwise_home
 
@@ -163,12 +164,15 @@ class Tracker:
     Args:
         tracking_uri: MLflow tracking URI; None for ``default_tracking_uri()``.
         experiment: Experiment name, created when absent.
+        source_name: The code that runs (``mlflow.source.name``), e.g. ``flows/pipeline.py``.
     """
 
-    def __init__(self, tracking_uri: Optional[str] = None, experiment: str = "layerwise"):
+    def __init__(self, tracking_uri: Optional[str] = None, experiment: str = "layerwise",
+                 source_name: str = "layerwise"):
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        self.system_tags = system_tags(source_name)
         self.uri = tracking_uri or default_tracking_uri()
         preflight_mlflow(self.uri)
         local_db = Path(self.uri[len("sqlite:///"):]) if self.uri.startswith("sqlite:///") else None
@@ -198,10 +202,14 @@ class Tracker:
 
         exp = self.client.get_experiment_by_name(experiment)
         if exp is not None:
+            if NOTE_TAG not in exp.tags:
+                self.client.set_experiment_tag(exp.experiment_id, NOTE_TAG,
+                                               EXPERIMENT_DESCRIPTION)
             return exp.experiment_id
         location = (layerwise_home() / "artifacts").as_uri() if is_local(self.uri) else None
         try:
-            return self.client.create_experiment(experiment, location)
+            return self.client.create_experiment(experiment, location,
+                                                 tags={NOTE_TAG: EXPERIMENT_DESCRIPTION})
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -214,7 +222,8 @@ class Tracker:
     def run(self, name: str, tags: dict[str, str], parent_id: Optional[str] = None
             ) -> Iterator[str]:
         """A run that ends FINISHED on success, KILLED on Ctrl-C/SIGTERM, FAILED otherwise."""
-        tags = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(), **tags}
+        tags = {**self.system_tags, PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(),
+                **tags}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
         run = with_retries(self.client.create_run, self.experiment_id, run_name=name, tags=tags)
@@ -226,6 +235,10 @@ class Tracker:
                          "KILLED" if is_interrupt(exc) else "FAILED")
             raise
         with_retries(self.client.set_terminated, run_id, "FINISHED")
+
+    def log_inputs(self, run_id: str, datasets: list[Any]) -> None:
+        """Datasets (``mlflow.entities.DatasetInput``) the run read."""
+        with_retries(self.client.log_inputs, run_id, datasets=datasets)
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

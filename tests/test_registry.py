@@ -180,11 +180,56 @@ def test_compare_shows_differing_params_and_metric_deltas(store, client, cli):
     assert rec["params"].loc["runtime.seed"].tolist() == [str(s) for s in SEEDS]
     for name in ("test/error_pretrained", "test/error_random", "test/error_diff"):
         assert rec["deltas"].loc[name, b] == mb[name] - ma[name]
-    # stage metrics come along, e.g. the fine-tuned arms' best validation errors
-    kid = next(r for r in registry.children(client, client.get_run(b))
-               if r.data.tags["layerwise.stage"] == "finetune-pretrained")
-    assert rec["metrics"].loc["finetune/pretrained/best_val_error", b] == \
-        kid.data.metrics["finetune/pretrained/best_val_error"]
+    # stage metrics come along, e.g. the fine-tuned arms' best validation errors: each arm's
+    # run logs finetune/best_val_error; compare keeps the arms apart
+    kids = {r.data.tags["layerwise.stage"]: r for r in registry.children(client, client.get_run(b))}
+    for arm in ("pretrained", "random"):
+        assert rec["metrics"].loc[f"finetune/{arm}/best_val_error", b] == \
+            kids[f"finetune-{arm}"].data.metrics["finetune/best_val_error"]
+    assert not any(m.startswith("finetune/best") for m in rec["metrics"].index)
+
+
+def test_runs_follow_mlflow_conventions(store, client):
+    """System tags, datasets, descriptions, names that tell runs apart (the same in Prefect),
+    and one key per quantity in both arms' runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    from tasks.conventions import _git
+
+    first = store["results"][0]
+    parent = client.get_run(first.run_id)
+    tags = parent.data.tags
+    assert tags["mlflow.user"] and tags["mlflow.source.name"] == "flows/pipeline.py"
+    assert tags["mlflow.source.git.commit"] == _git("rev-parse", "HEAD")
+    assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])
+    assert re.fullmatch(rf"quick-seed{SEEDS[0]}-\d{{8}}-\d{{6}}", parent.info.run_name)
+    assert "preset 'quick', seed 3" in tags["mlflow.note.content"]
+    with get_client(sync_client=True) as prefect:
+        (flow_run,) = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=[parent.info.run_name])))
+    assert flow_run.parameters["preset"] == "quick"
+
+    inputs = {d.dataset.name: d for d in parent.inputs.dataset_inputs}
+    assert set(inputs) == {"mnist-train", "mnist-valid", "mnist-test"}
+    for name, rows in (("mnist-train", 1000), ("mnist-valid", 2000), ("mnist-test", 10000)):
+        dataset = inputs[name].dataset
+        assert dataset.digest == first.data["digest"][:36]
+        assert json.loads(dataset.profile) == {
+            "num_rows": rows, "num_features": 784, "normalization": "unit",
+            "data_digest": first.data["digest"]}
+    assert {t.value for d in inputs.values() for t in d.tags} == {"training", "validation",
+                                                                   "test"}
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert "test/error_pretrained" in experiment.tags["mlflow.note.content"]
+
+    kids = {k.data.tags["layerwise.stage"]: k for k in registry.children(client, parent)}
+    assert all(k.data.tags["mlflow.note.content"] for k in kids.values())
+    arms = [kids["finetune-pretrained"], kids["finetune-random"]]
+    assert [k.data.tags["layerwise.arm"] for k in arms] == ["pretrained", "random"]
+    keys = [{m for m in k.data.metrics if m.startswith("finetune/")} for k in arms]
+    assert keys[0] == keys[1] and "finetune/val_error" in keys[0]
+    assert len(client.get_metric_history(arms[1].info.run_id, "finetune/val_error")) == 1
 
 
 # --------------------------------------------------------------------------- models/promote
