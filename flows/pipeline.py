@@ -20,6 +20,7 @@ from tasks.evaluate import ARMS, evaluate_task, per_class_table
 from tasks.finetune import finetune_task
 from tasks.pretrain import pretrain_layer_task
 from tasks.runtime import eval_device, layerwise_home
+from flows.parameters import complete, resolve_flow_config
 from flows.records import log_classifier_run, log_data, log_evaluation, log_layer
 from tasks.tracking import CACHED_TAG, KIND_TAG, STAGE_TAG, Tracker, environment_params
 
@@ -94,32 +95,48 @@ def _flow_run_name() -> str:
     from prefect.runtime import flow_run
 
     params = flow_run.parameters
-    config = params.get("config")
-    seed = (config.runtime.seed if isinstance(config, PipelineConfig)
-            else ((config or {}).get("runtime") or {}).get("seed", 0))
-    return run_name(params.get("preset", "custom"), seed)
+    try:
+        config, preset, _ = resolve_flow_config(params.get("config"), params.get("preset"),
+                                                params.get("overrides") or [])
+    except (ConfigError, ValueError, TypeError):  # the flow itself reports the mistake
+        return run_name(str(params.get("preset") or "invalid"), 0)
+    return run_name(preset, config.runtime.seed)
 
 
 @flow(name="layerwise-pipeline", validate_parameters=True, flow_run_name=_flow_run_name)
 def pipeline(
-    config: PipelineConfig,
-    preset: str = "custom",
+    config: Optional[PipelineConfig] = None,
+    preset: Optional[str] = None,
+    overrides: Optional[list[str]] = None,
     tracking_uri: Optional[str] = None,
     experiment: str = "layerwise",
     registered_model_name: str = "layerwise-classifier",
     fresh: bool = False,
 ) -> PipelineResult:
-    """Greedy layer-wise pretraining vs random initialisation, recorded in MLflow."""
-    echo = print
+    """Greedy layer-wise pretraining vs random initialisation, recorded in MLflow.
+
+    Args:
+        config: A complete config (``layerwise config --format json``); None to build it
+            from ``preset`` and ``overrides``.
+        preset: Preset name (default ``default``); recorded with the overrides relative to it.
+        overrides: ``section.field=value`` items, as ``layerwise run --set`` takes them.
+        tracking_uri: MLflow tracking URI (default: ``$MLFLOW_TRACKING_URI`` or the embedded
+            store).
+        experiment: MLflow experiment name.
+        registered_model_name: Registered model that the pretrained classifier joins.
+        fresh: Recompute every stage instead of reusing cached results.
+    """
     from prefect.runtime import flow_run
 
+    echo = print
+    config, preset, overrides = resolve_flow_config(config, preset, overrides or [])
     tracker = Tracker(tracking_uri, experiment, source_name="flows/pipeline.py")
     device = str(eval_device(config.runtime))
     name = flow_run.name or run_name(preset, config.runtime.seed)
     with tracker.run(name, {KIND_TAG: "pipeline", NOTE_TAG: run_description(
             "pipeline", preset, config)}) as parent:
         tracker.log_params(parent, {**flatten(config), "preset": preset,
-                                    **environment_params(device)})
+                                    "overrides": overrides, **environment_params(device)})
         stages = StageRecorder(tracker, parent, echo)
 
         with stages.stage("load-data") as (run, info):
@@ -195,7 +212,7 @@ def run_pipeline(config: PipelineConfig, **kwargs: Any) -> PipelineResult:
 
     ready()
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: layerwise_home() / "prefect-results"}):
-        return pipeline(config=config, **kwargs)
+        return pipeline(config=complete(config), **kwargs)
 
 
 def summary_markdown(result: PipelineResult, per_class: Any) -> str:

@@ -126,7 +126,7 @@ def list_runs(client: Any, experiment: str = "layerwise", kind: Optional[str] = 
     exp_id = experiment_id(client, experiment)
     clauses = [f"tags.`{KIND_TAG}` = '{kind}'" if kind else f"tags.`{KIND_TAG}` LIKE '%'"]
     if filter_string and filter_string.strip():
-        clauses.append(filter_string.strip())
+        clauses.append(quote_keys(filter_string.strip()))
     runs = _search(client, [exp_id], " and ".join(clauses), ["attributes.start_time DESC"],
                    limit=limit, what=f"--filter {filter_string!r}")
     rows = []
@@ -144,6 +144,16 @@ def list_runs(client: Any, experiment: str = "layerwise", kind: Optional[str] = 
     columns = ["run_id", "kind", "preset", "start_time", "duration_s", "status", "data_digest",
                *KEY_PARAMS, *TEST_METRICS, "test_error_diff"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def quote_keys(filter_string: str) -> str:
+    """Backticks around ``metrics.``/``params.``/``tags.`` keys that contain ``/``, which
+    MLflow's filter grammar needs (``metrics.test/error_pretrained`` is otherwise an
+    "Invalid comparison clause"); keys already quoted are left alone."""
+    import re
+
+    return re.sub(r"(?<![`\w])(metrics|params|tags)\.([\w.\-]*/[\w./\-]*)",
+                  r"\1.`\2`", filter_string)
 
 
 def show_run(client: Any, run_id: str) -> dict[str, Any]:

@@ -128,6 +128,12 @@ def test_runs_filter_kind_and_limit(store, cli):
     assert ids("--filter", "params.`model.hidden_sizes` = '[32, 16]'", "--kind", "pipeline"
                ) == [second.run_id, first.run_id]
     assert ids("--kind", "ablation") == []
+    # metric keys with '/' work unquoted, as the help shows
+    errors = {r.run_id: r.test_error_pretrained for r in (first, second)}
+    best = min(errors, key=errors.get)
+    assert ids("--filter", f"metrics.test/error_pretrained <= {errors[best]!r}") == [
+        r for r in (second.run_id, first.run_id) if errors[r] <= errors[best]]
+    assert ids("--filter", "metrics.`test/error_diff` < 2") == [second.run_id, first.run_id]
     assert ids("--limit", "1") == [second.run_id]
     bad = cli("runs", "--experiment", EXPERIMENT, "--tracking-uri", uri, "--filter", "params.x =")
     assert bad.exit_code == 1 and bad.stderr.startswith("error: bad --filter")
@@ -158,6 +164,11 @@ def test_show_prints_config_metrics_stages_and_artifacts(store, client, cli):
                  "evaluation/summary.json"):
         assert path in out
     assert re.search(r"models:/m-[0-9a-f]+/MLmodel", out)  # the logged model's files
+
+    evaluate = next(s.mlflow_run_id for s in run.stages if s.name == "evaluate")
+    out = _ok(cli("show", evaluate, "--tracking-uri", store["uri"]))  # a stage run
+    for path in ("evaluation/summary.json", "evaluation/confusion_pretrained.png"):
+        assert re.search(rf"^\s+{re.escape(path)}\s+\d+", out, re.M), out
 
     rec = registry.show_run(client, run.run_id[:10])  # a unique prefix is enough
     assert rec["stages"]["stage"].tolist() == STAGES
