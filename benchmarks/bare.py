@@ -1,10 +1,10 @@
 """The reference floor: minimal hand-written PyTorch loops of the project's math.
 
-Each does what the project's Lightning path does for one stage and nothing else: the same
+Each does what the project's engine does for one stage at P = 1 and nothing else: the same
 initial weights, masking noise from one generator on the training device (one draw per
 step), the data order of ``models.batches.epoch_permutation`` sliced by ``index_select``,
-``torch.optim.SGD``, the per-epoch means that ``EpochHistory`` records, and the best-weights
-bookkeeping of ``TutorialEarlyStopping``. It ends with the same weights as the project's run
+``torch.optim.SGD``, the per-epoch means of the history, and the best-weights bookkeeping
+of early stopping. It ends with the same weights as the project's run
 (checked by the benchmark), so the time between the two is pure orchestration.
 """
 

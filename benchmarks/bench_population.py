@@ -6,7 +6,7 @@ classifier), where per-step overhead dominates; and ``quick``, the ``quick`` pre
 (784→256 dA with masking 0.1, SGD lr 0.05; 784-256-128-10 classifier, SGD lr 0.1), where
 on a CPU the arithmetic does. Member s uses runtime seed s's pipeline seeds (``derive_seed``).
 The sequential baseline is the bare loop (``benchmarks.bare``), the fastest single run there
-is; the project's Lightning path is timed on two seeds and scaled to 32
+is; the project's single run (the engine at P = 1) is timed on two seeds and scaled to 32
 (``sequential_project_s_est``). The population must end with the sequential runs' weights
 (``max_weight_diff``).
 """
@@ -31,7 +31,7 @@ from benchmarks.common import Data, device, sync
 from models.classifier import DeepClassifier
 from models.dae import DenoisingAutoencoder
 from models.population_training import train_classifier_population, train_dae_population
-from tasks.runtime import derive_seed
+from tasks.runtime import Seed, derive_seed
 
 P = 32
 BATCH = 20
@@ -82,9 +82,9 @@ def run_config(config: str, DAE: DAESpec, CLF: ClassifierSpec, data: Data, log,
     x, y = data.x_train[:N_TRAIN].to(dev), data.y_train[:N_TRAIN].to(dev)
     xv, yv = data.x_valid[:N_VALID].to(dev), data.y_valid[:N_VALID].to(dev)
     seeds = list(range(members))
-    noise = [derive_seed(s, "pretrain-noise", 0) for s in seeds]
-    order = [derive_seed(s, "pretrain-order", 0) for s in seeds]
-    corder = [derive_seed(s, "finetune-order") for s in seeds]
+    noise = [derive_seed(s, Seed.PRETRAIN_NOISE, 0) for s in seeds]
+    order = [derive_seed(s, Seed.PRETRAIN_ORDER, 0) for s in seeds]
+    corder = [derive_seed(s, Seed.FINETUNE_ORDER) for s in seeds]
     dae_inits = [dae_init(DAE, s) for s in seeds]
     clf_inits = [classifier_init(CLF, s) for s in seeds]
 

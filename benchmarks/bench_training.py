@@ -1,10 +1,10 @@
-"""(a) the project's Lightning path against (b) a bare PyTorch loop of the same math.
+"""(a) the project's engine against (b) a bare PyTorch loop of the same math.
 
 One process, the same data and config, at batch sizes 1, 20 and 256. (a) is exactly what
-``tasks.pretrain.pretrain_layer`` / ``tasks.finetune.finetune`` run: ``LitDenoisingAutoencoder``
-or ``LitClassifier`` in ``tasks.runtime.make_trainer`` with ``TensorDataModule`` and the
-``EpochHistory`` (+ ``TutorialEarlyStopping``) callbacks; a ``LoopTimer`` callback marks the
-first and last training step. (b) is ``benchmarks.bare``. Both run one epoch of a fixed
+``tasks.pretrain.pretrain_layer`` / ``tasks.finetune.finetune`` run: the engine at P = 1
+(``train_dae_population`` / ``train_classifier_population``, fused SGD steps, per-epoch
+history and early stopping) in ``tasks.runtime.make_trainer``; a ``LoopTimer`` callback
+marks the first and last training step. (b) is ``benchmarks.bare``. Both run one epoch of a fixed
 number of steps after a warm-up, best of ``repeats``, interleaved.
 
 Throughput counts the training steps only (first step's start to last step's end); the
@@ -24,14 +24,11 @@ import torch
 
 from benchmarks import bare
 from benchmarks.common import Data, best_time, device, sync
-from models.batches import TensorDataModule
-from models.callbacks import EpochHistory, TutorialEarlyStopping
 from models.classifier import DeepClassifier
 from models.dae import DenoisingAutoencoder
-from models.finetune_module import LitClassifier
-from models.pretrain_module import LitDenoisingAutoencoder
+from models.population_training import train_classifier_population, train_dae_population
 from tasks.config import RuntimeConfig
-from tasks.runtime import derive_seed, make_trainer
+from tasks.runtime import Seed, derive_seed, make_trainer
 
 #: Steps per measurement: a few seconds each on 2 CPU cores.
 STEPS = {1: 2000, 20: 500, 256: 100}
@@ -117,7 +114,7 @@ def matmul_rate(shapes: list[tuple[int, int, int]], dev: torch.device) -> float:
 
 def dae_init(spec: DAESpec, seed: int) -> dict[str, torch.Tensor]:
     """The initial dA weights of runtime seed ``seed``, as ``tasks.pretrain`` draws them."""
-    g = torch.Generator().manual_seed(derive_seed(seed, "pretrain-init", 0))
+    g = torch.Generator().manual_seed(derive_seed(seed, Seed.PRETRAIN_INIT, 0))
     dae = DenoisingAutoencoder(spec.n_visible, spec.n_hidden, corruption_level=spec.level,
                                generator=g)
     return {k: v.clone() for k, v in dae.state_dict().items()}
@@ -128,14 +125,13 @@ def project_pretrain(spec: DAESpec, init, x, x_valid, B: int, seed: int) -> bare
     started = time.perf_counter()
     dae = DenoisingAutoencoder(spec.n_visible, spec.n_hidden, corruption_level=spec.level)
     dae.load_state_dict(init)
-    system = LitDenoisingAutoencoder(dae, layer=1, optimizer={"name": "sgd", "lr": spec.lr},
-                                     seed=seed)
-    history, timer = EpochHistory(system.prefix), LoopTimer()
-    dm = TensorDataModule((x,), (x_valid,), B, seed)
-    make_trainer(RuntimeConfig(accelerator="auto"), 1, [history, timer]).fit(system, datamodule=dm)
-    state = {k: v.detach().cpu() for k, v in dae.state_dict().items()}
-    return bare.Run(timer.loop_s, timer.loop_cpu_s, time.perf_counter() - started, state,
-                    history.rows)
+    timer = LoopTimer()
+    result = train_dae_population(
+        [dae], x, x_valid, noise_seeds=[seed], order_seeds=[seed], epochs=1, batch_size=B,
+        optimizer={"name": "sgd", "lr": spec.lr},
+        trainer=make_trainer(RuntimeConfig(accelerator="auto"), 1, [timer]))
+    return bare.Run(timer.loop_s, timer.loop_cpu_s, time.perf_counter() - started,
+                    result.states[0], result.histories[0])
 
 
 def bare_pretrain(spec: DAESpec, init, x, x_valid, B: int, seed: int) -> bare.Run:
@@ -145,7 +141,7 @@ def bare_pretrain(spec: DAESpec, init, x, x_valid, B: int, seed: int) -> bare.Ru
 
 def classifier_init(spec: ClassifierSpec, seed: int) -> dict[str, torch.Tensor]:
     """The random arm's initial weights of runtime seed ``seed``, as ``tasks.finetune``."""
-    g = torch.Generator().manual_seed(derive_seed(seed, "random-init"))
+    g = torch.Generator().manual_seed(derive_seed(seed, Seed.RANDOM_INIT))
     clf = DeepClassifier.random_init(spec.sizes[0], list(spec.sizes[1:]), spec.n_classes,
                                      generator=g)
     return {k: v.clone() for k, v in clf.state_dict().items()}
@@ -156,15 +152,13 @@ def project_finetune(spec: ClassifierSpec, init, data: Data, B: int, seed: int) 
     started = time.perf_counter()
     clf = DeepClassifier.random_init(spec.sizes[0], list(spec.sizes[1:]), spec.n_classes)
     clf.load_state_dict(init)
-    system = LitClassifier(clf, "random", {"name": "sgd", "lr": spec.lr})
-    history, timer = EpochHistory(system.prefix), LoopTimer()
-    stopping = TutorialEarlyStopping(monitor=f"{system.prefix}/val_error")
-    dm = TensorDataModule((data.x_train, data.y_train), (data.x_valid, data.y_valid), B, seed)
-    make_trainer(RuntimeConfig(accelerator="auto"), 1, [history, timer, stopping]).fit(
-        system, datamodule=dm)
-    state = {k: v.detach().cpu() for k, v in clf.state_dict().items()}
-    return bare.Run(timer.loop_s, timer.loop_cpu_s, time.perf_counter() - started, state,
-                    history.rows)
+    timer = LoopTimer()
+    result = train_classifier_population(
+        [clf], data.x_train, data.y_train, data.x_valid, data.y_valid, order_seeds=[seed],
+        max_epochs=1, batch_size=B, optimizer={"name": "sgd", "lr": spec.lr},
+        trainer=make_trainer(RuntimeConfig(accelerator="auto"), 1, [timer]))
+    return bare.Run(timer.loop_s, timer.loop_cpu_s, time.perf_counter() - started,
+                    result.states[0], result.histories[0])
 
 
 def bare_finetune(spec: ClassifierSpec, init, data: Data, B: int, seed: int) -> bare.Run:

@@ -2,7 +2,7 @@
 ``benchmarks/results/<machine>.json``.
 
     python -m benchmarks                      # everything (about 5 minutes on 2 CPU cores)
-    python -m benchmarks --only training      # or population, startup (others kept from the file)
+    python -m benchmarks --only training      # or population, twins, startup (others kept)
     python -m benchmarks --threads 1          # intra-op threads (default: torch's)
 """
 
@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-PARTS = ("training", "population", "startup")
+PARTS = ("training", "population", "twins", "startup")
 #: On CPU, at batch >= 20, the project's path must reach this share of the bare loop's speed.
 MIN_RATIO = 0.9
 MAX_HELP_S = 1.0
@@ -81,7 +81,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import lightning
     import torch
 
-    from benchmarks import bench_population, bench_startup, bench_training
+    from benchmarks import bench_population, bench_startup, bench_training, bench_twins
     from benchmarks.common import REPO, describe, device, load, load_avg, machine_name
 
     if args.threads:
@@ -100,17 +100,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         "threads": torch.get_num_threads(), "load_avg_start": load_avg(),
     })
     print(f"layerwise benchmarks on {result['device']} (load average {result['load_avg_start']})")
-    if "training" in parts or "population" in parts:
+    if {"training", "population", "twins"} & set(parts):
         n_train = max(bench_training.STEPS[b] * b for b in batch_sizes)
         data = load(args.data_dir, n_train, bench_training.N_VALID)
         result["data"] = data.source
         print(f"data: {data.source}")
     if "training" in parts:
-        print("training: the project's Lightning path (a) against a bare PyTorch loop (b)")
+        print("training: the project's engine at P = 1 (a) against a bare PyTorch loop (b)")
         result["training"] = bench_training.run(data, args.repeats, batch_sizes)
     if "population" in parts:
         print(f"population: {bench_population.P} seeds batched against sequential runs")
         result["population"] = bench_population.run(data, repeats=args.repeats)
+    if "twins" in parts:
+        print("twins: the default preset's fine-tuning, both arms as one population or in turn")
+        result["twins"] = bench_twins.run(data, repeats=args.repeats)
     if "startup" in parts:
         from benchmarks.common import DEFAULT_DATA_DIR
 

@@ -12,177 +12,20 @@ come from the cache.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Optional
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 from pydantic import BaseModel
 
-from flows.grid import GROUPING, Cell, Grid, expand, grid_params
-from tasks.config import DataConfig, PipelineConfig
-from tasks.errors import DivergenceError
-from tasks.pretrain import LayerResult, pretrain_cache_key, pretrain_layer_task
+from flows.ablation_stages import CellOutcome, Status, pretrain_layer, pretraining_plan, run_cell
+from flows.grid import expand, grid_params
+from flows.grid_spec import GROUPING, Cell, Grid
 from flows.ablation_outputs import (cell_row, format_summary, log_cell, progress_line, record,
                                     summary_artifact, write_outputs)
 from tasks.tracking import KIND_TAG, Tracker, environment_params
-
-Status = Literal["ok", "diverged", "failed"]
-
-
-# --- worker side: each process loads its own data ----------------------------------------
-
-_DATA: dict[str, Any] = {}
-
-
-def worker_data(cfg: DataConfig, home: str, threads: Optional[int]) -> Any:
-    """The DataBundle of ``cfg``, loaded once per process. Also points this process at the
-    caller's store (``home``) and thread count: workers get both as arguments, not env."""
-    os.environ["LAYERWISE_HOME"] = home  # read by tasks.runtime.stage_dir in this process
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    from tasks.data import load_data
-
-    key = cfg.digest()
-    if key not in _DATA:
-        _DATA[key] = load_data(cfg)
-    return _DATA[key]
-
-
-class LayerOutcome(BaseModel):
-    """A pretrained layer, or why there is none (a diverged layer, or one below it)."""
-
-    status: Literal["ok", "diverged"]
-    layer: Optional[LayerResult] = None
-    error: str = ""
-    cached: bool = False
-
-
-class CellOutcome(BaseModel):
-    """What one finished cell hands back to the flow."""
-
-    status: Literal["ok", "diverged"]
-    error: str = ""
-    test_error: Optional[float] = None
-    val_error: Optional[float] = None
-    train_loss: Optional[float] = None
-    epochs_run: Optional[int] = None
-    train_seconds: Optional[float] = None
-    pretrain_seconds: Optional[float] = None
-    wall_seconds: float = 0.0
-    cached: bool = False
-
-
-@task(name="ablation-pretrain-layer", cache_policy=NO_CACHE, persist_result=False)
-def pretrain_layer(k: int, config: PipelineConfig, lower: list[LayerOutcome], home: str,
-                   threads: Optional[int] = None) -> LayerOutcome:
-    """Layer k of a stack through the pipeline's own cached ``pretrain_layer_task``."""
-    if broken := next((o for o in lower if o.status != "ok"), None):
-        return LayerOutcome(status=broken.status, error=broken.error)
-    return single_layer(k, config, worker_data(config.data, home, threads), lower)
-
-
-def single_layer(k: int, config: PipelineConfig, data: Any,
-                 lower: list[LayerOutcome]) -> LayerOutcome:
-    """Layer k of one stack through the pipeline's cached ``pretrain_layer_task``."""
-    try:
-        state = pretrain_layer_task.with_options(task_run_name=f"pretrain-layer-{k + 1}")(
-            k, config, data, [o.layer for o in lower], return_state=True)
-        layer = state.result()
-    except DivergenceError as exc:
-        return LayerOutcome(status="diverged", error=f"pretraining layer {k + 1}: {exc}")
-    return LayerOutcome(status="ok", layer=layer, cached=state.name == "Cached")
-
-
-@task(name="ablation-cell", cache_policy=NO_CACHE, persist_result=False)
-def run_cell(cell: Cell, stack: list[LayerOutcome], home: str,
-             threads: Optional[int] = None) -> CellOutcome:
-    """Fine-tune one cell (cached ``finetune_task``) and score it on the test split."""
-    started = time.perf_counter()
-    if broken := next((o for o in stack if o.status != "ok"), None):
-        return CellOutcome(status=broken.status, error=broken.error)
-    return single_cell(cell, stack, worker_data(cell.config.data, home, threads), started)
-
-
-def single_cell(cell: Cell, stack: list[LayerOutcome], data: Any, started: float
-                ) -> CellOutcome:
-    """One cell through the pipeline's cached ``finetune_task``, scored on the test split."""
-    from tasks.finetune import finetune_task
-
-    config = cell.config
-    encoders = [o.layer for o in stack] if cell.arm == "pretrained" else None
-    try:
-        state = finetune_task.with_options(task_run_name=f"finetune-{cell.arm}")(
-            cell.arm, config, data, encoders, return_state=True)
-        result = state.result()
-    except DivergenceError as exc:
-        return CellOutcome(status="diverged", error=f"fine-tuning: {exc}")
-    return score_cell(config, data, result, stack if encoders else None, started,
-                      cached=state.name == "Cached")
-
-
-def score_cell(config: PipelineConfig, data: Any, result: Any,
-               stack: Optional[list[LayerOutcome]], started: float, cached: bool
-               ) -> CellOutcome:
-    """A fine-tuned cell's outcome: its test error (the classifier's checkpoint, read back
-    and verified) and how training went; ``stack`` is its pretraining (None: random)."""
-    from tasks.evaluate import load_classifier, predict
-    from tasks.runtime import eval_device
-
-    model = load_classifier(result.checkpoint, config, data.n_features, data.n_classes)
-    y_pred = predict(model, data.x_test, config.runtime.eval_batch_size, eval_device(config.runtime))
-    return CellOutcome(
-        status="ok",
-        test_error=int((y_pred != data.y_test).sum()) / len(data.y_test),
-        val_error=result.best_val_error,
-        train_loss=result.history[-1]["train_loss"] if result.history else None,
-        epochs_run=result.epochs_run,
-        train_seconds=result.train_seconds,
-        pretrain_seconds=sum(o.layer.train_seconds for o in stack) if stack else None,
-        wall_seconds=time.perf_counter() - started,
-        cached=cached,
-    )
-
-
-# --- flow side -----------------------------------------------------------------------------
-
-
-class LayerNode(NamedTuple):
-    """One distinct pretraining layer: trained once, shared by every stack that has it."""
-
-    key: str
-    k: int
-    config: PipelineConfig
-    lower: tuple[str, ...]
-
-
-def pretraining_plan(cells: list[Cell]) -> tuple[dict[str, LayerNode], dict[str, list[str]]]:
-    """The distinct layers of every pretrained cell's stack, bottom up, and each cell's stack.
-
-    Layer k is identified by its own ``pretrain_cache_key`` (layers below left out, the data
-    config standing for the data) chained with the identity of layer k-1: so the depth-1 and
-    depth-2 cells of a seed share layer 1, and cells that differ only in fine-tuning
-    settings share the whole stack. Returns (nodes in topological order, cell id -> keys).
-    """
-    nodes: dict[str, LayerNode] = {}
-    stacks: dict[str, list[str]] = {}
-    for cell in cells:
-        if cell.arm != "pretrained":
-            continue
-        chain: list[str] = []
-        for k in range(cell.config.model.n_layers):
-            own = pretrain_cache_key(k, cell.config, cell.config.data.digest(), [])
-            key = hashlib.sha256(f"{chain[-1] if chain else ''}/{own}".encode()).hexdigest()
-            nodes.setdefault(key, LayerNode(key, k, cell.config, tuple(chain)))
-            chain.append(key)
-        stacks[cell.id] = chain
-    return nodes, stacks
 
 
 class AblationResult(BaseModel):

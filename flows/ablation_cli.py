@@ -11,15 +11,13 @@ from typing import Optional
 
 import typer
 
+from flows.cli_common import fail, guarded_call, guarded_work, prepare_environment
+from flows.cli_options import DataDirOpt, DatasetOpt, ExperimentOpt, TrackingUriOpt
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``ablate`` command to ``app``."""
     app.command(name="ablate")(ablate)
-
-
-def _fail(message: str, code: int) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 def ablate(
@@ -39,54 +37,43 @@ def ablate(
     dask_address: Optional[str] = typer.Option(
         None, "--dask-address", help="Run the cells on an existing Dask cluster, "
         "e.g. tcp://HOST:8786 (its workers must see the data dir and $LAYERWISE_HOME)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="mnist, or PATH.npz"),
-    data_dir: Optional[Path] = typer.Option(
-        None, "--data-dir", help="torchvision data root (default: $LAYERWISE_DATA_DIR or ./data)"),
-    tracking_uri: Optional[str] = typer.Option(
-        None, "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or "
-        "sqlite:///mlruns/mlflow.db)"),
-    experiment: str = typer.Option("layerwise", "--experiment",
-                                   help="MLflow experiment."),
+    dataset: Optional[str] = DatasetOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    tracking_uri: Optional[str] = TrackingUriOpt,
+    experiment: str = ExperimentOpt,
     out: Optional[Path] = typer.Option(
         None, "--out", help="Output folder (default: mlruns/ablations/<timestamp>)."),
 ) -> None:
     """Pretrained vs random initialisation over a grid of factors and many seeds
     (Erhan et al. 2010): a table per cell, summary statistics and figures."""
-    from flows.cli import _prepare_environment, _sigterm_as_interrupt
     from flows.grid import customise, expand, load_grid, preset_path
-    from tasks.errors import ConfigError, LayerwiseError
+    from flows.preflight import preflight_grid
+    from tasks.tracking import default_tracking_uri
 
     if preset and grid_file:
-        _fail("give --preset or --grid, not both", 2)
-    try:
-        path = grid_file if grid_file else preset_path(preset or "erhan-small")
-        grid = customise(load_grid(path), seeds=seeds, dataset=dataset, data_dir=data_dir)
-        cells = expand(grid)  # every cell validated before any work starts
-    except ConfigError as exc:
-        _fail(str(exc), 2)
-    _prepare_environment()
-    restore_signals = _sigterm_as_interrupt()
+        fail("give --preset or --grid, not both", 2)
+    path = grid_file if grid_file else guarded_call(preset_path, preset or "erhan-small",
+                                                    code=2)
+    grid = guarded_call(lambda: customise(load_grid(path), seeds=seeds, dataset=dataset,
+                                          data_dir=data_dir), code=2)
+    cells = guarded_call(expand, grid, code=2)  # every cell validated before any work starts
+    uri = tracking_uri or default_tracking_uri()
+    guarded_call(preflight_grid, cells, uri, experiment=experiment, population=population,
+                 code=2)
+    prepare_environment()
     typer.echo(f"layerwise ablate: grid {grid.name} ({path}), {len(cells)} cells, "
                + (f"Dask cluster {dask_address}" if dask_address else
                   f"{workers} local worker{'s' if workers > 1 else ''}")
                + (f", populations of up to {population} seeds" if population > 1 else ""))
-    try:
+    with guarded_work("Rerun the same command to resume: finished layers and cells come "
+                      "from the cache.", f"MLflow experiment {experiment!r} at {uri}"):
         from flows.ablation import run_ablation
+        from flows.expected_errors import install
 
+        install()  # cells that fail with the project's errors: logged without tracebacks
         result = run_ablation(grid, workers=workers, dask_address=dask_address, out_dir=out,
                               threads=threads, population=population,
-                              tracking_uri=tracking_uri, experiment=experiment)
-    except LayerwiseError as exc:
-        _fail(str(exc), 1)
-    except BaseException as exc:
-        from tasks.tracking import is_interrupt
-
-        if not is_interrupt(exc) or isinstance(exc, typer.Exit):
-            raise
-        _fail("interrupted; the MLflow runs were marked KILLED. Rerun the same command to "
-              "resume: finished layers and cells come from the cache.", 130)
-    finally:
-        restore_signals()
+                              tracking_uri=uri, experiment=experiment)
     typer.echo("")
     typer.echo(result.summary_text)
     typer.echo("")
@@ -100,5 +87,5 @@ def ablate(
         for cell, error in result.failed.items():
             typer.secho(f"  failed: {cell}: {error.splitlines()[0] if error else ''}",
                         fg=typer.colors.RED, err=True)
-        _fail(f"{len(result.failed)} of {result.n_cells} cells failed after their retries; "
+        fail(f"{len(result.failed)} of {result.n_cells} cells failed after their retries; "
               "rerun the same command to retry them (finished cells come from the cache)", 1)

@@ -7,11 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from flows.grid import Cell, Grid
+from flows.grid_spec import Cell, Grid
 from tasks.tracking import Tracker
 
 if TYPE_CHECKING:
-    from flows.ablation import CellOutcome, Status
+    from flows.ablation_stages import CellOutcome, Status
 
 CELL_TAG, STATUS_TAG, ERROR_TAG = "layerwise.cell", "layerwise.status", "layerwise.error"
 

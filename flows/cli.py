@@ -3,16 +3,15 @@ inside the commands, so ``layerwise --help`` answers in well under a second."""
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from flows.cli_common import fail, guarded_call, guarded_work, prepare_environment
 from flows.cli_options import (ConfigOpt, DataDirOpt, DatasetOpt, ExperimentOpt, ModelNameOpt,
-                               PresetOpt, SeedOpt, SetOpt)
+                               PresetOpt, SeedOpt, SetOpt, TrackingUriOpt)
 
 app = typer.Typer(
     add_completion=False,
@@ -23,57 +22,11 @@ app = typer.Typer(
 
 
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
-def _prepare_environment() -> None:
-    """Embedded defaults for Prefect, set before it is imported; with no Prefect API
-    configured, its ephemeral server starts now, in the background, and dies with this
-    process (``flows.ephemeral_api``)."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
-    # Prefect's 20 s default was too short for eight runs starting their ephemeral servers
-    # at once on 2 busy cores (one timed out: "Timed out while attempting to connect").
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from flows.ephemeral_api import prestart
-
-    prestart()
-
-
-def _sigterm_as_interrupt():
-    """SIGTERM ends a run like Ctrl-C: MLflow runs are marked KILLED, exit is non-zero.
-    Both are remembered (``tasks.runtime.note_interrupt``), so one that Python swallows is
-    raised again at the next chunk of training. Returns a function that restores the
-    previous handlers (for callers in the same process, such as tests)."""
-    from tasks.runtime import note_interrupt
-
-    def handler(signum, frame):  # noqa: ARG001
-        raise note_interrupt(f"signal {signum}")
-
-    previous_int = signal.getsignal(signal.SIGINT)
-    if previous_int is signal.default_int_handler:  # not when SIGINT is ignored
-        signal.signal(signal.SIGINT, handler)
-    previous_term = signal.signal(signal.SIGTERM, handler)
-
-    def restore() -> None:
-        signal.signal(signal.SIGTERM, previous_term)
-        if previous_int is signal.default_int_handler:
-            signal.signal(signal.SIGINT, previous_int)
-
-    return restore
-
-
 def _resolve(preset, config_file, sets, dataset, data_dir, seed):
     from flows.overrides import resolve_config
-    from tasks.errors import LayerwiseError
 
-    try:
-        return resolve_config(preset, config_file, sets or [], dataset, data_dir, seed)
-    except LayerwiseError as exc:
-        _fail(str(exc))
+    return guarded_call(resolve_config, preset, config_file, sets or [], dataset, data_dir,
+                        seed, code=2)
 
 
 @app.command()
@@ -84,37 +37,29 @@ def run(
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
     seed: Optional[int] = SeedOpt,
-    tracking_uri: Optional[str] = typer.Option(
-        None, "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or "
-        "sqlite:///mlruns/mlflow.db)"),
+    tracking_uri: Optional[str] = TrackingUriOpt,
     experiment: str = ExperimentOpt,
     model_name: str = ModelNameOpt,
     fresh: bool = typer.Option(False, "--fresh", help="Ignore cached stage results."),
 ) -> None:
     """Run the pipeline: data, pretrain each layer, fine-tune both twins, evaluate."""
     config = _resolve(preset, config_file, sets, dataset, data_dir, seed)
-    _prepare_environment()
-    restore_signals = _sigterm_as_interrupt()
-    from tasks.errors import LayerwiseError
+    from flows.preflight import preflight_run
+    from tasks.tracking import default_tracking_uri
 
+    uri = tracking_uri or default_tracking_uri()
+    guarded_call(preflight_run, config, uri, experiment=experiment, model_name=model_name,
+                 code=2)
+    prepare_environment()
     typer.echo(f"layerwise: preset {preset}, {config.model.n_layers} layers "
                f"{config.model.hidden_sizes}, seed {config.runtime.seed}")
-    try:
+    with guarded_work("Rerun the same command to resume after the last finished stage.",
+                      f"MLflow experiment {experiment!r} at {uri}"):
         from flows.pipeline import run_pipeline
 
-        result = run_pipeline(config, preset=preset, tracking_uri=tracking_uri,
-                          experiment=experiment, registered_model_name=model_name, fresh=fresh)
-    except LayerwiseError as exc:
-        _fail(str(exc), code=1)
-    except BaseException as exc:
-        from tasks.tracking import is_interrupt
-
-        if not is_interrupt(exc) or isinstance(exc, typer.Exit):
-            raise
-        _fail("interrupted; the MLflow runs were marked KILLED. Rerun the same command to "
-              "resume after the last finished stage.", code=130)
-    finally:
-        restore_signals()
+        result = run_pipeline(config, preset=preset, tracking_uri=uri,
+                              experiment=experiment, registered_model_name=model_name,
+                              fresh=fresh)
     _print_result(result)
 
 
@@ -145,15 +90,10 @@ def data(
     """Load, verify and normalise the data; print its summary (sizes, statistics, digest)."""
     import json
 
-    from tasks.errors import LayerwiseError
-
     config = _resolve(preset, config_file, sets, dataset, data_dir, None)
     from tasks.data import load_data
 
-    try:
-        bundle = load_data(config.data)
-    except LayerwiseError as exc:
-        _fail(str(exc), code=1)
+    bundle = guarded_call(load_data, config.data, code=1)
     typer.echo(json.dumps(bundle.summary(), indent=2))
 
 
@@ -175,7 +115,7 @@ def config(
     import yaml
 
     if fmt not in ("yaml", "json"):
-        _fail(f"--format {fmt!r}: choose yaml or json", code=2)
+        fail(f"--format {fmt!r}: choose yaml or json", code=2)
     if keys:
         from flows.overrides import known_keys
 

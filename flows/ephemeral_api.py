@@ -17,6 +17,8 @@ workers reach it already).
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from typing import Any, Optional
 
@@ -32,13 +34,47 @@ def configured() -> bool:
     return bool(PREFECT_API_URL.value()) or not PREFECT_SERVER_EPHEMERAL_ENABLED.value()
 
 
-def _start() -> None:
-    try:
-        from prefect.server.api.server import SubprocessASGIServer
+#: The second try waits this many times Prefect's startup timeout.
+RETRY_FACTOR = 2
 
+
+def _start() -> None:
+    """Start the server; when it does not answer in time, stop it and try once more with a
+    longer wait. What stops it the second time is kept for ``ready()`` to raise."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    first = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    try:
         SubprocessASGIServer().start()  # the instance Prefect's own clients use
+        return
+    except Exception:  # noqa: BLE001 - a slow or failed boot: one more, longer try
+        SubprocessASGIServer().stop()  # the slow one, and its singleton slot
+    sys.stderr.write(f"layerwise: Prefect's temporary API server did not answer within "
+                     f"{first} s; trying once more with {RETRY_FACTOR * first} s\n")
+    try:
+        SubprocessASGIServer().start(timeout=RETRY_FACTOR * first)
     except BaseException as exc:  # noqa: BLE001 - re-raised by ready() in the main thread
-        _failure.append(exc)
+        SubprocessASGIServer().stop()
+        _failure.append(_startup_error(first, exc))
+
+
+def _startup_error(first: int, exc: BaseException) -> BaseException:
+    """One paragraph: what happened and what to do (a ``TrackingError``, printed without a
+    traceback); an interrupt stays what it is."""
+    from tasks.errors import TrackingError
+
+    if not isinstance(exc, Exception):
+        return exc
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return TrackingError(
+        f"Prefect's temporary API server did not start: it did not answer within {first} s, "
+        f"nor within {RETRY_FACTOR * first} s on a second try (load average {load:.1f} on "
+        f"{os.cpu_count()} cores; {str(exc).splitlines()[0][:200]}). Nothing was trained and "
+        "no MLflow run was started. Start a Prefect server once, in another terminal "
+        "(`prefect server start`), and point runs at it with "
+        "`export PREFECT_API_URL=http://127.0.0.1:4200/api`; or wait longer with "
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=600; then rerun the command.")
 
 
 def prestart() -> None:

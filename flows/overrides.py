@@ -72,7 +72,12 @@ def resolve_config(
     data_dir: Optional[Path] = None,
     seed: Optional[int] = None,
 ) -> PipelineConfig:
-    """Preset, then the YAML file, then ``--set`` items, then the dedicated flags."""
+    """Preset, then the YAML file, then ``--set`` items, then the dedicated flags.
+
+    A preset's ``data.n_train`` means "at most": on a file with fewer training rows it
+    becomes null (all of them). A value the user gives is checked, not changed. Every
+    size rule is checked from the data file's header (:func:`check_sizes`).
+    """
     import yaml
     from pydantic import ValidationError
 
@@ -89,8 +94,13 @@ def resolve_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {config_file}: expected a mapping of sections")
         tree = merge(tree, loaded)
+        user_n_train = "n_train" in (loaded.get("data") or {})
+    else:
+        user_n_train = False
     for item in sets:
-        _assign(tree, *parse_set(item))
+        key, value = parse_set(item)
+        user_n_train |= key == "data.n_train"
+        _assign(tree, key, value)
     for key, value in (("data.dataset", dataset), ("data.data_dir", data_dir),
                        ("runtime.seed", seed)):
         if value is not None:
@@ -99,24 +109,48 @@ def resolve_config(
         config = PipelineConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
-    if not config.data.is_mnist:
-        check_npz(config)
+    if not config.data.is_named:
+        n_train = config.data.n_train
+        if not user_n_train and n_train is not None and n_train > file_plan(config).n_fit:
+            _assign(tree, "data.n_train", None)  # the preset's "at most": all rows
+            config = PipelineConfig.model_validate(tree)
+        check_sizes(config)
     return config
 
 
-def check_npz(config: PipelineConfig) -> None:
-    """Batch sizes and n_train against an .npz's training rows, read from its header only."""
-    from tasks.config import check_train_size
-    from tasks.data import peek_npz_train_size
+def file_plan(config: PipelineConfig):
+    """The :class:`tasks.data_sizes.SplitPlan` of a data file, from its header only."""
+    from tasks.data_sizes import plan_split
 
-    n = peek_npz_train_size(Path(config.data.dataset)) - config.data.n_valid
-    if n < 1:
-        raise ConfigError(f"data.n_valid={config.data.n_valid} leaves no training examples "
-                          f"in {config.data.dataset}")
-    try:
-        check_train_size(config, n)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    data = config.data
+    if Path(data.dataset).suffix.lower() == ".npz":
+        from tasks.data_files import peek_npz_sizes
+
+        return plan_split(data, *peek_npz_sizes(Path(data.dataset)))
+    from tasks.data_tables import peek_table_sizes
+
+    return plan_split(data, *peek_table_sizes(data))
+
+
+def check_sizes(config: PipelineConfig) -> None:
+    """Every size rule (n_valid, n_train, batch sizes) against a data file's header.
+
+    Raises:
+        ConfigError: listing all problems together, each with a value that works.
+    """
+    from tasks.config import batch_sizes
+    from tasks.data_sizes import size_problems
+
+    if config.data.is_named:
+        return  # checked when the config was validated
+    problems = size_problems(config.data, file_plan(config), batch_sizes(config))
+    if problems:
+        raise ConfigError(f"the settings do not fit {config.data.dataset}:\n  "
+                          + "\n  ".join(problems))
+
+
+#: The name the ablation grid calls (it checks each distinct data config once).
+check_npz = check_sizes
 
 
 def format_validation_error(exc: Any) -> str:

@@ -17,7 +17,7 @@ from tasks.conventions import (NOTE_TAG, dataset_inputs, run_description, run_na
 from tasks.data import load_data_task
 from tasks.errors import ConfigError
 from tasks.evaluate import ARMS, evaluate_task, per_class_table
-from tasks.finetune import finetune_task
+from tasks.finetune import finetune_twins_task
 from tasks.pretrain import pretrain_layer_task
 from tasks.runtime import eval_device, layerwise_home
 from flows.parameters import complete, resolve_flow_config
@@ -128,6 +128,9 @@ def pipeline(
     """
     from prefect.runtime import flow_run
 
+    from flows.expected_errors import install
+
+    install()  # the project's own errors are logged without tracebacks (also when served)
     echo = print
     config, preset, overrides = resolve_flow_config(config, preset, overrides or [])
     tracker = Tracker(tracking_uri, experiment, source_name="flows/pipeline.py")
@@ -160,12 +163,18 @@ def pipeline(
                 info["artifacts_from"] = log_layer(tracker, run, layer)
             stack.append(layer)
 
-        results = {}
-        for arm, encoders in (("pretrained", stack), ("random", None)):
+        # The twins fine-tune as one population of two (one pass over the data, the same
+        # data order by construction) in the first arm's stage; each arm keeps its own run.
+        results, twins = {}, None
+        for arm in ARMS:
             name = f"finetune-{arm}"
             with stages.stage(name) as (run, info):
-                results[arm] = _run_task(finetune_task, name, fresh, info, arm, config, data,
-                                         encoders)
+                if twins is None:
+                    twins = _run_task(finetune_twins_task, "finetune-twins", fresh, info,
+                                      config, data, stack)
+                    cached = info["cached"]
+                info["cached"] = cached
+                results[arm] = twins.arms[arm]
                 info["artifacts_from"] = log_classifier_run(tracker, run, results[arm])
 
         with stages.stage("evaluate") as (run, info):

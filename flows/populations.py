@@ -29,9 +29,9 @@ from typing import Any, NamedTuple, Optional
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flows.ablation import (CellOutcome, LayerNode, LayerOutcome, score_cell, single_cell,
+from flows.ablation_stages import (CellOutcome, LayerNode, LayerOutcome, score_cell, single_cell,
                             single_layer, worker_data)
-from flows.grid import Cell
+from flows.grid_spec import Cell
 from tasks.config import PipelineConfig
 from tasks.errors import DivergenceError
 
@@ -99,7 +99,7 @@ def _slots(where: dict[str, tuple[str, int]], keys_per_member: list[tuple[str, .
 def population_plan(cells: list[Cell], nodes: dict[str, LayerNode],
                     stacks: dict[str, list[str]], size: int
                     ) -> tuple[dict[str, PopulationNode], list[CellGroup]]:
-    """Group the single-seed plan (``flows.ablation.pretraining_plan``) into populations of
+    """Group the single-seed plan (``flows.ablation_stages.pretraining_plan``) into populations of
     at most ``size`` members. Returns the population nodes, lower layers first, and the
     cell groups in grid order of their first cell."""
     if size < 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Demos, tests and smoke runs: 5k examples, two small layers, a few epochs.
+    # Demos, tests and smoke runs: at most 5k examples, two small layers, a few epochs.
     "quick": {
         "data": {"n_train": 5000},
         "model": {"hidden_sizes": [256, 128]},
@@ -32,7 +32,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "optimizer": {"name": "sgd", "lr": 0.1},
         },
     },
-    # Exactly DeepLearningTutorials' SdA.py (REFERENCES.md): batch 1, patience rule.
+    # Exactly DeepLearningTutorials' SdA.py (docs/references.md): batch 1, patience rule.
     "tutorial": {
         "data": {"n_train": None, "n_valid": 10000, "normalization": "unit"},
         "model": {"hidden_sizes": [1000, 1000, 1000], "activation": "sigmoid",

@@ -12,9 +12,9 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-UriOpt = typer.Option(None, "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI "
-                      "or sqlite:///$LAYERWISE_HOME/mlflow.db, LAYERWISE_HOME=./mlruns).")
-ExperimentOpt = typer.Option("layerwise", "--experiment", help="MLflow experiment.")
+from flows.cli_common import fail, guarded_call
+from flows.cli_options import ExperimentOpt
+from flows.cli_options import TrackingUriOpt as UriOpt
 
 
 class Kind(str, enum.Enum):
@@ -28,19 +28,9 @@ class Format(str, enum.Enum):
     json = "json"
 
 
-def _fail(message: str, code: int = 1) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
 def _guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call a registry function; its ``LayerwiseError``s become ``error: ...`` and exit 1."""
-    from tasks.errors import LayerwiseError
-
-    try:
-        return fn(*args, **kwargs)
-    except LayerwiseError as exc:
-        _fail(str(exc))
+    return guarded_call(fn, *args, code=1, **kwargs)
 
 
 def _client(tracking_uri: Optional[str]) -> Any:
@@ -125,7 +115,7 @@ def runs(
     from flows import registry
 
     if mark_failed and not stale:
-        _fail("--mark-failed needs --stale", code=2)
+        fail("--mark-failed needs --stale", code=2)
     client = _client(tracking_uri)
     if stale:
         _stale(client, experiment, older_than, mark_failed, fmt)

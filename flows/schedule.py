@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 
+from flows.cli_common import fail
 from flows.cli_options import (ConfigOpt, DataDirOpt, DatasetOpt, ExperimentOpt, ModelNameOpt,
-                               PresetOpt, SeedOpt, SetOpt)
+                               PresetOpt, SeedOpt, SetOpt, TrackingUriOpt)
 
 # name -> (module, flow object): the flows ``serve --flow`` accepts. The ablation flow goes
 # here when it exists, with its own branch in ``flow_parameters``.
@@ -222,11 +222,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 # ----------------------------------------------------------------------------- commands
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
 def serve(
     cron: Optional[str] = typer.Option(None, "--cron", help='Cron schedule, e.g. "0 3 * * *".'),
     interval: Optional[float] = typer.Option(None, "--interval",
@@ -241,9 +236,7 @@ def serve(
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
     seed: Optional[int] = SeedOpt,
-    tracking_uri: Optional[str] = typer.Option(
-        None, "--tracking-uri", help="MLflow URI of every run (default: the flow run's "
-        "$MLFLOW_TRACKING_URI, else the embedded store)"),
+    tracking_uri: Optional[str] = TrackingUriOpt,
     experiment: str = ExperimentOpt,
     model_name: str = ModelNameOpt,
     limit: int = typer.Option(1, "--limit", min=1, help="Flow runs at once (a later one "
@@ -253,22 +246,28 @@ def serve(
 ) -> None:
     """Serve a scheduled deployment of a flow from this process until Ctrl-C.
 
-    Validates the config first: a bad value exits 2 before anything is registered.
+    Validates the config and preflights the runs first (``flows.preflight``): a bad value
+    exits 2 before anything is registered.
     The deployment's parameters are the resolved config (JSON) and the preset.
     On Ctrl-C or SIGTERM its schedules are paused.
     """
     from flows.overrides import resolve_config
+    from flows.preflight import preflight_run
     from tasks.errors import LayerwiseError
+    from tasks.tracking import default_tracking_uri
 
     try:
         config = resolve_config(preset, config_file, sets or [], dataset, data_dir, seed)
+        # the flow runs use this process's environment: check what they will meet
+        preflight_run(config, tracking_uri or default_tracking_uri(), experiment=experiment,
+                      model_name=model_name)
         parameters = flow_parameters(flow, config, preset, tracking_uri, experiment,
                                      model_name)
         api_url = require_api_url()
         schedules = build_schedules(cron, interval, tz)
         check_takeover(load_flow(flow).name, name, replace)
     except (LayerwiseError, ScheduleError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     serve_environment()
     from prefect import serve as prefect_serve
 
@@ -288,7 +287,7 @@ def list_command(
     try:
         require_api_url()
     except ScheduleError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     rows = asyncio.run(list_deployments())
     typer.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
 
@@ -301,12 +300,3 @@ def register(app: typer.Typer) -> None:
     sub.command("list")(list_command)
     app.add_typer(sub, name="schedule")
 
-
-def main() -> None:  # pragma: no cover - ``python -m flows.schedule`` until cli.py wires it
-    app = typer.Typer(add_completion=False, no_args_is_help=True)
-    register(app)
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -16,10 +16,31 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.corruption import corrupt as corrupt_fn
+from models.corruption import check_level, corrupt as corrupt_fn
 from models.layers import EncoderLayer, init_weight_
 
 LOSSES = ("cross_entropy", "squared_error")
+
+
+def reconstruction_loss(x: torch.Tensor, a: torch.Tensor, loss: str) -> torch.Tensor:
+    """L(x, z) summed over features (the last axis) and averaged over the batch (the one
+    before): (B, V) -> (), or per member (P, B, V) -> (P,) with x shared (B, V) or (P, B, V).
+
+    cross-entropy: L = −Σ_i [x_i log z_i + (1−x_i) log(1−z_i)], z = sigmoid(a), computed
+    from the logits ``a`` for stability; x must lie in [0,1].
+    squared error: L = Σ_i (x_i − z_i)², z = a.
+
+    Args:
+        x: The clean input.
+        a: Decoder logits of the (corrupted) input's code.
+        loss: ``cross_entropy`` or ``squared_error``.
+    """
+    x = x.expand(a.shape)
+    if loss == "cross_entropy":
+        per_pixel = F.binary_cross_entropy_with_logits(a, x, reduction="none")
+    else:
+        per_pixel = (x - a) ** 2
+    return per_pixel.sum(dim=-1).mean(dim=-1)
 
 
 class DenoisingAutoencoder(nn.Module):
@@ -60,8 +81,7 @@ class DenoisingAutoencoder(nn.Module):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown reconstruction loss {loss!r}; choose one of {LOSSES}")
-        if not 0 <= corruption_level < 1:
-            raise ValueError(f"corruption_level={corruption_level} is outside [0, 1)")
+        check_level(corruption_level)
         self.n_visible, self.n_hidden = n_visible, n_hidden
         self.noise, self.corruption_level, self.loss = noise, corruption_level, loss
         self.value_range = value_range
@@ -96,21 +116,8 @@ class DenoisingAutoencoder(nn.Module):
         return torch.sigmoid(a) if self.loss == "cross_entropy" else a
 
     def reconstruction_loss(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """L(x, z) summed over features and averaged over the batch.
-
-        cross-entropy: L = −Σ_i [x_i log z_i + (1−x_i) log(1−z_i)], z = sigmoid(a), computed
-        from the logits ``a`` (``decoder_logits``) for stability; x must lie in [0,1].
-        squared error: L = Σ_i (x_i − z_i)², z = a.
-
-        Args:
-            x: The clean input, (B, n_visible).
-            a: Decoder logits of the (corrupted) input's code, (B, n_visible).
-        """
-        if self.loss == "cross_entropy":
-            per_pixel = F.binary_cross_entropy_with_logits(a, x, reduction="none")
-        else:
-            per_pixel = (x - a) ** 2
-        return per_pixel.sum(dim=1).mean()
+        """``reconstruction_loss`` with this layer's loss: (B, n_visible) x and logits a."""
+        return reconstruction_loss(x, a, self.loss)
 
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """The training objective on a batch: corrupt, encode, decode, compare to clean x."""

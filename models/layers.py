@@ -1,7 +1,7 @@
 """The encoder layer shared by a denoising autoencoder and the deep classifier, and its
 initialisation schemes.
 
-One ``EncoderLayer`` object lives in both places (DESIGN.md §2: in the tutorial's ``SdA`` the
+One ``EncoderLayer`` object lives in both places (docs/design.md §2: in the tutorial's ``SdA`` the
 dA layers and the MLP's sigmoid layers share the same ``W`` and ``b``).
 """
 

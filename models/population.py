@@ -4,19 +4,21 @@ An ablation over seeds trains many small networks, where the per-step cost of la
 kernels and running Python dominates the arithmetic. A population stacks the P members'
 parameters along a leading axis, ``W`` of shape (P, n_hidden, n_visible), and runs one
 batched matmul (``torch.baddbmm``) where P single runs would run P small ones.
-``DAEPopulation`` lives here, ``ClassifierPopulation`` in ``models.classifier_population``,
-and their training loops in ``models.population_training``.
+``DAEPopulation`` lives here, ``ClassifierPopulation`` in ``models.classifier_population``;
+the engine that trains them (``models.engine``, ``models.population_training``) runs every
+stage this way, a single run being a population of one.
 
-Member p is the same seed trained alone, up to floating-point rounding:
+Member p is its run at P = 1, up to floating-point rounding:
 
 - **initialisation**: a population is built *from* P single modules
   (``DenoisingAutoencoder`` or ``DeepClassifier``, each made with its own seeded generator),
   whose parameters are stacked, not re-drawn;
 - **corruption noise**: member p draws its noise from its own generator, one draw of
-  shape (B, n_visible) per step, the order in which ``LitDenoisingAutoencoder`` draws it
-  (``models.corruption.corrupt_members``);
+  shape (B, n_visible) per step, as a plain loop calling ``DenoisingAutoencoder.corrupt``
+  would (``models.corruption.corrupt_members``);
 - **data order**: member p's epoch e is ``models.batches.epoch_permutation(n, seed_p, e)``,
-  sliced into batches as ``models.batches.DeviceBatches`` does (the last batch may be short);
+  sliced into batches of the batch size (``models.batches.EpochChunks``; the last batch may
+  be short);
 - **loss**: the SUM over members of each member's mean loss, so that member p's gradient is
   exactly the gradient of its own loss (a mean over members would scale it by 1/P); any
   element-wise optimiser (SGD with momentum or weight decay, Adam) then updates member p as
@@ -26,16 +28,14 @@ Member p is the same seed trained alone, up to floating-point rounding:
   traffic, no autograd graph; tested equal to autograd);
 - **dropout** (fine-tuning): member p's masks come from its own generator, drawn layer by
   layer as ``torch.nn.functional.dropout`` draws them on the CPU;
-- **history and early stopping**: per-epoch metrics are the batch-size-weighted means that
-  Lightning's ``self.log(on_epoch=True)`` computes, and each member runs
-  ``models.callbacks.TutorialEarlyStopping``'s rule on its own validation error. A member
+- **history and early stopping**: per-epoch metrics are batch-size-weighted means, and each
+  member runs its own ``models.early_stopping.EarlyStopping`` on its validation error. A member
   that stops is dropped from the batch (its parameters and optimiser state are sliced out)
   and keeps its best weights while the others go on.
 
-The pipeline's seeds for runtime seed s and layer k are ``derive_seed(s, "pretrain-init", k)``,
-``derive_seed(s, "pretrain-noise", k)`` and ``derive_seed(s, "pretrain-order", k)``
-(``tasks.runtime``); for fine-tuning ``derive_seed(s, "random-init")``,
-``derive_seed(s, "finetune-order")`` and ``derive_seed(s, "finetune-dropout")``.
+The pipeline derives every member's seeds from its runtime seed with the purposes named in
+``tasks.runtime.Seed`` (initial weights, noise and data order per layer; the random twin's
+weights, the twins' data order and dropout).
 
 Not bit-identical: a batched matmul may sum in another order than P single ones, so a
 member matches its single run to rounding (≈1e-6 relative in float32 after a few hundred
@@ -49,10 +49,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from models.corruption import corrupt_members
-from models.dae import DenoisingAutoencoder
+from models.dae import DenoisingAutoencoder, reconstruction_loss
 from models.layers import LEAKY_SLOPE, activate
 
 History = list[dict[str, float]]
@@ -173,20 +172,12 @@ class DAEPopulation(nn.Module):
         return torch.baddbmm(self.b_prime.unsqueeze(1), y, self.W_prime.transpose(1, 2))
 
     def reconstruction_loss(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """Per member, L(x, z) summed over features and averaged over the batch: (P,).
-
-        The definition of ``DenoisingAutoencoder.reconstruction_loss`` (cross-entropy from
-        the logits, or squared error), reduced over the last two axes only.
-        """
-        if x.dim() == 2:
-            x = x.expand(a.shape)
+        """Per member, ``models.dae.reconstruction_loss``: (P,). Without autograd the
+        cross-entropy takes the faster, equal-to-rounding ``_cross_entropy_from_sigmoid``."""
+        x = x.expand(a.shape)
         if self.loss == "cross_entropy" and not (torch.is_grad_enabled() and a.requires_grad):
             return _cross_entropy_from_sigmoid(x, a, torch.sigmoid(a))  # validation: faster
-        if self.loss == "cross_entropy":
-            per_pixel = F.binary_cross_entropy_with_logits(a, x, reduction="none")
-        else:
-            per_pixel = (x - a) ** 2
-        return per_pixel.sum(dim=-1).mean(dim=-1)
+        return reconstruction_loss(x, a, self.loss)
 
     def forward(self, x: torch.Tensor,
                 generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:

@@ -1,25 +1,28 @@
-"""Training loops for populations (``models.population``): P seeds pretrained or fine-tuned
-as one batched model, with the single run's data order, noise, dropout, per-epoch history
-and per-member early stopping. See ``models.population`` for what "member p equals its
-single run" means and for the seeds the pipeline uses.
+"""The engine's two stage kinds (``models.engine``): ``DAESystem`` pretrains P denoising
+autoencoders, ``ClassifierSystem`` fine-tunes P classifiers with per-member early stopping;
+``train_dae_population`` and ``train_classifier_population`` fit them. A single run is
+P = 1; member p of P equals its run at P = 1 up to rounding (``models.population``).
 """
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch.nn import functional as F
 
-from models.batches import epoch_permutation
 from models.classifier import DeepClassifier
-from models.dae import DenoisingAutoencoder
-from models.optim import build_optimizer
 from models.classifier_population import ClassifierPopulation
-from models.population import DAEPopulation, History, _gather, plain_sgd
+from models.dae import DenoisingAutoencoder
+from models.early_stopping import RULES, EarlyStopping
+from models.engine import PopulationSystem, make_trainer
+from models.population import DAEPopulation, History, _gather
+from models.population_eval import classifier_valid, dae_valid_loss
+
+#: ``fit(trainer, system)``: how a stage runs Lightning (``tasks.runtime.fit`` adds the
+#: interrupt handling of the CLI); the default is ``trainer.fit(system)``.
+Fit = Callable[[Any, Any], None]
 
 
 @dataclass
@@ -29,11 +32,9 @@ class PopulationResult:
     Attributes:
         states: Member p's final weights as a ``DenoisingAutoencoder`` / ``DeepClassifier``
             state dict on the CPU (the best validation weights for classifiers).
-        histories: Member p's per-epoch rows, keyed like ``models.callbacks.EpochHistory``
-            (``epoch``, ``step``, then ``recon_loss``, ``val_recon_loss`` or ``train_loss``,
-            ``train_error``, ``val_loss``, ``val_error``).
-        best_val_error, best_epoch, stopped_early: ``TutorialEarlyStopping.summary()`` per
-            member (classifiers only).
+        histories: Member p's per-epoch rows: ``epoch``, ``step`` and the system's metrics.
+        best_val_error, best_epoch, stopped_early: ``EarlyStopping.summary()`` per member
+            (classifiers only).
         seconds: Wall time of the training loop.
     """
 
@@ -55,41 +56,61 @@ def _check_seeds(P: int, **seeds: Optional[Sequence[int]]) -> None:
             raise ValueError(f"{name} has {len(values)} seeds for {P} members")
 
 
-def _batches(n: int, order_seeds: Sequence[int], epoch: int, batch_size: int,
-             device: torch.device):
-    """Per-member index batches (P, b) of one epoch, as ``DeviceBatches`` slices them."""
-    order = torch.stack([epoch_permutation(n, s, epoch) for s in order_seeds]).to(device)
-    for start in range(0, n, batch_size):
-        yield order[:, start : start + batch_size]
+def _cpu_state(pop: Any, i: int) -> dict[str, torch.Tensor]:
+    return {k: v.cpu() for k, v in pop.member_state(i).items()}
 
 
-def _slice_optimizer(old_params, new_params, optimizer, settings, keep):
-    """A fresh optimiser over ``new_params`` carrying the members ``keep`` of the state."""
-    new_opt = build_optimizer(new_params, settings)
-    for old, new in zip(old_params, new_params):
-        state = optimizer.state.get(old)
-        if state:
-            new_opt.state[new] = {
-                k: v[keep].clone() if torch.is_tensor(v) and v.dim() > 0 else v
-                for k, v in state.items()
-            }
-    return new_opt
+def _fit(system: PopulationSystem, max_epochs: int, device: torch.device,
+         trainer: Optional[Any], fit: Optional[Fit]) -> None:
+    if trainer is None:
+        trainer = make_trainer(max_epochs, accelerator="gpu" if device.type == "cuda" else "cpu")
+    (fit or (lambda t, s: t.fit(s)))(trainer, system)
 
 
-def _use_fused(fused: Optional[bool], optimizer: Mapping[str, Any]) -> bool:
-    """The fused steps hand-code plain SGD; None picks them whenever that is the optimiser."""
-    if fused is None:
-        return plain_sgd(optimizer)
-    if fused and not plain_sgd(optimizer):
-        raise ValueError("fused=True needs plain SGD (no momentum, no weight decay)")
-    return fused
+class DAESystem(PopulationSystem):
+    """Pretrains P autoencoders on clean inputs x_train, shared (N, D) or per member
+    (P, N, D) (deeper layers: each member's own codes); member p draws its corruption from
+    ``noise_seeds[p]``. Logs per member and epoch ``recon_loss`` (training, corrupted inputs)
+    and ``val_recon_loss`` (clean validation inputs, when given).
+    """
 
+    def __init__(self, daes: Sequence[DenoisingAutoencoder], x_train: torch.Tensor,
+                 x_valid: Optional[torch.Tensor], *, noise_seeds: Sequence[int],
+                 order_seeds: Sequence[int], batch_size: int, optimizer: Mapping[str, Any],
+                 eval_batch_size: int = 4096, fused: Optional[bool] = None,
+                 stage: str = "pretrain population", names: Optional[Sequence[str]] = None):
+        _check_seeds(len(daes), noise_seeds=noise_seeds, order_seeds=order_seeds)
+        super().__init__(n=x_train.shape[-2], order_seeds=order_seeds, batch_size=batch_size,
+                         optimizer=optimizer, fused=fused, stage=stage, names=names)
+        self.population = DAEPopulation(daes)
+        self.x_train, self.x_valid, self.eval_batch_size = x_train, x_valid, eval_batch_size
+        self.noise_seeds = list(noise_seeds)
 
-def _check_finite(total: torch.Tensor, members: Sequence[int], stage: str, epoch: int) -> None:
-    bad = [m for m, ok in zip(members, torch.isfinite(total).tolist()) if not ok]
-    if bad:
-        raise FloatingPointError(f"{stage}: the loss of member(s) {bad} became non-finite "
-                                 f"in epoch {epoch}")
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        # The noise source lives on the training device so no mask is copied host->device.
+        self.noise = _generators(self.noise_seeds, self.device)
+
+    def batch_step(self, idx: torch.Tensor) -> torch.Tensor:
+        x = _gather(self.x_train, idx)  # (P, b, D), clean
+        if self.fused:
+            loss = self.population.sgd_step(x, self.noise, self.optimizer_settings["lr"])
+        else:
+            loss = self.population(x, self.noise)  # (P,) each member's mean loss
+            self.autograd_step(loss)
+        return loss.detach().unsqueeze(1) * idx.shape[1]  # (P, 1)
+
+    def end_epoch(self, means: torch.Tensor) -> None:
+        rows = [{"recon_loss": v} for v in means[:, 0].tolist()]
+        if self.x_valid is not None:
+            valid = dae_valid_loss(self.population, self.x_valid, self.eval_batch_size)
+            for row, v in zip(rows, valid.tolist()):
+                row["val_recon_loss"] = v
+        self.record(rows)
+
+    def result(self) -> PopulationResult:
+        states = [_cpu_state(self.population, p) for p in range(self.population.P)]
+        return PopulationResult(states=states, histories=self.histories, seconds=self.seconds)
 
 
 def train_dae_population(
@@ -104,87 +125,115 @@ def train_dae_population(
     optimizer: Mapping[str, Any],
     eval_batch_size: int = 4096,
     fused: Optional[bool] = None,
+    stage: str = "pretrain population",
+    names: Optional[Sequence[str]] = None,
+    trainer: Optional[Any] = None,
+    fit: Optional[Fit] = None,
 ) -> PopulationResult:
-    """Pretrain P autoencoders at once; member p as ``LitDenoisingAutoencoder(daes[p],
-    seed=noise_seeds[p])`` with ``TensorDataModule(..., seed=order_seeds[p])`` would.
+    """Pretrain P autoencoders at once, one ``DAESystem``.
 
     Args:
         daes: Single modules, one per member, already initialised from their seeds.
-        x_train: Clean inputs, shared (N, D) or per member (P, N, D) (deeper layers: each
-            member's own codes), on the training device.
+        x_train: Clean inputs, shared (N, D) or per member (P, N, D), on the training device.
         x_valid: Clean validation inputs, same layout, or None.
         noise_seeds: Seed of member p's corruption generator.
         order_seeds: Seed of member p's data order.
         epochs: Epochs (no early stopping in pretraining).
         batch_size: Minibatch size.
         optimizer: ``models.optim.build_optimizer`` settings.
-        eval_batch_size: Validation batch size (as ``TensorDataModule``'s).
-        fused: Use ``DAEPopulation.sgd_step`` (plain SGD only) instead of autograd and
-            ``torch.optim``; None: whenever the optimiser is plain SGD.
+        eval_batch_size: Validation chunk size (the epoch's loss is their weighted mean).
+        fused: See ``models.engine.PopulationSystem``.
+        stage, names: Name the stage and member p in a divergence error.
+        trainer: A Lightning trainer of ``epochs`` epochs (None: ``make_trainer``'s).
+        fit: How to run it (None: ``trainer.fit``).
     """
-    fused = _use_fused(fused, optimizer)
-    P = len(daes)
-    _check_seeds(P, noise_seeds=noise_seeds, order_seeds=order_seeds)
-    device = x_train.device
-    pop = DAEPopulation(daes).to(device).train()
-    opt = None if fused else build_optimizer(pop.parameters(), optimizer)
-    noise = _generators(noise_seeds, device)
-    n = x_train.shape[-2]
-    histories: list[History] = [[] for _ in range(P)]
-    step, started = 0, time.perf_counter()
-    for epoch in range(epochs):
-        total = torch.zeros(P, dtype=x_train.dtype, device=device)  # Σ_b loss_b · |b|
-        for idx in _batches(n, order_seeds, epoch, batch_size, device):
-            x = _gather(x_train, idx)  # (P, b, D), clean
-            if opt is None:
-                loss = pop.sgd_step(x, noise, optimizer["lr"])  # (P,) each member's mean loss
+    system = DAESystem(daes, x_train, x_valid, noise_seeds=noise_seeds,
+                       order_seeds=order_seeds, batch_size=batch_size, optimizer=optimizer,
+                       eval_batch_size=eval_batch_size, fused=fused, stage=stage,
+                       names=names)
+    _fit(system, epochs, x_train.device, trainer, fit)
+    return system.result()
+
+
+class ClassifierSystem(PopulationSystem):
+    """Fine-tunes P classifiers on shared data; member p stops on its own ``EarlyStopping``,
+    is dropped from the batch, and ends with its best validation weights. Logs per member
+    and epoch ``train_loss``, ``train_error``, ``val_loss`` and ``val_error``.
+    """
+
+    def __init__(self, classifiers: Sequence[DeepClassifier], x_train: torch.Tensor,
+                 y_train: torch.Tensor, x_valid: torch.Tensor, y_valid: torch.Tensor, *,
+                 order_seeds: Sequence[int], batch_size: int, optimizer: Mapping[str, Any],
+                 stopping: Callable[[int], EarlyStopping],
+                 dropout_seeds: Optional[Sequence[int]] = None, eval_batch_size: int = 4096,
+                 fused: Optional[bool] = None, stage: str = "finetune population",
+                 names: Optional[Sequence[str]] = None):
+        P = len(classifiers)
+        _check_seeds(P, order_seeds=order_seeds, dropout_seeds=dropout_seeds)
+        super().__init__(n=len(x_train), order_seeds=order_seeds, batch_size=batch_size,
+                         optimizer=optimizer, fused=fused, stage=stage, names=names)
+        self.population = ClassifierPopulation(classifiers)
+        if self.population.dropout > 0 and dropout_seeds is None:
+            raise ValueError("the classifiers use dropout: give dropout_seeds")
+        self.x_train, self.y_train = x_train, y_train
+        self.x_valid, self.y_valid, self.eval_batch_size = x_valid, y_valid, eval_batch_size
+        self.dropout_seeds = list(dropout_seeds or [])
+        steps_per_epoch = -(-len(x_train) // batch_size)
+        self.stopping = [stopping(steps_per_epoch) for _ in range(P)]
+        self.best_state: list[Optional[dict[str, torch.Tensor]]] = [None] * P
+        self.final_state: list[Optional[dict[str, torch.Tensor]]] = [None] * P
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.dropout = (_generators(self.dropout_seeds, self.device)
+                        if self.population.dropout > 0 else None)
+
+    def batch_step(self, idx: torch.Tensor) -> torch.Tensor:
+        x, y = self.x_train[idx], self.y_train[idx]  # (Pa, b, D), (Pa, b)
+        if self.fused:
+            loss, logits = self.population.sgd_step(x, y, self.optimizer_settings["lr"],
+                                                    self.dropout)  # (Pa,), (Pa, b, C)
+        else:
+            logits = self.population(x, self.dropout)  # (Pa, b, C)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(),
+                                   reduction="none").view(y.shape).mean(dim=1)  # (Pa,)
+            self.autograd_step(loss)
+        with torch.no_grad():
+            error = (logits.argmax(dim=2) != y).to(x.dtype).mean(dim=1)  # (Pa,)
+            return torch.stack([loss, error], dim=1) * y.shape[1]  # (Pa, 2)
+
+    def end_epoch(self, means: torch.Tensor) -> None:
+        val_loss, val_error = classifier_valid(self.population, self.x_valid, self.y_valid,
+                                                self.eval_batch_size)
+        self.record([{"train_loss": tl, "train_error": te, "val_loss": vl, "val_error": ve}
+                     for (tl, te), vl, ve in zip(means.tolist(), val_loss.tolist(),
+                                                 val_error.tolist())])
+        keep = []
+        for i, (m, ve) in enumerate(zip(self.members, val_error.tolist())):
+            best, stop = self.stopping[m].update(ve, step=self.steps, epoch=self.current_epoch)
+            if best:
+                self.best_state[m] = _cpu_state(self.population, i)
+            if stop:
+                self.final_state[m] = self.best_state[m]
             else:
-                loss = pop(x, noise)  # (P,) each member's mean loss
-                opt.zero_grad(set_to_none=True)
-                loss.sum().backward()  # the sum keeps each member's gradient its own
-                opt.step()
-            total = total + loss.detach() * idx.shape[1]
-            step += 1
-        _check_finite(total, range(P), "pretrain population", epoch)
-        rows = [{"epoch": epoch, "step": step, "recon_loss": v}
-                for v in (total / n).tolist()]
-        if x_valid is not None:
-            for row, v in zip(rows, _dae_valid_loss(pop, x_valid, eval_batch_size).tolist()):
-                row["val_recon_loss"] = v
-        for p in range(P):
-            histories[p].append(rows[p])
-    seconds = time.perf_counter() - started
-    states = [{k: v.cpu() for k, v in pop.member_state(p).items()} for p in range(P)]
-    return PopulationResult(states=states, histories=histories, seconds=seconds)
+                keep.append(i)
+        if not keep:
+            self.members = []
+            self.trainer.should_stop = True
+        elif len(keep) < len(self.members):  # drop the stopped members from the batch
+            if self.dropout is not None:
+                self.dropout = [self.dropout[i] for i in keep]
+            self.keep_members(keep)
 
-
-#: Validation runs P members on a chunk at once; sub-chunks keep (P, rows, width) under this.
-EVAL_ELEMENTS = 1 << 24
-
-
-def _sub_chunks(start: int, stop: int, P: int, width: int):
-    rows = max(1, EVAL_ELEMENTS // (P * width))
-    for s in range(start, stop, rows):
-        yield s, min(s + rows, stop)
-
-
-@torch.no_grad()
-def _dae_valid_loss(pop: DAEPopulation, x_valid: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Clean reconstruction loss per member (P,), the batch-weighted mean over chunks of
-    ``chunk`` examples, as Lightning's epoch-level ``self.log`` averages it."""
-    was_training = pop.training
-    pop.eval()
-    n = x_valid.shape[-2]
-    width = max(pop.n_visible, pop.n_hidden)
-    total = torch.zeros(pop.P, dtype=x_valid.dtype, device=x_valid.device)
-    for start in range(0, n, chunk):
-        b = min(chunk, n - start)
-        summed = torch.zeros_like(total)  # Σ over the chunk of per-example losses
-        for s, e in _sub_chunks(start, start + b, pop.P, width):
-            summed += pop(x_valid[..., s:e, :]) * (e - s)
-        total = total + summed / b * b
-    pop.train(was_training)
-    return total / n
+    def result(self) -> PopulationResult:
+        for i, m in enumerate(self.members):  # ran out of epochs: the best weights
+            self.final_state[m] = self.best_state[m] or _cpu_state(self.population, i)
+        summaries = [s.summary() for s in self.stopping]
+        return PopulationResult(
+            states=list(self.final_state), histories=self.histories,
+            best_val_error=[s["best_val_error"] for s in summaries],
+            best_epoch=[s["best_epoch"] for s in summaries],
+            stopped_early=[s["stopped_early"] for s in summaries], seconds=self.seconds)
 
 
 def train_classifier_population(
@@ -206,140 +255,45 @@ def train_classifier_population(
     dropout_seeds: Optional[Sequence[int]] = None,
     eval_batch_size: int = 4096,
     fused: Optional[bool] = None,
+    stage: str = "finetune population",
+    names: Optional[Sequence[str]] = None,
+    trainer: Optional[Any] = None,
+    fit: Optional[Fit] = None,
 ) -> PopulationResult:
-    """Fine-tune P classifiers at once, each with ``TutorialEarlyStopping``'s rule.
-
-    Member p behaves as ``LitClassifier(classifiers[p])`` fitted with
-    ``TensorDataModule(..., seed=order_seeds[p])`` and the callbacks ``EpochHistory`` and
-    ``TutorialEarlyStopping(rule=early_stopping, ...)``: a member stops when its rule says
-    so, is dropped from the batch, and ends with its best validation weights.
+    """Fine-tune P classifiers at once, each with its own ``EarlyStopping``.
 
     Args:
         classifiers: Single modules, one per member (random or pretrained hidden layers).
         x_train, y_train: Shared training data (N, D), (N,) on the training device.
         x_valid, y_valid: Shared validation data.
-        order_seeds: Seed of member p's data order.
+        order_seeds: Seed of member p's data order (twins share theirs).
         max_epochs: Epoch budget.
         batch_size: Minibatch size.
         optimizer: ``models.optim.build_optimizer`` settings.
         early_stopping, patience_batches, patience_increase, improvement_threshold,
-            patience_epochs: As ``models.callbacks.TutorialEarlyStopping``.
-        dropout_seeds: Seed of member p's dropout masks (as ``torch.manual_seed`` before a
-            single run); required when the classifiers use dropout.
-        eval_batch_size: Validation batch size (as ``TensorDataModule``'s).
-        fused: Use ``ClassifierPopulation.sgd_step`` (plain SGD only) instead of autograd
-            and ``torch.optim``; None: whenever the optimiser is plain SGD.
+            patience_epochs: The rule and its settings (``models.early_stopping``).
+        dropout_seeds: Seed of member p's dropout masks; required when the classifiers use
+            dropout.
+        eval_batch_size: Validation chunk size (the epoch's metrics are their weighted means).
+        fused: See ``models.engine.PopulationSystem``.
+        stage, names: Name the stage and member p in a divergence error.
+        trainer: A Lightning trainer of ``max_epochs`` epochs (None: ``make_trainer``'s).
+        fit: How to run it (None: ``trainer.fit``).
     """
-    if early_stopping not in ("tutorial", "patience", "none"):
-        raise ValueError(f"unknown early-stopping rule {early_stopping!r}")
-    fused = _use_fused(fused, optimizer)
-    P = len(classifiers)
-    _check_seeds(P, order_seeds=order_seeds, dropout_seeds=dropout_seeds)
-    device = x_train.device
-    pop = ClassifierPopulation(classifiers).to(device).train()
-    if pop.dropout > 0 and dropout_seeds is None:
-        raise ValueError("the classifiers use dropout: give dropout_seeds")
-    opt = None if fused else build_optimizer(pop.parameters(), optimizer)
-    dropout = _generators(dropout_seeds, device) if pop.dropout > 0 else None
-    n = len(x_train)
-    n_batches = math.ceil(n / batch_size)
-    members = list(range(P))  # original index of each row of the (shrinking) population
-    seeds = list(order_seeds)
-    histories: list[History] = [[] for _ in range(P)]
-    best = [math.inf] * P
-    best_epoch, stopped = [-1] * P, [False] * P
-    best_state: list[Optional[dict[str, torch.Tensor]]] = [None] * P
-    final_state: list[Optional[dict[str, torch.Tensor]]] = [None] * P
-    patience = [patience_batches * n_batches] * P
-    stale = [0] * P
-    step, started = 0, time.perf_counter()
-    for epoch in range(max_epochs):
-        Pa = len(members)
-        loss_sum = torch.zeros(Pa, dtype=x_train.dtype, device=device)
-        error_sum = torch.zeros(Pa, dtype=x_train.dtype, device=device)
-        for idx in _batches(n, seeds, epoch, batch_size, device):
-            x, y = x_train[idx], y_train[idx]  # (Pa, b, D), (Pa, b)
-            if opt is None:
-                loss, logits = pop.sgd_step(x, y, optimizer["lr"], dropout)  # (Pa,), (Pa, b, C)
-            else:
-                logits = pop(x, dropout)  # (Pa, b, C)
-                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(),
-                                       reduction="none").view(y.shape).mean(dim=1)  # (Pa,)
-                opt.zero_grad(set_to_none=True)
-                loss.sum().backward()  # the sum keeps each member's gradient its own
-                opt.step()
-            with torch.no_grad():
-                b = y.shape[1]
-                loss_sum = loss_sum + loss * b
-                error_sum = error_sum + (logits.argmax(dim=2) != y).to(x.dtype).mean(dim=1) * b
-            step += 1
-        _check_finite(loss_sum, members, "finetune population", epoch)
-        val_loss, val_error = _classifier_valid(pop, x_valid, y_valid, eval_batch_size)
-        keep = []
-        for i, (m, tl, te, vl, ve) in enumerate(zip(
-                members, (loss_sum / n).tolist(), (error_sum / n).tolist(),
-                val_loss.tolist(), val_error.tolist())):
-            histories[m].append({"epoch": epoch, "step": step, "train_loss": tl,
-                                 "train_error": te, "val_loss": vl, "val_error": ve})
-            # models.callbacks.TutorialEarlyStopping.on_train_epoch_end, per member
-            if ve < best[m] * improvement_threshold:
-                patience[m] = max(patience[m], int(step * patience_increase))
-                stale[m] = 0
-            else:
-                stale[m] += 1
-            if ve < best[m]:
-                best[m], best_epoch[m] = ve, epoch
-                best_state[m] = {k: v.cpu() for k, v in pop.member_state(i).items()}
-            if (early_stopping == "tutorial" and step >= patience[m]) or (
-                early_stopping == "patience" and stale[m] >= patience_epochs
-            ):
-                stopped[m] = True
-                final_state[m] = best_state[m]
-            else:
-                keep.append(i)
-        if not keep:
-            members = []
-            break
-        if len(keep) < Pa:  # drop the stopped members from the batch
-            keep_t = torch.tensor(keep, device=device)
-            old = list(pop.parameters())
-            pop.select(keep_t)
-            if opt is not None:
-                opt = _slice_optimizer(old, list(pop.parameters()), opt, optimizer, keep_t)
-            members = [members[i] for i in keep]
-            seeds = [seeds[i] for i in keep]
-            if dropout is not None:
-                dropout = [dropout[i] for i in keep]
-    for i, m in enumerate(members):  # ran out of epochs: the best weights, as on_train_end
-        final_state[m] = best_state[m] or {k: v.cpu() for k, v in pop.member_state(i).items()}
-    return PopulationResult(
-        states=[s for s in final_state], histories=histories, best_val_error=best,
-        best_epoch=best_epoch, stopped_early=stopped, seconds=time.perf_counter() - started,
-    )
+    if early_stopping not in RULES:
+        raise ValueError(f"unknown early-stopping rule {early_stopping!r}; choose one of {RULES}")
 
+    def stopping(steps_per_epoch: int) -> EarlyStopping:
+        return EarlyStopping(early_stopping, steps_per_epoch=steps_per_epoch,
+                             patience_batches=patience_batches,
+                             patience_increase=patience_increase,
+                             improvement_threshold=improvement_threshold,
+                             patience_epochs=patience_epochs)
 
-@torch.no_grad()
-def _classifier_valid(pop: ClassifierPopulation, x: torch.Tensor, y: torch.Tensor,
-                      chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validation loss and error per member (P,), batch-weighted means over chunks of
-    ``chunk`` examples: the arithmetic of Lightning's epoch-level ``self.log``, so that the
-    error (which decides early stopping) is the single run's float, bit for bit."""
-    was_training = pop.training
-    pop.eval()
-    width = max(w.shape[1] for w in pop.weights)
-    loss_sum = torch.zeros(pop.P, dtype=x.dtype, device=x.device)
-    error_sum = torch.zeros(pop.P, dtype=x.dtype, device=x.device)
-    for start in range(0, len(x), chunk):
-        b = min(chunk, len(x) - start)
-        nll = torch.zeros_like(loss_sum)
-        wrong = torch.zeros(pop.P, dtype=torch.long, device=x.device)
-        for s, e in _sub_chunks(start, start + b, pop.P, width):
-            logits = pop(x[s:e])  # shared input (rows, D) -> (P, rows, C)
-            yb = y[s:e]
-            nll += F.cross_entropy(logits.flatten(0, 1), yb.repeat(pop.P),
-                                   reduction="none").view(pop.P, e - s).sum(dim=1)
-            wrong += (logits.argmax(dim=2) != yb).sum(dim=1)
-        error = wrong.to(x.dtype) / b  # = (argmax != y).float().mean(), exactly
-        loss_sum, error_sum = loss_sum + nll / b * b, error_sum + error * b
-    pop.train(was_training)
-    return loss_sum / len(x), error_sum / len(x)
+    system = ClassifierSystem(classifiers, x_train, y_train, x_valid, y_valid,
+                              order_seeds=order_seeds, batch_size=batch_size,
+                              optimizer=optimizer, stopping=stopping,
+                              dropout_seeds=dropout_seeds, eval_batch_size=eval_batch_size,
+                              fused=fused, stage=stage, names=names)
+    _fit(system, max_epochs, x_train.device, trainer, fit)
+    return system.result()

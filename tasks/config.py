@@ -3,7 +3,7 @@
 A flow takes one :class:`PipelineConfig`. Every field is documented, validated before any
 work starts, flattened into MLflow params, and used somewhere: no knob is declared and then
 ignored (the reference tutorial's unused ``corruption_levels`` argument is the cautionary
-tale, DESIGN.md §4).
+tale, docs/design.md §4).
 """
 
 from __future__ import annotations
@@ -16,15 +16,21 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from models.corruption import NOISE_NAMES, check_level
+
 Activation = Literal["sigmoid", "tanh", "relu", "leaky_relu"]
 InitScheme = Literal["tutorial", "xavier", "he"]
-NoiseType = Literal["masking", "gaussian", "salt_and_pepper", "multiplicative_gaussian"]
+NoiseType = Literal[NOISE_NAMES]  # the keys of models.corruption.PROCESSES
 ReconstructionLoss = Literal["cross_entropy", "squared_error"]
 Normalization = Literal["unit", "standardize", "zca"]
 
 #: Size of the official MNIST training set and the reference validation split.
 MNIST_TRAIN_POOL = 60_000
 MNIST_VALID_SIZE = 10_000
+#: ``--dataset`` names: the IDX family (torchvision) and MNIST variants generated from MNIST.
+NAMED_DATASETS = ("mnist", "fashion-mnist", "kmnist", "mnist-bg-rand", "mnist-rot")
+#: Suffixes of a user's own data file.
+FILE_SUFFIXES = (".npz", ".csv", ".parquet")
 
 
 def default_data_dir() -> Path:
@@ -47,24 +53,44 @@ class DataConfig(StageConfig):
     """Where the data comes from, how it is split and how it is normalised."""
 
     dataset: str = Field(
-        "mnist", description="'mnist', or the path of an .npz with x_train, y_train, x_test, y_test."
+        "mnist",
+        description="mnist | fashion-mnist | kmnist | mnist-bg-rand | mnist-rot, or a file: "
+        ".npz (x_train, y_train, x_test, y_test[, x_valid, y_valid]), .csv or .parquet.",
     )
     data_dir: Path = Field(
         default_factory=default_data_dir,
-        description="torchvision root holding MNIST/raw/*-ubyte (env LAYERWISE_DATA_DIR).",
+        description="torchvision root holding MNIST/raw/*-ubyte and the other named datasets "
+        "(env LAYERWISE_DATA_DIR).",
     )
     download: bool = Field(
-        True, description="Download MNIST into data_dir when the raw files are absent."
+        True, description="Download a named dataset into data_dir when its files are absent."
     )
-    n_valid: int = Field(
-        10_000, ge=1, description="Validation examples: the last n_valid of the training set."
+    n_valid: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Validation examples: the last n_valid training rows (None: 10000 for a "
+        "named dataset, else the file's own split or valid_fraction of its rows).",
     )
+    valid_fraction: float = Field(
+        0.1, gt=0, lt=1,
+        description="File without a validation split, n_valid unset: stratified, seeded "
+        "fraction of the training rows used for validation.",
+    )
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1,
+        description="Table without a split column: stratified, seeded fraction of the rows "
+        "held out as the test split.",
+    )
+    label_column: str = Field("label", min_length=1, description="Label column of a table.")
     n_train: Optional[int] = Field(
         None,
         ge=1,
         description="Seeded, class-stratified subset of the training split (None: all of it).",
     )
-    subset_seed: int = Field(0, ge=0, description="Seed of the n_train subset.")
+    subset_seed: int = Field(
+        0, ge=0, description="Seed of the n_train subset and of fraction splits."
+    )
+    variant_seed: int = Field(0, ge=0, description="Seed of mnist-bg-rand / mnist-rot.")
     normalization: Normalization = Field(
         "unit", description="'unit' ([0,1]), 'standardize' (per feature) or 'zca' whitening."
     )
@@ -74,13 +100,21 @@ class DataConfig(StageConfig):
 
     @property
     def is_mnist(self) -> bool:
-        return self.dataset.lower() == "mnist"
+        return self.dataset == "mnist"
+
+    @property
+    def is_named(self) -> bool:
+        """A dataset known by name (60k/10k, 28×28), not a file."""
+        return self.dataset in NAMED_DATASETS
 
     @field_validator("dataset")
     @classmethod
     def _dataset_known(cls, v: str) -> str:
-        if v.lower() != "mnist" and not v.endswith(".npz"):
-            raise ValueError(f"dataset must be 'mnist' or a path ending in .npz, got {v!r}")
+        if v.lower() in NAMED_DATASETS:
+            return v.lower()
+        if not v.lower().endswith(FILE_SUFFIXES):
+            raise ValueError(f"dataset must be one of {', '.join(NAMED_DATASETS)} or a path "
+                             f"ending in {', '.join(FILE_SUFFIXES)}, got {v!r}")
         return v
 
 
@@ -150,8 +184,7 @@ class PretrainConfig(StageConfig):
     @classmethod
     def _levels_in_range(cls, v: list[float]) -> list[float]:
         for i, level in enumerate(v):
-            if not 0 <= level < 1:
-                raise ValueError(f"corruption_levels[{i}] = {level} is outside [0, 1)")
+            check_level(level, f"corruption_levels[{i}]")
         return v
 
 
@@ -219,12 +252,19 @@ class PipelineConfig(StageConfig):
                     f"model.activation={self.model.activation!r}: use 'sigmoid' or "
                     "loss='squared_error'"
                 )
-        if self.data.is_mnist:
-            pool = MNIST_TRAIN_POOL - self.data.n_valid
-            if pool < 1:
-                raise ValueError(f"data.n_valid={self.data.n_valid} leaves no MNIST training data")
-            check_train_size(self, pool)
+        if self.data.is_named:  # sizes known without reading a file
+            from tasks.data_sizes import plan_split, size_problems
+
+            plan = plan_split(self.data, MNIST_TRAIN_POOL, None)
+            problems = size_problems(self.data, plan, batch_sizes(self))
+            if problems:
+                raise ValueError("; ".join(problems))
         return self
+
+
+def batch_sizes(config: PipelineConfig) -> dict[str, int]:
+    """``{"pretrain.batch_size": …, "finetune.batch_size": …}``: sizes the training set bounds."""
+    return {f"{s}.batch_size": getattr(config, s).batch_size for s in ("pretrain", "finetune")}
 
 
 def check_train_size(config: PipelineConfig, n_available: int) -> None:

@@ -23,3 +23,19 @@ class DivergenceError(LayerwiseError):
 
 class TrackingError(LayerwiseError):
     """The MLflow or Prefect server cannot be reached or refused a write."""
+
+
+class ResourceError(LayerwiseError):
+    """This machine lacks what the run needs: memory, disk space, a writable folder or the
+    accelerator asked for."""
+
+
+class PreflightError(ConfigError):
+    """The checks before any MLflow run or training found problems; the message lists them
+    all, each naming the setting and its fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__(f"{len(problems)} problem{'s' if len(problems) > 1 else ''} found "
+                         "before any training or MLflow run started:\n"
+                         + "\n".join(f"  - {p}" for p in problems))

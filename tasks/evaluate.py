@@ -13,10 +13,8 @@ from pydantic import BaseModel
 
 from tasks.checkpoints import load_state
 from tasks.config import PipelineConfig
-from tasks.finetune import ClassifierResult
+from tasks.finetune import ARMS, ClassifierResult
 from tasks.runtime import eval_device, stage_dir, stage_key
-
-ARMS = ("pretrained", "random")
 
 
 class ArmEvaluation(BaseModel):
@@ -108,7 +106,7 @@ def per_class_table(evaluation: Evaluation) -> "Any":
 def evaluate_task(config: PipelineConfig, data: Any,
                   results: dict[str, ClassifierResult]) -> Evaluation:
     """Prefect task: evaluate both arms (cheap, so never cached)."""
-    key = stage_key("evaluate", data=data.digest,
+    key = stage_key("evaluate", kind="evaluate", data=data.digest,
                     checkpoints=[results[a].checkpoint.sha256 for a in ARMS])
     return evaluate(config, data, results, stage_dir("evaluate", key))
 

@@ -3,7 +3,6 @@ layers 1..k-1 (Bengio et al. 2007; Vincent et al. 2010, §3.5)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -15,7 +14,8 @@ from pydantic import BaseModel
 from tasks.checkpoints import Checkpoint, load_state, save_state, tensor_sha256
 from tasks.config import PipelineConfig
 from tasks.errors import DivergenceError
-from tasks.runtime import derive_seed, fit, eval_device, make_trainer, stage_dir, stage_key
+from tasks.runtime import (Seed, derive_seed, eval_device, fit, make_trainer, stage_dir,
+                           stage_key)
 
 N_EXAMPLES = 10  # images per row in the corrupted-input and reconstruction figures
 
@@ -85,7 +85,7 @@ def compute_codes(
 def build_dae(k: int, config: PipelineConfig, n_visible: int,
               value_range: tuple[float, float]) -> Any:
     """The untrained dA of layer ``k`` (0-based), its initial weights drawn from
-    ``derive_seed(seed, "pretrain-init", k)``."""
+    ``derive_seed(seed, Seed.PRETRAIN_INIT, k)``."""
     from models.dae import DenoisingAutoencoder
 
     m, p, rt = config.model, config.pretrain, config.runtime
@@ -99,59 +99,99 @@ def build_dae(k: int, config: PipelineConfig, n_visible: int,
         corruption_level=p.corruption_levels[k],
         loss=p.loss,
         value_range=value_range,
-        generator=torch.Generator().manual_seed(derive_seed(rt.seed, "pretrain-init", k)),
+        generator=torch.Generator().manual_seed(derive_seed(rt.seed, Seed.PRETRAIN_INIT, k)),
     )
 
 
-def pretrain_layer(
-    k: int, config: PipelineConfig, data: Any, lower: Sequence[LayerResult], out_dir: Path
-) -> LayerResult:
-    """Train the dA of layer ``k`` (0-based) on the clean codes of the layers below.
+def check_members(configs: Sequence[PipelineConfig]) -> None:
+    """Members of a population must differ in ``runtime.seed`` only (and be distinct)."""
+    if not configs:
+        raise ValueError("a population needs at least one member")
+    seeds = [c.runtime.seed for c in configs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"population members need distinct seeds; got {seeds}")
+    first = seedless(configs[0])
+    for config in configs[1:]:
+        if seedless(config) != first:
+            raise ValueError("population members may differ in runtime.seed only")
 
-    Corruption is applied only to this autoencoder's input, only in training; its loss is
-    measured against the clean codes. Writes ``dae.safetensors`` and figures to ``out_dir``.
+
+def seedless(config: PipelineConfig) -> dict[str, Any]:
+    """The config as JSON-able data without ``runtime.seed``: equal for population members."""
+    dump = config.model_dump(mode="json")
+    dump["runtime"].pop("seed")
+    return dump
+
+
+def pretrain_layers(k: int, configs: Sequence[PipelineConfig], data: Any,
+                    lowers: Sequence[Sequence[LayerResult]], out_dirs: Sequence[Path]
+                    ) -> list[LayerResult]:
+    """Train the dA of layer ``k`` (0-based) of P >= 1 stacks as one population, each on
+    the clean codes of its own layers below; a single run is P = 1.
+
+    Corruption is applied only to the autoencoder's input, only in training; its loss is
+    measured against the clean codes. Writes member p's ``dae.safetensors`` and figures to
+    ``out_dirs[p]``.
+
+    Args:
+        configs: One config per member; they differ in ``runtime.seed`` only.
+        data: The shared ``DataBundle``.
+        lowers: Member p's layers 1..k (its own stack below layer k).
+        out_dirs: Where member p's files go.
+    Raises:
+        DivergenceError: a member's loss became NaN/inf (the message names its seed).
     """
-    from models.batches import TensorDataModule
-    from models.callbacks import EpochHistory
-    from models.pretrain_module import LitDenoisingAutoencoder
+    from models.population_training import train_dae_population
 
-    m, p, rt = config.model, config.pretrain, config.runtime
+    check_members(configs)
+    if not len(lowers) == len(out_dirs) == len(configs):
+        raise ValueError(f"{len(lowers)} lower stacks and {len(out_dirs)} directories for "
+                         f"{len(configs)} members")
+    m, p, rt = configs[0].model, configs[0].pretrain, configs[0].runtime
     device = eval_device(rt)
-    states = load_stack(lower)
-    x_train = compute_codes(data.x_train, states, m.activation, device, rt.eval_batch_size)
-    x_valid = compute_codes(data.x_valid, states, m.activation, device, rt.eval_batch_size)
-    value_range = (float(x_train.min()), float(x_train.max()))
-    dae = build_dae(k, config, x_train.shape[1], value_range)
-    system = LitDenoisingAutoencoder(
-        dae, layer=k + 1, optimizer=p.optimizer.model_dump(),
-        seed=derive_seed(rt.seed, "pretrain-noise", k),
-    )
-    history = EpochHistory(system.prefix)
-    datamodule = TensorDataModule(
-        (x_train,), (x_valid,), p.batch_size, derive_seed(rt.seed, "pretrain-order", k),
-        rt.eval_batch_size,
-    )
-    started = time.perf_counter()
+    states = [load_stack(lower) for lower in lowers]
+    if k == 0:  # every member reads the same inputs (N, D)
+        x_train, x_valid = data.x_train.to(device), data.x_valid.to(device)
+        ranges = [(float(x_train.min()), float(x_train.max()))] * len(configs)
+    else:  # member p reads its own codes: (P, N, n_hidden_{k-1})
+        x_train, x_valid = (torch.stack([compute_codes(x, s, m.activation, device,
+                                                       rt.eval_batch_size) for s in states])
+                            for x in (data.x_train, data.x_valid))
+        ranges = [(float(x.min()), float(x.max())) for x in x_train]
+    daes = [build_dae(k, c, x_train.shape[-1], r) for c, r in zip(configs, ranges)]
+    seeds = [c.runtime.seed for c in configs]
     try:
-        fit(make_trainer(rt, p.epochs, [history]), system, datamodule)
+        result = train_dae_population(
+            daes, x_train, x_valid,
+            noise_seeds=[derive_seed(s, Seed.PRETRAIN_NOISE, k) for s in seeds],
+            order_seeds=[derive_seed(s, Seed.PRETRAIN_ORDER, k) for s in seeds],
+            epochs=p.epochs, batch_size=p.batch_size, optimizer=p.optimizer.model_dump(),
+            eval_batch_size=rt.eval_batch_size, stage=f"pretrain/layer_{k + 1}",
+            names=[f"seed {s}" for s in seeds], trainer=make_trainer(rt, p.epochs), fit=fit)
     except FloatingPointError as exc:
-        raise DivergenceError(str(exc)) from exc
-    seconds = time.perf_counter() - started
-    dae = dae.cpu().eval()
-    state = {k_: v for k_, v in dae.state_dict().items()}
-    checkpoint = save_state(state, out_dir / "dae.safetensors", {"layer": str(k + 1)})
-    figures = layer_figures(k, dae, states, x_valid.cpu(), data, out_dir, rt.seed)
-    return LayerResult(
-        layer=k + 1,
-        n_visible=dae.n_visible,
-        n_hidden=dae.n_hidden,
-        checkpoint=checkpoint,
-        encoder_sha256=tensor_sha256(encoder_state(state)),
-        value_range=value_range,
-        history=history.rows,
-        figures=figures,
-        train_seconds=seconds,
-    )
+        raise DivergenceError(f"{exc}. Lower pretrain.optimizer.lr or check the input "
+                              "normalisation.") from exc
+    results = []
+    for i, (dae, state, out_dir) in enumerate(zip(daes, result.states, out_dirs)):
+        dae.load_state_dict(state)
+        dae.eval()
+        checkpoint = save_state(state, out_dir / "dae.safetensors",
+                                {"layer": str(k + 1), "seed": str(seeds[i])})
+        codes_valid = x_valid if k == 0 else x_valid[i]
+        results.append(LayerResult(
+            layer=k + 1, n_visible=dae.n_visible, n_hidden=dae.n_hidden,
+            checkpoint=checkpoint, encoder_sha256=tensor_sha256(encoder_state(state)),
+            value_range=ranges[i], history=result.histories[i],
+            figures=layer_figures(k, dae, states[i], codes_valid.cpu(), data, out_dir,
+                                  seeds[i]),
+            train_seconds=result.seconds / len(configs)))
+    return results
+
+
+def pretrain_layer(k: int, config: PipelineConfig, data: Any, lower: Sequence[LayerResult],
+                   out_dir: Path) -> LayerResult:
+    """Train the dA of layer ``k`` (0-based) of one stack: ``pretrain_layers`` at P = 1."""
+    return pretrain_layers(k, [config], data, [lower], [out_dir])[0]
 
 
 @torch.no_grad()
@@ -181,7 +221,7 @@ def layer_figures(
             projection.numpy(), out_dir / f"filters_layer_{k + 1}.png", img_shape
         )
     }
-    g = torch.Generator().manual_seed(derive_seed(seed, "figure-noise", k))
+    g = torch.Generator().manual_seed(derive_seed(seed, Seed.FIGURE_NOISE, k))
     clean = codes_valid[:N_EXAMPLES]
     corrupted = dae.corrupt(clean, g)
     paths["corrupted"] = figures.save_image_rows(
@@ -214,6 +254,7 @@ def pretrain_cache_key(k: int, config: PipelineConfig, data_digest: str,
     m, p, rt = config.model, config.pretrain, config.runtime
     return stage_key(
         f"pretrain-layer-{k + 1}",
+        kind="pretrain",
         data=data_digest,
         model={"hidden_sizes": m.hidden_sizes[: k + 1], "activation": m.activation,
                "tied_weights": m.tied_weights, "init": m.init},

@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import logging
-import warnings
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from tasks.config import RuntimeConfig
 
-#: The modules whose source decides a training stage's result: a change to any of them
-#: invalidates cached stage results; a change elsewhere (the CLI, figures, the ablation)
-#: does not.
-STAGE_MODULES = (
-    "models/corruption.py", "models/layers.py", "models/dae.py", "models/classifier.py",
-    "models/batches.py", "models/callbacks.py", "models/optim.py",
-    "models/pretrain_module.py", "models/finetune_module.py",
-    "tasks/config.py", "tasks/data.py", "tasks/checkpoints.py", "tasks/runtime.py",
-    "tasks/pretrain.py", "tasks/finetune.py", "tasks/errors.py", "tasks/figures.py",
-)
+#: The behaviour version of each stage kind, a part of its cache key. Bump a kind's number
+#: in the change that alters what the stage computes (its training code, the inputs it
+#: reads, the files it writes); results cached under the old number are then retrained.
+#: Keys name no file, so moving or renaming a module neither changes nor breaks the cache.
+STAGE_VERSIONS = {"pretrain": 1, "finetune": 1, "evaluate": 1}
+
+
+class Seed:
+    """The purposes a run's seed is derived for, named here only:
+    ``derive_seed(seed, Seed.PRETRAIN_NOISE, k)``. The strings are part of every derived
+    seed (changing one changes every result), and sharing one is what makes two runs draw
+    the same numbers: both fine-tuning twins read ``FINETUNE_ORDER`` and ``FINETUNE_DROPOUT``.
+    """
+
+    PRETRAIN_INIT = "pretrain-init"  # layer k's initial weights
+    PRETRAIN_NOISE = "pretrain-noise"  # layer k's corruption
+    PRETRAIN_ORDER = "pretrain-order"  # layer k's data order
+    FIGURE_NOISE = "figure-noise"  # the corrupted examples of layer k's figure
+    RANDOM_INIT = "random-init"  # the random-init twin's hidden weights
+    FINETUNE_ORDER = "finetune-order"  # the twins' data order
+    FINETUNE_DROPOUT = "finetune-dropout"  # the twins' dropout masks
 
 
 def derive_seed(seed: int, *purpose: Any) -> int:
@@ -32,22 +40,17 @@ def derive_seed(seed: int, *purpose: Any) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
-@functools.lru_cache(maxsize=None)
-def code_digest(modules: tuple[str, ...] = STAGE_MODULES) -> str:
-    """SHA-256 of the source of ``modules`` (repository-relative paths; by default
-    ``STAGE_MODULES``): a cache-key part, so that a change to the training code invalidates
-    cached stage results."""
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for name in modules:
-        h.update(name.encode())
-        h.update((root / name).read_bytes())
-    return h.hexdigest()
+def stage_key(stage: str, *, kind: str, **parts: Any) -> str:
+    """Cache key of a stage: its name, its kind's behaviour version and JSON-able stable
+    inputs (config dumps, digests of data and of the checkpoints it reads).
 
-
-def stage_key(stage: str, **parts: Any) -> str:
-    """Cache key of a stage: its name, the code digest and JSON-able stable inputs."""
-    payload = json.dumps({"stage": stage, "code": code_digest(), **parts}, sort_keys=True)
+    Args:
+        stage: The stage's name, e.g. ``pretrain-layer-2``.
+        kind: Its kind, a key of ``STAGE_VERSIONS``.
+        parts: The stage's inputs.
+    """
+    payload = json.dumps({"stage": stage, "version": STAGE_VERSIONS[kind], **parts},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -98,31 +101,20 @@ def _interrupt_callback() -> Any:
     return RaisePendingInterrupt()
 
 
-def make_trainer(runtime: RuntimeConfig, max_epochs: int, callbacks: list) -> Any:
-    """A Lightning Trainer for one stage: no logger or checkpoints of its own (the stage
-    records its history and writes safetensors), ``accelerator`` from the config."""
-    import lightning as L
+def make_trainer(runtime: RuntimeConfig, max_epochs: int, callbacks: Sequence[Any] = ()
+                 ) -> Any:
+    """The engine's trainer (``models.engine.make_trainer``) for one stage, with the
+    accelerator, precision and determinism of ``runtime``, a progress bar in a terminal, and
+    the callback that re-raises a swallowed interrupt."""
+    from models.engine import make_trainer as engine_trainer
 
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # Lightning 2.6 + torch 2.14: a deprecation inside Lightning's own pytree helper.
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
-    return L.Trainer(
-        accelerator=runtime.accelerator,
-        devices=1,
-        precision=runtime.precision,
-        deterministic=runtime.deterministic,
-        max_epochs=max_epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=progress_bar_enabled(),
-        num_sanity_val_steps=0,
-        callbacks=[*callbacks, _interrupt_callback()],
-    )
+    return engine_trainer(max_epochs, accelerator=runtime.accelerator,
+                          precision=runtime.precision, deterministic=runtime.deterministic,
+                          progress=progress_bar_enabled(),
+                          callbacks=[*callbacks, _interrupt_callback()])
 
 
-def fit(trainer: Any, system: Any, datamodule: Any) -> None:
+def fit(trainer: Any, system: Any, datamodule: Any = None) -> None:
     """``trainer.fit`` that lets Ctrl-C propagate as ``KeyboardInterrupt``.
 
     Lightning catches ``KeyboardInterrupt``, ignores further SIGINTs and calls

@@ -122,11 +122,13 @@ def check_reachable(url: str, what: str, hint: str, timeout: float = 5.0) -> Non
 
 
 def preflight_mlflow(uri: str) -> None:
-    """An MLflow server must answer ``/health``; local stores need nothing."""
-    if uri.startswith(("http://", "https://")):
-        check_reachable(uri.rstrip("/") + "/health", "the MLflow tracking server",
-                        "Start it, or drop --tracking-uri/MLFLOW_TRACKING_URI to use the "
-                        "embedded SQLite store.")
+    """The tracking URI can be used (``tasks.tracking_uri.check_tracking_uri``): a known
+    scheme, its driver installed, the store reachable and writable."""
+    from tasks.tracking_uri import check_tracking_uri
+
+    problems = check_tracking_uri(uri)
+    if problems:
+        raise TrackingError(" ".join(problems))
 
 
 TRANSIENT = ("database is locked", "connection", "timed out", "temporarily", "503", "502", "504")

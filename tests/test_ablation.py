@@ -13,7 +13,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from flows.grid import GRIDS_DIR, Variant, customise, expand, grid_presets, load_grid
+from flows.grid import GRIDS_DIR, customise, expand, grid_presets, load_grid
+from flows.grid_spec import Variant
 from tasks.errors import ConfigError
 
 FAIL = {"depth": 2, "arm": "pretrained", "seed": 1}  # fine-tuning raises in every attempt

@@ -1,4 +1,4 @@
-"""The deep classifier: its hidden layers *are* the autoencoders' encoders (DESIGN.md §2).
+"""The deep classifier: its hidden layers *are* the autoencoders' encoders (docs/design.md §2).
 
 Sharing is checked by identity and storage, and by optimiser steps in both directions whose
 effect is predicted exactly (W ← W − lr·∇W). Loading pretrained states copies them;

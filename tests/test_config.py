@@ -13,7 +13,7 @@ from tasks.errors import ConfigError
 
 
 def test_tutorial_preset_equals_the_reference_field_by_field(tmp_path):
-    """REFERENCES.md: DeepLearningTutorials SdA.py."""
+    """docs/references.md: DeepLearningTutorials SdA.py."""
     c = resolve_config("tutorial", data_dir=tmp_path)
     expected = {
         "data.n_valid": 10000, "data.n_train": None, "data.normalization": "unit",
@@ -121,24 +121,50 @@ def test_config_roundtrips_through_json():
     assert c.digest() == PipelineConfig.model_validate_json(c.model_dump_json()).digest()
 
 
-def test_stage_cache_key_covers_every_module_the_stages_import():
-    """The code digest in the cache key must include every project module that the training
-    stages import, directly or lazily, or a code change could serve stale results."""
-    import ast
+KEY_SCRIPT = """
+from tasks.config import PipelineConfig
+from tasks.pretrain import LayerResult, pretrain_cache_key
+from tasks.finetune import finetune_cache_key
+c = PipelineConfig.model_validate({"model": {"hidden_sizes": [8, 4]},
+                                   "pretrain": {"corruption_levels": [0.1, 0.2]}})
+print(pretrain_cache_key(1, c, "d" * 64, []), finetune_cache_key("random", c, "d" * 64, None))
+"""
+
+
+def test_stage_keys_do_not_depend_on_where_the_code_lives_or_runs(tmp_path):
+    """A copy of the package at another root, with a module moved into a subpackage (the old
+    path re-exports it), run from another working directory, computes the same cache keys:
+    moving the checkout or a file in it neither changes nor breaks resuming."""
+    import shutil
+    import subprocess
+    import sys
     from pathlib import Path
 
-    from tasks.runtime import STAGE_MODULES
-
     root = Path(__file__).resolve().parents[1]
-    for name in STAGE_MODULES:
-        tree = ast.parse((root / name).read_text())
-        for node in ast.walk(tree):
-            mods = []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                mods = [a.name for a in node.names]
-            for mod in mods:
-                path = mod.replace(".", "/") + ".py"
-                if mod.split(".")[0] in ("models", "tasks") and (root / path).is_file():
-                    assert path in STAGE_MODULES, f"{name} imports {mod}, not in STAGE_MODULES"
+    moved = tmp_path / "elsewhere" / "checkout"
+    for package in ("models", "tasks"):
+        shutil.copytree(root / package, moved / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    (moved / "models" / "nets").mkdir()
+    (moved / "models" / "nets" / "__init__.py").write_text("")
+    (moved / "models" / "dae.py").rename(moved / "models" / "nets" / "dae.py")
+    (moved / "models" / "dae.py").write_text("from models.nets.dae import *  # noqa: F403\n")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    keys = [subprocess.run([sys.executable, "-c", KEY_SCRIPT], cwd=where, text=True,
+                           capture_output=True, check=True,
+                           env={**__import__("os").environ, "PYTHONPATH": str(src)}).stdout
+            for where, src in ((root, root), (cwd, moved))]
+    assert keys[0] == keys[1] and len(keys[0].split()) == 2
+
+
+def test_a_stage_key_changes_with_its_kind_version_only(monkeypatch):
+    from tasks import runtime
+
+    before = {kind: runtime.stage_key("s", kind=kind, x=1) for kind in runtime.STAGE_VERSIONS}
+    monkeypatch.setitem(runtime.STAGE_VERSIONS, "pretrain", runtime.STAGE_VERSIONS["pretrain"] + 1)
+    after = {kind: runtime.stage_key("s", kind=kind, x=1) for kind in runtime.STAGE_VERSIONS}
+    assert before["pretrain"] != after["pretrain"]
+    assert {k: v for k, v in before.items() if k != "pretrain"} == {
+        k: v for k, v in after.items() if k != "pretrain"}
+    assert runtime.stage_key("s", kind="finetune", x=1) != runtime.stage_key("s", kind="finetune", x=2)

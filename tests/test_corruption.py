@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models.corruption import (
-    NOISES,
+    PROCESSES,
     corrupt,
     corrupt_members,
     gaussian_noise,
@@ -132,13 +132,13 @@ def test_multiplicative_gaussian_relative_noise_has_std_sigma():
 # --- properties common to every process ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("noise", sorted(NOISES))
+@pytest.mark.parametrize("noise", sorted(PROCESSES))
 def test_level_zero_is_the_identity(noise):
     x = positive_input()
     assert torch.equal(corrupt(x, noise, 0.0, gen(8)), x)
 
 
-@pytest.mark.parametrize("noise", sorted(NOISES))
+@pytest.mark.parametrize("noise", sorted(PROCESSES))
 def test_same_seed_same_corruption_different_seed_different(noise):
     x = positive_input()[:50]
     a = corrupt(x, noise, 0.3, gen(11))
@@ -149,7 +149,7 @@ def test_same_seed_same_corruption_different_seed_different(noise):
     assert not torch.equal(a, x)
 
 
-@pytest.mark.parametrize("noise", sorted(NOISES))
+@pytest.mark.parametrize("noise", sorted(PROCESSES))
 def test_global_rng_is_used_when_no_generator_is_given(noise):
     x = positive_input()[:50]
     torch.manual_seed(123)
@@ -159,7 +159,7 @@ def test_global_rng_is_used_when_no_generator_is_given(noise):
     assert torch.equal(a, b) and not torch.equal(a, x)
 
 
-@pytest.mark.parametrize("noise", sorted(NOISES))
+@pytest.mark.parametrize("noise", sorted(PROCESSES))
 def test_corruption_does_not_modify_its_input(noise):
     x = positive_input()[:50]
     before = x.clone()
@@ -179,7 +179,7 @@ def test_unknown_noise_is_rejected_naming_the_choices():
         assert name in message
 
 
-@pytest.mark.parametrize("noise", sorted(NOISES))
+@pytest.mark.parametrize("noise", sorted(PROCESSES))
 def test_corrupting_members_together_is_each_member_corrupted_alone(noise):
     """A population's corruption: member p's slice is, bit for bit, what ``corrupt`` gives
     its single run from the same generator, with its own salt-and-pepper value range."""
@@ -194,3 +194,57 @@ def test_corrupting_members_together_is_each_member_corrupted_alone(noise):
         assert (together[1] == 2.0).any() and not (together[0] == 2.0).any()
     with pytest.raises(ValueError, match="3 members need as many generators"):
         corrupt_members(x, noise, 0.3, [gen(0)], ranges)
+
+
+def test_the_config_literal_is_the_process_table():
+    """Adding a process to ``PROCESSES`` adds it to the config; nothing else lists them."""
+    from typing import get_args
+
+    from tasks.config import NoiseType, PretrainConfig
+
+    assert get_args(NoiseType) == tuple(PROCESSES)
+    for name in PROCESSES:
+        assert PretrainConfig(noise=name).noise == name
+    with pytest.raises(ValueError, match="noise"):
+        PretrainConfig(noise="dropout")
+
+
+@pytest.mark.parametrize("noise", sorted(PROCESSES))
+def test_every_process_has_its_own_arithmetic(noise):
+    """No process falls through to another's: from the same x and draw u, each table entry's
+    result is computed by hand here (x = 0.5, ν = σ = 0.5)."""
+    x = torch.full((4,), 0.5, dtype=torch.float64)
+    u = torch.tensor([0.1, 0.3, 0.6, -1.0], dtype=torch.float64)
+    expected = {
+        "masking": [0.0, 0.0, 0.5, 0.0],  # x where u >= 0.5
+        "gaussian": [0.55, 0.65, 0.8, 0.0],  # x + 0.5 u
+        "salt_and_pepper": [0.0, 1.0, 0.5, 0.0],  # low below 0.25, high in [0.25, 0.5)
+        "multiplicative_gaussian": [0.525, 0.575, 0.65, 0.25],  # x + 0.5 u x
+    }[noise]
+    out = PROCESSES[noise].apply(x, u, 0.5, 0.0, 1.0)
+    assert torch.allclose(out, torch.tensor(expected, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("level", [-0.1, 1.0, 1.5])
+def test_one_range_check_serves_the_config_the_grid_and_the_layer(level):
+    from flows.grid_spec import Factors
+    from models.dae import DenoisingAutoencoder
+    from tasks.config import PretrainConfig
+
+    with pytest.raises(ValueError, match=r"corruption_levels\[0\] = .* is outside \[0, 1\)"):
+        PretrainConfig(corruption_levels=[level])
+    with pytest.raises(ValueError, match=r"corruption_level\[1\] = .* is outside \[0, 1\)"):
+        Factors(corruption_level=[0.1, level])
+    with pytest.raises(ValueError, match=r"corruption_level = .* is outside \[0, 1\)"):
+        DenoisingAutoencoder(4, 2, corruption_level=level)
+
+
+def test_the_grid_takes_its_init_schemes_from_the_config():
+    from typing import get_args
+
+    from flows.grid_spec import RANDOM_SCHEMES, InitValue
+    from models.layers import INIT_SCHEMES
+    from tasks.config import InitScheme
+
+    assert RANDOM_SCHEMES == get_args(InitScheme) == INIT_SCHEMES
+    assert get_args(InitValue) == ("pretrained", "random", *INIT_SCHEMES)

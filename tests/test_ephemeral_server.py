@@ -111,8 +111,8 @@ def fan_out():
     return [f.result() for f in [probe.submit() for _ in range(4)]]
 
 if __name__ == "__main__":
-    from flows.cli import _prepare_environment
-    _prepare_environment()  # as the CLI does: guarded, and started in the background
+    from flows.cli_common import prepare_environment
+    prepare_environment()  # as the CLI does: guarded, and started in the background
     from flows.ablation import task_runner
     from flows.ephemeral_api import shared_settings
     from prefect.server.api.server import SubprocessASGIServer
@@ -179,18 +179,48 @@ def test_a_watched_pool_worker_stops_when_its_parent_is_killed():
             os.kill(worker, signal.SIGKILL)
 
 
-def test_a_background_start_that_fails_is_raised_by_ready_once(monkeypatch):
+def test_a_background_start_that_times_out_twice_is_raised_by_ready_once(monkeypatch):
     from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
     from flows import ephemeral_api
+    from tasks.errors import TrackingError
+
+    waits = []
 
     def boom(self, timeout=None):
+        waits.append(timeout)
         raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API")
 
     monkeypatch.setattr(ephemeral_api, "configured", lambda: False)
     monkeypatch.setattr(orphan_guard, "install", lambda: None)
     monkeypatch.setattr(SubprocessASGIServer, "start", boom)
+    monkeypatch.setattr(SubprocessASGIServer, "stop", lambda self: None)
     ephemeral_api.prestart()
-    with pytest.raises(RuntimeError, match="Timed out"):
+    with pytest.raises(TrackingError, match="PREFECT_API_URL") as err:
         ephemeral_api.ready()
+    first = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    assert waits == [None, 2 * first]  # Prefect's own wait, then one twice as long
+    assert f"within {first} s, nor within {2 * first} s" in str(err.value)
     ephemeral_api.ready()  # reported once; nothing left to wait for
+
+
+def test_a_start_that_times_out_once_is_retried_and_succeeds(monkeypatch):
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from flows import ephemeral_api
+
+    waits = []
+
+    def slow_then_fine(self, timeout=None):
+        waits.append(timeout)
+        if len(waits) == 1:
+            raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API")
+
+    monkeypatch.setattr(ephemeral_api, "configured", lambda: False)
+    monkeypatch.setattr(orphan_guard, "install", lambda: None)
+    monkeypatch.setattr(SubprocessASGIServer, "start", slow_then_fine)
+    monkeypatch.setattr(SubprocessASGIServer, "stop", lambda self: None)
+    ephemeral_api.prestart()
+    ephemeral_api.ready()  # no error: the second, longer try answered
+    assert len(waits) == 2 and waits[1] > 0

@@ -6,21 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.batches import TensorDataModule
 from models.dae import DenoisingAutoencoder
-from models.pretrain_module import LitDenoisingAutoencoder
+from models.population_training import DAESystem
 from tasks import runtime
 from tasks.config import RuntimeConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's advice on CPU
 
 
-def train(epochs: int = 2) -> LitDenoisingAutoencoder:
+def train(epochs: int = 2) -> DAESystem:
     x = torch.rand(40, 10, generator=torch.Generator().manual_seed(0))
-    system = LitDenoisingAutoencoder(DenoisingAutoencoder(10, 4), layer=1,
-                                     optimizer={"name": "sgd", "lr": 0.1})
-    trainer = runtime.make_trainer(RuntimeConfig(accelerator="cpu"), epochs, [])
-    runtime.fit(trainer, system, TensorDataModule((x,), (x,), 5, seed=0))
+    system = DAESystem([DenoisingAutoencoder(10, 4)], x, x, noise_seeds=[0], order_seeds=[0],
+                       batch_size=5, optimizer={"name": "sgd", "lr": 0.1})
+    trainer = runtime.make_trainer(RuntimeConfig(accelerator="cpu"), epochs)
+    runtime.fit(trainer, system)
     return system
 
 

@@ -202,14 +202,14 @@ def test_resume_after_a_failed_finetune(shared_data_dir, prefect_harness, layerw
         "data.n_train=1000", "model.hidden_sizes=[64,32]", "pretrain.epochs=1",
         "finetune.max_epochs=1"])
     uri = f"sqlite:///{layerwise_home}/mlflow.db"
-    real = tasks.finetune.finetune
+    real = tasks.finetune.finetune_members
 
-    def broken(arm, *args, **kwargs):
-        if arm == "pretrained":
+    def broken(arms, *args, **kwargs):
+        if "pretrained" in arms:
             raise RuntimeError("injected failure")
-        return real(arm, *args, **kwargs)
+        return real(arms, *args, **kwargs)
 
-    monkeypatch.setattr(tasks.finetune, "finetune", broken)
+    monkeypatch.setattr(tasks.finetune, "finetune_members", broken)
     with pytest.raises(RuntimeError, match="injected failure"):
         run_pipeline(config, preset="quick", tracking_uri=uri, experiment="resume")
     client = MlflowClient(uri)
@@ -220,7 +220,7 @@ def test_resume_after_a_failed_finetune(shared_data_dir, prefect_harness, layerw
                       "pretrain-layer-1": "FINISHED", "pretrain-layer-2": "FINISHED",
                       "finetune-pretrained": "FAILED"}
 
-    monkeypatch.setattr(tasks.finetune, "finetune", real)
+    monkeypatch.setattr(tasks.finetune, "finetune_members", real)
     result = run_pipeline(config, preset="quick", tracking_uri=uri, experiment="resume")
     cached = {s.name: s.cached for s in result.stages}
     assert cached["pretrain-layer-1"] and cached["pretrain-layer-2"]

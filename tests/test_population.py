@@ -1,11 +1,12 @@
-"""Population training: member p of a batched population is seed p trained alone.
+"""The training engine: a single run is a population of one, and member p of a population
+is its own run at P = 1.
 
-"Alone" is checked two ways: against the project's own Lightning path
-(``LitDenoisingAutoencoder`` / ``LitClassifier`` with ``TensorDataModule``, ``EpochHistory``
-and ``TutorialEarlyStopping`` through ``make_trainer``), which shows that the population draws
-the noise, the dropout masks and the data order in the same order as a single run; and
-against a plain PyTorch loop written here. In float64 the match is to 1e-12, in float32 to
-1e-5 (a batched matmul sums in another order than a single one).
+Checked two ways: a population of one (the engine's single run) against a plain PyTorch
+loop written here (autograd, ``torch.optim``, the seeded data order, noise and dropout
+drawn from the global or the member's generator), which shows that the engine draws the
+noise, the dropout masks and the data order in the order a plain run does; and member p of
+P against the same engine at P = 1. In float64 the match is to 1e-12, in float32 to 1e-5
+(a batched matmul sums in another order than a single one).
 """
 
 from __future__ import annotations
@@ -13,17 +14,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.batches import TensorDataModule, epoch_permutation
-from models.callbacks import EpochHistory, TutorialEarlyStopping
+from torch.nn import functional as F
+
+from models.batches import epoch_permutation
 from models.classifier import DeepClassifier
-from models.dae import DenoisingAutoencoder
-from models.finetune_module import LitClassifier
 from models.classifier_population import ClassifierPopulation
+from models.dae import DenoisingAutoencoder
+from models.early_stopping import EarlyStopping
 from models.population import DAEPopulation
 from models.population_training import train_classifier_population, train_dae_population
-from models.pretrain_module import LitDenoisingAutoencoder
-from tasks.config import RuntimeConfig
-from tasks.runtime import make_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's advice on CPU
 
@@ -57,11 +56,6 @@ def histories_close(a: list[dict], b: list[dict], rel: float) -> None:
             assert row_a[key] == pytest.approx(row_b[key], rel=rel, abs=rel), key
 
 
-def cpu_fit(system, datamodule, max_epochs: int, callbacks: list) -> None:
-    make_trainer(RuntimeConfig(accelerator="cpu"), max_epochs, callbacks).fit(
-        system, datamodule=datamodule)
-
-
 # --- pretraining -------------------------------------------------------------------------------
 
 
@@ -70,45 +64,66 @@ def make_dae(seed: int, dtype=torch.float64, **kwargs) -> DenoisingAutoencoder:
     return DenoisingAutoencoder(20, 7, generator=gen(100 + seed), **kwargs).to(dtype)
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_each_dae_member_equals_its_seed_trained_alone_through_lightning(dtype, tol):
-    g = gen(0)
-    x, x_valid = torch.rand(103, 20, generator=g, dtype=dtype), torch.rand(50, 20, generator=g,
-                                                                             dtype=dtype)
-    seeds = [0, 1, 2]
-    result = train_dae_population(
-        [make_dae(s, dtype) for s in seeds], x, x_valid,
-        noise_seeds=[10 + s for s in seeds], order_seeds=[20 + s for s in seeds],
-        epochs=2, batch_size=10, optimizer=SGD, eval_batch_size=16)
-
-    for s in seeds:  # 103 examples, batch 10: 11 steps per epoch, the last one of 3 examples
-        dae = make_dae(s, dtype)
-        system = LitDenoisingAutoencoder(dae, layer=1, optimizer=SGD, seed=10 + s)
-        history = EpochHistory(system.prefix)
-        cpu_fit(system, TensorDataModule((x,), (x_valid,), 10, seed=20 + s, eval_batch_size=16),
-                2, [history])
-        assert max_diff(result.states[s], dae.state_dict()) < tol
-        histories_close(result.histories[s], history.rows, rel=max(tol, 1e-6))
-        assert [r["step"] for r in result.histories[s]] == [11, 22]
-    # the members really differ (different init, noise and order)
-    assert max_diff(result.states[0], result.states[1]) > 0.01
-
-
-def train_dae_alone(dae, x, noise_seed, order_seed, epochs, batch_size, optimizer):
-    """The plain loop: member's own generator, one corrupt() per step, the seeded order."""
+def train_dae_alone(dae, x, noise_seed, order_seed, epochs, batch_size, optimizer,
+                    x_valid=None):
+    """The plain loop: member's own generator, one corrupt() per step, the seeded order.
+    Returns the final state and the per-epoch rows (batch-weighted mean training loss,
+    clean validation loss over the whole set at once)."""
     g = torch.Generator().manual_seed(noise_seed)
-    opt = (torch.optim.SGD(dae.parameters(), lr=optimizer["lr"], momentum=optimizer["momentum"])
+    opt = (torch.optim.SGD(dae.parameters(), lr=optimizer["lr"],
+                           momentum=optimizer.get("momentum", 0.0))
            if optimizer["name"] == "sgd" else torch.optim.Adam(dae.parameters(), lr=optimizer["lr"]))
-    dae.train()
+    rows, step = [], 0
     for epoch in range(epochs):
-        order = epoch_permutation(len(x), order_seed, epoch)
+        dae.train()
+        order, total = epoch_permutation(len(x), order_seed, epoch), 0.0
         for start in range(0, len(x), batch_size):
             xb = x[order[start : start + batch_size]]
             loss = dae.reconstruction_loss(xb, dae.decoder_logits(dae.encode(dae.corrupt(xb, g))))
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return dae.state_dict()
+            total, step = total + loss.item() * len(xb), step + 1
+        row = {"epoch": epoch, "step": step, "recon_loss": total / len(x)}
+        if x_valid is not None:
+            with torch.no_grad():
+                row["val_recon_loss"] = dae.eval()(x_valid).item()
+        rows.append(row)
+    return dae.state_dict(), rows
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_a_dae_population_of_one_equals_an_autograd_loop(dtype, tol):
+    """P = 1, the engine's single run (fused SGD steps, Lightning's epochs, chunked batches,
+    validation in chunks of 16) is the plain loop: weights and every history row."""
+    g = gen(0)
+    x, x_valid = (torch.rand(n, 20, generator=g, dtype=dtype) for n in (103, 50))
+    result = train_dae_population([make_dae(0, dtype)], x, x_valid, noise_seeds=[10],
+                                  order_seeds=[20], epochs=2, batch_size=10, optimizer=SGD,
+                                  eval_batch_size=16)
+    state, rows = train_dae_alone(make_dae(0, dtype), x, 10, 20, 2, 10, SGD, x_valid)
+    assert max_diff(result.states[0], state) < tol
+    histories_close(result.histories[0], rows, rel=max(tol, 1e-6))
+    # 103 examples, batch 10: 11 steps per epoch, the last one of 3 examples
+    assert [r["step"] for r in result.histories[0]] == [11, 22]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_each_dae_member_equals_its_run_at_population_one(dtype, tol):
+    g = gen(0)
+    x, x_valid = (torch.rand(n, 20, generator=g, dtype=dtype) for n in (103, 50))
+    seeds = [0, 1, 2]
+    kwargs = dict(epochs=2, batch_size=10, optimizer=SGD, eval_batch_size=16)
+    result = train_dae_population([make_dae(s, dtype) for s in seeds], x, x_valid,
+                                  noise_seeds=[10 + s for s in seeds],
+                                  order_seeds=[20 + s for s in seeds], **kwargs)
+    for s in seeds:
+        alone = train_dae_population([make_dae(s, dtype)], x, x_valid, noise_seeds=[10 + s],
+                                     order_seeds=[20 + s], **kwargs)
+        assert max_diff(result.states[s], alone.states[0]) < tol
+        histories_close(result.histories[s], alone.histories[0], rel=max(tol, 1e-6))
+    # the members really differ (different init, noise and order)
+    assert max_diff(result.states[0], result.states[1]) > 0.01
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -128,7 +143,7 @@ def test_untied_dae_members_with_their_own_inputs_equal_a_plain_loop(dtype, tol)
                                   noise_seeds=[7, 8, 9], order_seeds=[4, 5, 6], epochs=3,
                                   batch_size=8, optimizer=opt)
     for s in range(P):
-        alone = train_dae_alone(member(s), codes[s], 7 + s, 4 + s, 3, 8, opt)
+        alone, _ = train_dae_alone(member(s), codes[s], 7 + s, 4 + s, 3, 8, opt)
         assert set(alone) == {"encoder.linear.weight", "encoder.linear.bias", "b_prime",
                               "W_prime"}
         assert max_diff(result.states[s], alone) < tol
@@ -192,8 +207,7 @@ def test_a_population_of_one_equals_the_single_run():
     x = torch.rand(40, 20, generator=gen(3))
     result = train_dae_population([make_dae(0, torch.float32)], x, None, noise_seeds=[1],
                                   order_seeds=[2], epochs=2, batch_size=6, optimizer=SGD)
-    alone = train_dae_alone(make_dae(0, torch.float32), x, 1, 2, 2, 6,
-                            {"name": "sgd", "lr": 0.1, "momentum": 0.0})
+    alone, _ = train_dae_alone(make_dae(0, torch.float32), x, 1, 2, 2, 6, SGD)
     assert max_diff(result.states[0], alone) < 1e-6
     assert [r["step"] for r in result.histories[0]] == [7, 14]
     assert "val_recon_loss" not in result.histories[0][0]
@@ -228,40 +242,93 @@ def make_classifier(seed: int, dtype, dropout: float = 0.0) -> DeepClassifier:
                                       generator=gen(100 + seed)).to(dtype)
 
 
+def finetune_alone(clf, data, order_seed, dropout_seed, max_epochs, batch_size, optimizer,
+                   stopping: EarlyStopping):
+    """The plain loop: autograd, ``torch.optim``, dropout from the seeded global RNG, the
+    seeded order, the stopping rule after each epoch and the best weights at the end."""
+    (x, y), (x_valid, y_valid) = data
+    opt = torch.optim.SGD(clf.parameters(), lr=optimizer["lr"],
+                          momentum=optimizer.get("momentum", 0.0))
+    torch.manual_seed(dropout_seed)
+    rows, step, best = [], 0, None
+    for epoch in range(max_epochs):
+        clf.train()
+        order, sums = epoch_permutation(len(x), order_seed, epoch), torch.zeros(2)
+        for start in range(0, len(x), batch_size):
+            idx = order[start : start + batch_size]
+            logits = clf(x[idx])
+            loss = F.cross_entropy(logits, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            error = (logits.argmax(dim=1) != y[idx]).double().mean()
+            sums, step = sums + torch.stack([loss.detach().double(), error]) * len(idx), step + 1
+        with torch.no_grad():
+            logits = clf.eval()(x_valid)
+            val = (F.cross_entropy(logits, y_valid).item(),
+                   (logits.argmax(dim=1) != y_valid).double().mean().item())
+        rows.append({"epoch": epoch, "step": step, "train_loss": sums[0].item() / len(x),
+                     "train_error": sums[1].item() / len(x), "val_loss": val[0],
+                     "val_error": val[1]})
+        is_best, stop = stopping.update(val[1], step=step, epoch=epoch)
+        if is_best:
+            best = {k: v.clone() for k, v in clf.state_dict().items()}
+        if stop:
+            break
+    return best, rows
+
+
 @pytest.mark.parametrize(
     "dtype, tol, dropout, rule",
     [(torch.float64, 1e-12, 0.0, "tutorial"), (torch.float32, 1e-5, 0.2, "patience")],
 )
-def test_each_classifier_member_equals_its_seed_fine_tuned_alone_through_lightning(
-        dtype, tol, dropout, rule):
+def test_a_classifier_population_of_one_equals_an_autograd_loop(dtype, tol, dropout, rule):
+    g = gen(4)
+    data = blobs(200, g, dtype), blobs(150, g, dtype)
+    opt = {"name": "sgd", "lr": 0.3, "momentum": 0.5}
+    stopped = []
+    for s in range(4):
+        result = train_classifier_population(
+            [make_classifier(s, dtype, dropout)], *data[0], *data[1], order_seeds=[20 + s],
+            dropout_seeds=[30 + s], max_epochs=15, batch_size=16, optimizer=opt,
+            eval_batch_size=64, early_stopping=rule, patience_batches=2, patience_epochs=2)
+        stopping = EarlyStopping(rule, steps_per_epoch=13, patience_batches=2,
+                                 patience_epochs=2)
+        state, rows = finetune_alone(make_classifier(s, dtype, dropout), data, 20 + s, 30 + s,
+                                     15, 16, opt, stopping)
+        assert max_diff(result.states[0], state) < tol
+        histories_close(result.histories[0], rows, rel=max(tol, 1e-6))
+        assert (result.best_epoch[0], result.stopped_early[0]) == (
+            stopping.best_epoch, stopping.stopped_early)
+        assert result.best_val_error[0] == pytest.approx(stopping.best, rel=1e-6)
+        stopped.append(len(rows) < 15)
+    assert any(stopped)  # the rule really stopped a run
+
+
+@pytest.mark.parametrize(
+    "dtype, tol, dropout, rule",
+    [(torch.float64, 1e-12, 0.0, "tutorial"), (torch.float32, 1e-5, 0.2, "patience")],
+)
+def test_each_classifier_member_equals_its_run_at_population_one(dtype, tol, dropout, rule):
     g = gen(4)
     (x, y), (x_valid, y_valid) = blobs(200, g, dtype), blobs(150, g, dtype)
     opt = {"name": "sgd", "lr": 0.3, "momentum": 0.5}
-    stop = dict(early_stopping=rule, patience_batches=2, patience_epochs=2)
+    kwargs = dict(max_epochs=15, batch_size=16, optimizer=opt, eval_batch_size=64,
+                  early_stopping=rule, patience_batches=2, patience_epochs=2)
     seeds = [0, 1, 2, 3]
     result = train_classifier_population(
         [make_classifier(s, dtype, dropout) for s in seeds], x, y, x_valid, y_valid,
-        order_seeds=[20 + s for s in seeds], dropout_seeds=[30 + s for s in seeds],
-        max_epochs=15, batch_size=16, optimizer=opt, eval_batch_size=64, **stop)
-
-    epochs_run = []
+        order_seeds=[20 + s for s in seeds], dropout_seeds=[30 + s for s in seeds], **kwargs)
     for s in seeds:
-        clf = make_classifier(s, dtype, dropout)
-        system = LitClassifier(clf, "random", opt)
-        history = EpochHistory(system.prefix)
-        stopping = TutorialEarlyStopping(f"{system.prefix}/val_error", rule=rule,
-                                         patience_batches=2, patience_epochs=2)
-        torch.manual_seed(30 + s)  # as tasks.finetune seeds dropout before a single run
-        cpu_fit(system, TensorDataModule((x, y), (x_valid, y_valid), 16, seed=20 + s,
-                                         eval_batch_size=64), 15, [history, stopping])
-        assert max_diff(result.states[s], clf.state_dict()) < tol
-        histories_close(result.histories[s], history.rows, rel=1e-6)
-        assert result.best_epoch[s] == stopping.best_epoch
-        assert result.best_val_error[s] == pytest.approx(stopping.best, rel=1e-6)
-        assert result.stopped_early[s] == stopping.stopped_early
-        epochs_run.append(len(history.rows))
+        alone = train_classifier_population(
+            [make_classifier(s, dtype, dropout)], x, y, x_valid, y_valid,
+            order_seeds=[20 + s], dropout_seeds=[30 + s], **kwargs)
+        assert max_diff(result.states[s], alone.states[0]) < tol
+        histories_close(result.histories[s], alone.histories[0], rel=1e-6)
+        assert (result.best_epoch[s], result.stopped_early[s]) == (
+            alone.best_epoch[0], alone.stopped_early[0])
     # the members stopped at different epochs: early stopping really is per member
-    assert len(set(epochs_run)) > 1, epochs_run
+    assert len({len(h) for h in result.histories}) > 1
 
 
 @pytest.mark.parametrize("activation, dropout", [
@@ -366,3 +433,37 @@ def test_dropout_needs_a_generator_per_member():
     pop = ClassifierPopulation(clfs).train()
     with pytest.raises(ValueError, match="one generator per member"):
         pop(x)
+
+
+def test_the_twins_fine_tuned_as_one_population_equal_each_arm_alone(tmp_path):
+    """The pipeline's fine-tuning stage: the pretrained and random arms of one seed as a
+    population of two give each arm's single run, and they share their data order."""
+    from types import SimpleNamespace
+
+    from tasks.config import PipelineConfig
+    from tasks.finetune import ARMS, finetune, finetune_members
+
+    config = PipelineConfig.model_validate({
+        "model": {"hidden_sizes": [8, 6], "dropout": 0.2},
+        "pretrain": {"corruption_levels": [0.1, 0.2]},
+        "finetune": {"max_epochs": 4, "batch_size": 16, "early_stopping": "patience",
+                     "patience_epochs": 1, "optimizer": {"name": "sgd", "lr": 0.3}},
+        "runtime": {"accelerator": "cpu", "seed": 3}})
+    g = gen(8)
+    (x, y), (xv, yv) = blobs(120, g, torch.float32), blobs(60, g, torch.float32)
+    data = SimpleNamespace(x_train=x, y_train=y, x_valid=xv, y_valid=yv, n_features=10,
+                           n_classes=C)
+    encoders = [layer.state_dict() for layer in make_classifier(9, torch.float32).hidden]
+    states = {"pretrained": encoders, "random": None}
+    twins = finetune_members(ARMS, [config, config], data, [states[a] for a in ARMS],
+                             [tmp_path / f"{a}.safetensors" for a in ARMS])
+    assert twins[0].initial_hidden_sha256 != twins[1].initial_hidden_sha256
+    for arm, together in zip(ARMS, twins):
+        alone = finetune(arm, config, data, states[arm], tmp_path / arm)
+        assert together.arm == alone.arm == arm
+        histories_close(together.history, alone.history, rel=1e-6)
+        assert together.best_epoch == alone.best_epoch
+        assert together.initial_hidden_sha256 == alone.initial_hidden_sha256
+    with pytest.raises(ValueError, match="distinct"):
+        finetune_members(["random", "random"], [config, config], data, [None, None],
+                         [tmp_path / "a", tmp_path / "b"])

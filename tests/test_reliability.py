@@ -151,7 +151,7 @@ def test_unreachable_mlflow_server_fails_before_any_work(layerwise_home, shared_
     started = time.monotonic()
     result = CliRunner().invoke(app, ["run", "--preset", "quick", "--data-dir",
                                       str(shared_data_dir), "--tracking-uri", uri])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output  # refused by the preflight, before any work
     assert uri in result.output and "unreachable" in result.output
     assert time.monotonic() - started < 30
     assert not (layerwise_home / "stages").exists()

@@ -1,0 +1,125 @@
+"""What every ``layerwise`` command shares: the error line and exit codes, the embedded
+Prefect environment, signal handling and the guard around a command's work.
+
+It imports typer only at module level and no command module, so every command can import
+it (``flows.cli``, ``flows.ablation_cli``, ``flows.registry_cli``, ``flows.schedule``).
+
+Exit codes: 2 for a mistake on the command line or in the config (found before any work),
+1 for a failure while working, 130 for Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import traceback
+from typing import Callable, Iterator, NoReturn
+
+import typer
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: <message>`` to stderr and exit with ``code``.
+
+    Args:
+        message: What is wrong and how to fix it (one paragraph).
+        code: The exit status.
+    """
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def prepare_environment() -> None:
+    """Embedded defaults for Prefect, set before it is imported; with no Prefect API
+    configured, its ephemeral server starts now, in the background, and dies with this
+    process (``flows.ephemeral_api``)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
+    # Prefect's 20 s default was too short for eight runs starting their ephemeral servers
+    # at once on 2 busy cores (one timed out: "Timed out while attempting to connect").
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.ephemeral_api import prestart
+
+    prestart()
+
+
+def interrupts_on_signals() -> Callable[[], None]:
+    """SIGTERM ends a run like Ctrl-C: MLflow runs are marked KILLED, exit is non-zero.
+
+    Both are remembered (``tasks.runtime.note_interrupt``), so one that Python swallows is
+    raised again at the next chunk of training.
+
+    Returns:
+        A function that restores the previous handlers (for callers in the same process,
+        such as tests).
+    """
+    from tasks.runtime import note_interrupt
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise note_interrupt(f"signal {signum}")
+
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:  # not when SIGINT is ignored
+        signal.signal(signal.SIGINT, handler)
+    previous_term = signal.signal(signal.SIGTERM, handler)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous_term)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous_int)
+
+    return restore
+
+
+@contextlib.contextmanager
+def guarded_work(resume_hint: str, record: str) -> Iterator[None]:
+    """The one error path around a command's work (training, serving).
+
+    - the project's own errors (``tasks.errors.LayerwiseError``) print their message only
+      and exit 1;
+    - Ctrl-C or SIGTERM exits 130 saying the MLflow runs were marked KILLED;
+    - anything else is a bug: its traceback, then one line saying so and where the run's
+      record is, exit 1.
+
+    Args:
+        resume_hint: How to resume after an interrupt, e.g. "Rerun the same command ...".
+        record: Where the run's record is, e.g. "MLflow experiment 'x' at sqlite:///...".
+    """
+    from tasks.errors import LayerwiseError
+
+    restore = interrupts_on_signals()
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except LayerwiseError as exc:
+        fail(str(exc), code=1)
+    except BaseException as exc:
+        from tasks.tracking import is_interrupt
+
+        if is_interrupt(exc):
+            fail(f"interrupted; the MLflow runs were marked KILLED. {resume_hint}", code=130)
+        traceback.print_exc(file=sys.stderr)
+        fail(f"this is a bug in layerwise ({type(exc).__name__}), not a mistake in your "
+             f"input: please report it with the traceback above. The run's record: {record} "
+             "(its runs are marked FAILED).", code=1)
+    finally:
+        restore()
+
+
+def guarded_call(fn: Callable, *args, code: int = 1, **kwargs):
+    """Call ``fn``; a ``LayerwiseError`` it raises becomes ``error: ...`` and exit ``code``.
+
+    Args:
+        fn: The function to call.
+        code: The exit status on a ``LayerwiseError``.
+    """
+    from tasks.errors import LayerwiseError
+
+    try:
+        return fn(*args, **kwargs)
+    except LayerwiseError as exc:
+        fail(str(exc), code=code)

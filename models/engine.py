@@ -1,0 +1,176 @@
+"""The training engine: one LightningModule per stage kind trains a population of P >= 1
+members (``models.population``) that differ only in their seeds; a single run is P = 1.
+
+Lightning runs the epochs, places the population on the device, shows progress and stops
+on request; the module takes the optimiser steps itself (``automatic_optimization`` off):
+with plain SGD the population's fused ``sgd_step`` (no autograd, no ``torch.optim``),
+otherwise autograd on the sum of the members' losses and one optimiser over the stacked
+parameters. Each Lightning batch is a *chunk* of minibatches (``EpochChunks``), so that
+Lightning's per-batch machinery runs once per ≈ 1,024 examples, not once per step.
+
+``DAESystem`` and ``ClassifierSystem`` (``models.population_training``) add what each stage
+kind measures per epoch and how it stops; ``train_dae_population`` and
+``train_classifier_population`` there fit them with a plain trainer (``make_trainer``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+import lightning as L
+import torch
+
+from models.batches import EpochChunks
+from models.optim import build_optimizer
+from models.population import History, plain_sgd
+
+
+class PopulationSystem(L.LightningModule):
+    """What both stage kinds share: the chunked data order, the optimiser steps, the step
+    count, the per-member history and the divergence check.
+
+    Subclasses set ``self.population`` and implement ``batch_step(idx)`` (one optimiser
+    step of every member on its rows ``idx``, (P, b); returns the per-member sums of the
+    epoch's metrics, (P, k), loss first) and ``end_epoch(means)`` (those sums over the
+    epoch divided by the number of examples: record, validate, stop).
+
+    Args:
+        n: Training examples.
+        order_seeds: Seed of member p's data order.
+        batch_size: Minibatch size.
+        optimizer: ``models.optim.build_optimizer`` settings.
+        fused: Use the population's ``sgd_step`` (plain SGD only) instead of autograd and
+            ``torch.optim``; None: whenever the optimiser is plain SGD.
+        stage: Names the stage in errors, e.g. ``pretrain layer 2``.
+        names: Names member p in errors (None: ``member p``).
+    """
+
+    def __init__(self, *, n: int, order_seeds: Sequence[int], batch_size: int,
+                 optimizer: Mapping[str, Any], fused: Optional[bool], stage: str,
+                 names: Optional[Sequence[str]] = None):
+        super().__init__()
+        self.automatic_optimization = False  # the steps are taken here, one per minibatch
+        self.n, self.batch_size, self.stage = n, batch_size, stage
+        self.order_seeds = [int(s) for s in order_seeds]
+        self.optimizer_settings = dict(optimizer)
+        self.fused = use_fused(fused, optimizer)
+        self.members = list(range(len(order_seeds)))  # original index of each row
+        self.names = list(names) if names else [f"member {p}" for p in self.members]
+        self.histories: list[History] = [[] for _ in order_seeds]
+        self.steps, self.seconds = 0, 0.0
+        self.opt: Optional[torch.optim.Optimizer] = None
+        self._sums: Optional[torch.Tensor] = None
+
+    def train_dataloader(self) -> EpochChunks:
+        return EpochChunks(self, self.n, self.batch_size)
+
+    def configure_optimizers(self) -> None:
+        return None  # the system owns its optimiser: members dropped mid-run reshape it
+
+    def on_fit_start(self) -> None:
+        # Lightning keeps a module's mode at fit start; eval mode would skip noise/dropout.
+        self.population.train()
+        if not self.fused:
+            self.opt = build_optimizer(self.population.parameters(), self.optimizer_settings)
+        self._started = time.perf_counter()
+
+    def on_fit_end(self) -> None:
+        self.seconds = time.perf_counter() - self._started
+
+    def training_step(self, chunk: list[torch.Tensor], batch_idx: int) -> None:
+        """One optimiser step per (P, b) index batch of the chunk."""
+        for idx in chunk:
+            sums = self.batch_step(idx)  # (P, k) Σ_b metric_b · |b|
+            self._sums = sums if self._sums is None else self._sums + sums
+            self.steps += 1
+
+    def autograd_step(self, losses: torch.Tensor) -> None:
+        """Backward of the members' summed losses (P,), then one optimiser step: the sum
+        keeps each member's gradient its own (a mean would scale it by 1/P)."""
+        self.opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        self.opt.step()
+
+    def on_train_epoch_end(self) -> None:
+        sums, self._sums = self._sums, None
+        bad = [self.names[m] for m, ok in zip(self.members, torch.isfinite(sums[:, 0]).tolist())
+               if not ok]
+        if bad:  # checked once an epoch: a check per step would wait for the device each time
+            raise FloatingPointError(
+                f"{self.stage}: the loss of {', '.join(bad)} became non-finite in epoch "
+                f"{self.current_epoch} (by step {self.steps})")
+        self.end_epoch(sums / self.n)
+
+    def record(self, rows: Sequence[dict[str, float]]) -> None:
+        """Append row i to the history of the member at row i of the population."""
+        for m, row in zip(self.members, rows):
+            self.histories[m].append({"epoch": self.current_epoch, "step": self.steps, **row})
+
+    def keep_members(self, keep: Sequence[int]) -> None:
+        """Drop every row of the population but ``keep``, with its optimiser state."""
+        keep_t = torch.tensor(keep, device=self.device)
+        old = list(self.population.parameters())
+        self.population.select(keep_t)
+        if self.opt is not None:
+            self.opt = _slice_optimizer(old, list(self.population.parameters()), self.opt,
+                                        self.optimizer_settings, keep_t)
+        self.members = [self.members[i] for i in keep]
+        self.order_seeds = [self.order_seeds[i] for i in keep]
+
+    def batch_step(self, idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def end_epoch(self, means: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+def use_fused(fused: Optional[bool], optimizer: Mapping[str, Any]) -> bool:
+    """The fused steps hand-code plain SGD; None picks them whenever that is the optimiser."""
+    if fused is None:
+        return plain_sgd(optimizer)
+    if fused and not plain_sgd(optimizer):
+        raise ValueError("fused=True needs plain SGD (no momentum, no weight decay)")
+    return fused
+
+
+def _slice_optimizer(old_params, new_params, optimizer, settings, keep):
+    """A fresh optimiser over ``new_params`` carrying the members ``keep`` of the state."""
+    new_opt = build_optimizer(new_params, settings)
+    for old, new in zip(old_params, new_params):
+        state = optimizer.state.get(old)
+        if state:
+            new_opt.state[new] = {
+                k: v[keep].clone() if torch.is_tensor(v) and v.dim() > 0 else v
+                for k, v in state.items()
+            }
+    return new_opt
+
+
+def make_trainer(max_epochs: int, *, accelerator: str = "cpu", precision: str = "32-true",
+                 deterministic: bool = False, progress: bool = False,
+                 callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+    """The engine's Lightning trainer: one device, no logger or checkpoints of its own (the
+    stage records its history and writes safetensors), no validation loop (the systems
+    validate every member at the end of each epoch).
+
+    Args:
+        max_epochs: Epoch budget.
+        accelerator, precision, deterministic: As ``lightning.Trainer``'s.
+        progress: Show a progress bar.
+        callbacks: Extra callbacks.
+    """
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Lightning 2.6 + torch 2.14: a deprecation inside Lightning's own pytree helper.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
+    warnings.filterwarnings("ignore", message=".*configure_optimizers.*returned `None`")
+    return L.Trainer(
+        accelerator=accelerator, devices=1, precision=precision, deterministic=deterministic,
+        max_epochs=max_epochs, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
+        limit_val_batches=0, callbacks=list(callbacks),
+    )

@@ -1,0 +1,87 @@
+"""The README and docs/: every relative link resolves, and the README stays a short guide."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+README_MAX_LINES = 260
+
+# [text](target) outside code spans; the target ends at whitespace or ")".
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
+CODE_SPAN = re.compile(r"`[^`\n]*`")
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a markdown file's headings.
+
+    Args:
+        path: The markdown file.
+
+    Returns:
+        One slug per heading: lower case, punctuation other than ``-`` and ``_`` dropped,
+        spaces turned into ``-`` (``## The `erhan-small` grid`` -> ``the-erhan-small-grid``).
+    """
+    text = FENCE.sub("", path.read_text(encoding="utf-8"))
+    headings = re.findall(r"^#{1,6}\s+(.+?)\s*$", text, re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def broken_links(path: Path) -> list[str]:
+    """Relative links in a markdown file whose file, or heading anchor, does not exist.
+
+    Args:
+        path: The markdown file; links resolve against its folder.
+
+    Returns:
+        One ``"target: why"`` line per broken link; web and mail links are not checked.
+    """
+    text = CODE_SPAN.sub("", FENCE.sub("", path.read_text(encoding="utf-8")))
+    broken = []
+    for target in LINK.findall(text):
+        if re.match(r"^[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        file_part, _, anchor = target.partition("#")
+        linked = (path.parent / file_part).resolve() if file_part else path
+        if not linked.exists():
+            broken.append(f"{target}: no file {linked}")
+        elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+            broken.append(f"{target}: no heading #{anchor} in {linked.name}")
+    return broken
+
+
+@pytest.mark.parametrize("path", DOCS, ids=[p.relative_to(ROOT).as_posix() for p in DOCS])
+def test_relative_links_resolve(path: Path) -> None:
+    assert broken_links(path) == []
+
+
+def test_broken_links_are_found(tmp_path: Path) -> None:
+    (tmp_path / "there.md").write_text("# A `code` heading, here\n", encoding="utf-8")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "[ok](there.md) [ok](there.md#a-code-heading-here) [web](https://example.org/x.md)\n"
+        "`[in code](gone.md)` [gone](gone.md) [bad anchor](there.md#nowhere)\n"
+        "```\n[fenced](gone-too.md)\n```\n",
+        encoding="utf-8",
+    )
+    assert [line.split(":")[0] for line in broken_links(page)] == [
+        "gone.md",
+        "there.md#nowhere",
+    ]
+
+
+def test_docs_folder_is_linked_from_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    unlinked = [p.name for p in DOCS[1:] if f"(docs/{p.name})" not in readme]
+    assert unlinked == []
+
+
+def test_readme_stays_short() -> None:
+    n_lines = len((ROOT / "README.md").read_text(encoding="utf-8").splitlines())
+    assert n_lines < README_MAX_LINES, (
+        f"README.md has {n_lines} lines; keep it under {README_MAX_LINES} and move detail "
+        "into docs/"
+    )
