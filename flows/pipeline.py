@@ -67,10 +67,9 @@ class StageRecorder:
         self.reports.append(StageReport(name=name, seconds=seconds, cached=info["cached"],
                                         mlflow_run_id=run_id,
                                         artifacts_from=info["artifacts_from"]))
-        notes = [*(["from cache"] if info["cached"] else []),
-                 *(["artifacts reused"] if info["artifacts_from"] else [])]
-        self.echo(f"  done  {name:<22} {seconds:8.1f} s"
-                  + (f"  ({', '.join(notes)})" if notes else ""))
+        notes = [*(["artifacts reused"] if info["artifacts_from"] else []),
+                 *(["from cache"] if info["cached"] else [])]
+        self.echo(f"  done  {name:<22} {seconds:8.1f} s" + "".join(f"  ({n})" for n in notes))
 
     def reused_note(self, model: str, version: str, model_reused: bool) -> Optional[str]:
         """One line saying what this run reused from earlier runs, or None."""
