@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 PRESET ?= default
 ARGS   ?=
 
-.PHONY: ablate install run quick test test-slow test-integration test-all bench lock ui clean
+.PHONY: ablate install run quick test test-slow test-integration test-all bench lock ui clean deploy
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -39,6 +39,10 @@ ablate: $(STAMP)         ## pretraining-vs-random ablation (make ablate GRID=tin
 
 bench: $(STAMP)          ## measured comparisons, not tests: benchmarks/results/<machine>.json
 	$(PY) -m benchmarks $(ARGS)
+
+deploy: $(STAMP)         ## register prefect.yaml on $$PREFECT_API_URL, creating the work pool if missing
+	$(VENV)/bin/prefect work-pool inspect layerwise > /dev/null 2>&1 || $(VENV)/bin/prefect work-pool create layerwise --type process
+	$(VENV)/bin/prefect --no-prompt deploy --all
 
 ui: $(STAMP)             ## browse the embedded MLflow store
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000

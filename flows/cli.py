@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from flows.cli_common import guarded_call, guarded_work, prepare_environment
+from flows.cli_common import fail, guarded_call, guarded_work, prepare_environment
 from flows.cli_options import (ConfigOpt, DataDirOpt, DatasetOpt, ExperimentOpt, ModelNameOpt,
                                PresetOpt, SeedOpt, SetOpt, TrackingUriOpt)
 
@@ -106,17 +106,23 @@ def config(
     data_dir: Optional[Path] = DataDirOpt,
     seed: Optional[int] = SeedOpt,
     keys: bool = typer.Option(False, "--keys", help="List every key --set accepts."),
+    fmt: str = typer.Option("yaml", "--format", help="yaml, or json: a complete config to "
+                            "pass as a deployment's `config` parameter."),
 ) -> None:
-    """Print the resolved, validated configuration as YAML (or the keys with --keys)."""
+    """Print the resolved, validated configuration as YAML or JSON (or the keys with --keys)."""
+    import json
+
     import yaml
 
+    if fmt not in ("yaml", "json"):
+        fail(f"--format {fmt!r}: choose yaml or json", code=2)
     if keys:
         from flows.overrides import known_keys
 
         typer.echo("\n".join(known_keys()))
         return
-    cfg = _resolve(preset, config_file, sets, dataset, data_dir, seed)
-    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    cfg = _resolve(preset, config_file, sets, dataset, data_dir, seed).model_dump(mode="json")
+    typer.echo(json.dumps(cfg, indent=2) if fmt == "json" else yaml.safe_dump(cfg, sort_keys=False))
 
 
 from flows import registry_cli  # noqa: E402  (imports typer only)

@@ -12,12 +12,16 @@ from prefect import flow
 from pydantic import BaseModel
 
 from tasks.config import PipelineConfig, check_train_size, flatten
+from tasks.conventions import (NOTE_TAG, dataset_inputs, run_description, run_name,
+                               stage_description)
 from tasks.data import load_data_task
-from tasks.errors import ConfigError, TrackingError
-from tasks.evaluate import ARMS, evaluate_task, load_classifier, per_class_table
+from tasks.errors import ConfigError
+from tasks.evaluate import ARMS, evaluate_task, per_class_table
 from tasks.finetune import finetune_twins_task
 from tasks.pretrain import pretrain_layer_task
 from tasks.runtime import eval_device, layerwise_home
+from flows.parameters import complete, resolve_flow_config
+from flows.records import log_classifier_run, log_data, log_evaluation, log_layer
 from tasks.tracking import CACHED_TAG, KIND_TAG, STAGE_TAG, Tracker, environment_params
 
 
@@ -26,6 +30,7 @@ class StageReport(BaseModel):
     seconds: float
     cached: bool
     mlflow_run_id: str
+    artifacts_from: Optional[str] = None  # the earlier run holding identical artifacts
 
 
 class PipelineResult(BaseModel):
@@ -39,6 +44,7 @@ class PipelineResult(BaseModel):
     test_error_diff: float
     model_name: str
     model_version: str
+    model_reused: bool = False  # an identical version (same weights and data) existed
     data: dict[str, Any]
     stages: list[StageReport]
 
@@ -52,14 +58,26 @@ class StageRecorder:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        started, info = time.perf_counter(), {"cached": False}
-        with self.tracker.run(name, {STAGE_TAG: name}, self.parent_id) as run_id:
+        started, info = time.perf_counter(), {"cached": False, "artifacts_from": None}
+        tags = {STAGE_TAG: name, NOTE_TAG: stage_description(name)}
+        with self.tracker.run(name, tags, self.parent_id) as run_id:
             yield run_id, info
             self.tracker.set_tags(run_id, {CACHED_TAG: str(info["cached"]).lower()})
         seconds = time.perf_counter() - started
         self.reports.append(StageReport(name=name, seconds=seconds, cached=info["cached"],
-                                        mlflow_run_id=run_id))
-        self.echo(f"  done  {name:<22} {seconds:8.1f} s{'  (from cache)' if info['cached'] else ''}")
+                                        mlflow_run_id=run_id,
+                                        artifacts_from=info["artifacts_from"]))
+        notes = [*(["artifacts reused"] if info["artifacts_from"] else []),
+                 *(["from cache"] if info["cached"] else [])]
+        self.echo(f"  done  {name:<22} {seconds:8.1f} s" + "".join(f"  ({n})" for n in notes))
+
+    def reused_note(self, model: str, version: str, model_reused: bool) -> Optional[str]:
+        """One line saying what this run reused from earlier runs, or None."""
+        parts = [f"model {model} v{version} (same weights and data)"] if model_reused else []
+        stages = [r.name for r in self.reports if r.artifacts_from]
+        if stages:
+            parts.append(f"the artifacts of {', '.join(stages)} (identical files)")
+        return "; ".join(parts) or None
 
 
 def _run_task(task: Any, name: str, fresh: bool, info: dict[str, Any], *args: Any) -> Any:
@@ -71,30 +89,64 @@ def _run_task(task: Any, name: str, fresh: bool, info: dict[str, Any], *args: An
     return state.result()
 
 
-@flow(name="layerwise-pipeline", validate_parameters=True)
+def _flow_run_name() -> str:
+    """The Prefect flow run's name: the MLflow parent run's, ``<preset>-seed<seed>-<UTC>``."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    try:
+        config, preset, _ = resolve_flow_config(params.get("config"), params.get("preset"),
+                                                params.get("overrides") or [])
+    except (ConfigError, ValueError, TypeError):  # the flow itself reports the mistake
+        return run_name(str(params.get("preset") or "invalid"), 0)
+    return run_name(preset, config.runtime.seed)
+
+
+@flow(name="layerwise-pipeline", validate_parameters=True, flow_run_name=_flow_run_name)
 def pipeline(
-    config: PipelineConfig,
-    preset: str = "custom",
+    config: Optional[PipelineConfig] = None,
+    preset: Optional[str] = None,
+    overrides: Optional[list[str]] = None,
     tracking_uri: Optional[str] = None,
     experiment: str = "layerwise",
     registered_model_name: str = "layerwise-classifier",
     fresh: bool = False,
 ) -> PipelineResult:
-    """Greedy layer-wise pretraining vs random initialisation, recorded in MLflow."""
+    """Greedy layer-wise pretraining vs random initialisation, recorded in MLflow.
+
+    Args:
+        config: A complete config (``layerwise config --format json``); None to build it
+            from ``preset`` and ``overrides``.
+        preset: Preset name (default ``default``); recorded with the overrides relative to it.
+        overrides: ``section.field=value`` items, as ``layerwise run --set`` takes them.
+        tracking_uri: MLflow tracking URI (default: ``$MLFLOW_TRACKING_URI`` or the embedded
+            store).
+        experiment: MLflow experiment name.
+        registered_model_name: Registered model that the pretrained classifier joins.
+        fresh: Recompute every stage instead of reusing cached results.
+    """
+    from prefect.runtime import flow_run
+
     from flows.expected_errors import install
 
     install()  # the project's own errors are logged without tracebacks (also when served)
     echo = print
-    tracker = Tracker(tracking_uri, experiment)
+    config, preset, overrides = resolve_flow_config(config, preset, overrides or [])
+    tracker = Tracker(tracking_uri, experiment, source_name="flows/pipeline.py")
     device = str(eval_device(config.runtime))
-    with tracker.run("pipeline", {KIND_TAG: "pipeline"}) as parent:
+    name = flow_run.name or run_name(preset, config.runtime.seed)
+    with tracker.run(name, {KIND_TAG: "pipeline", NOTE_TAG: run_description(
+            "pipeline", preset, config)}) as parent:
         tracker.log_params(parent, {**flatten(config), "preset": preset,
-                                    **environment_params(device)})
+                                    "overrides": overrides, **environment_params(device)})
         stages = StageRecorder(tracker, parent, echo)
 
         with stages.stage("load-data") as (run, info):
             data = _run_task(load_data_task, "load-data", fresh, info, config.data)
-            log_data(tracker, run, data)
+            info["artifacts_from"] = log_data(tracker, run, data)
+        tracker.log_inputs(parent, dataset_inputs(data, str(
+            config.data.data_dir / "MNIST" / "raw" if config.data.is_mnist
+            else config.data.dataset)))
         tracker.log_params(parent, {"data.digest": data.digest})
         try:
             check_train_size(config, len(data.x_train) if config.data.n_train is None
@@ -107,7 +159,7 @@ def pipeline(
             name = f"pretrain-layer-{k + 1}"
             with stages.stage(name) as (run, info):
                 layer = _run_task(pretrain_layer_task, name, fresh, info, k, config, data, stack)
-                log_layer(tracker, run, layer)
+                info["artifacts_from"] = log_layer(tracker, run, layer)
             stack.append(layer)
 
         # The twins fine-tune as one population of two (one pass over the data, the same
@@ -122,20 +174,24 @@ def pipeline(
                     cached = info["cached"]
                 info["cached"] = cached
                 results[arm] = twins.arms[arm]
-                log_classifier_run(tracker, run, results[arm])
+                info["artifacts_from"] = log_classifier_run(tracker, run, results[arm])
 
         with stages.stage("evaluate") as (run, info):
             evaluation = _run_task(evaluate_task, "evaluate", fresh, info, config, data, results)
-            metrics, version = log_evaluation(tracker, run, parent, evaluation, results,
-                                              config, data, registered_model_name)
+            metrics, version, model_reused, info["artifacts_from"] = log_evaluation(
+                tracker, run, parent, evaluation, results, config, data, registered_model_name)
         tracker.log_metrics(parent, metrics)
-        tracker.set_tags(parent, {"layerwise.model_version": version})
+        reused = stages.reused_note(registered_model_name, version, model_reused)
+        tracker.set_tags(parent, {"layerwise.model_version": version,
+                                  **({"layerwise.reused": reused} if reused else {})})
+        if reused:
+            echo(f"  reused {reused}")
         result = PipelineResult(
             run_id=parent, experiment_id=tracker.experiment_id, tracking_uri=tracker.uri,
             test_error_pretrained=metrics["test/error_pretrained"],
             test_error_random=metrics["test/error_random"],
             test_error_diff=metrics["test/error_diff"],
-            model_name=registered_model_name, model_version=version,
+            model_name=registered_model_name, model_version=version, model_reused=model_reused,
             data=data.summary(), stages=stages.reports,
         )
         summary_markdown(result, per_class_table(evaluation))
@@ -164,80 +220,7 @@ def run_pipeline(config: PipelineConfig, **kwargs: Any) -> PipelineResult:
 
     ready()
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: layerwise_home() / "prefect-results"}):
-        return pipeline(config=config, **kwargs)
-
-
-def log_evaluation(tracker: Tracker, run: str, parent: str, evaluation: Any,
-                   results: dict[str, Any], config: PipelineConfig, data: Any,
-                   model_name: str) -> tuple[dict[str, float], str]:
-    """Test metrics, figures and CSVs; the pretrained classifier logged as an MLflow model
-    and registered. Returns the metrics and the registered version."""
-    metrics = {
-        "test/error_pretrained": evaluation.arms["pretrained"].test_error,
-        "test/error_random": evaluation.arms["random"].test_error,
-        "test/error_diff": evaluation.error_diff,
-    }
-    tracker.log_metrics(run, metrics)
-    for path in evaluation.files.values():
-        tracker.log_artifact(run, path, "evaluation")
-    tracker.log_dict(run, evaluation.model_dump(mode="json"), "evaluation/summary.json")
-    model = load_classifier(results["pretrained"].checkpoint, config, data.n_features,
-                            data.n_classes)
-    try:
-        version = tracker.log_classifier(
-            run, model, data.x_test[:5].numpy(), model_name,
-            {"layerwise.run_id": parent, "data.digest": data.digest,
-             "test_error": repr(metrics["test/error_pretrained"])},
-        )
-    except Exception as exc:  # noqa: BLE001 - whatever broke, say where the work is
-        kept = ", ".join(str(results[a].checkpoint.path) for a in ARMS)
-        raise TrackingError(f"could not log or register the model in MLflow ({exc}); "
-                            f"the fine-tuned weights are kept at {kept}") from exc
-    return metrics, version
-
-
-def log_data(tracker: Tracker, run: str, data: Any) -> None:
-    """The data stage's summary as params and a JSON artifact; its statistics as tensors."""
-    from tasks.checkpoints import save_state
-
-    summary = data.summary()
-    tracker.log_params(run, {f"data.{k}": v for k, v in summary.items()
-                             if not isinstance(v, (list, dict))})
-    tracker.log_dict(run, summary, "data/summary.json")
-    if data.norm_stats:
-        import tempfile
-        from pathlib import Path
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "normalization.safetensors"
-            save_state(data.norm_stats, path)
-            tracker.log_artifact(run, path, "data")
-
-
-def log_layer(tracker: Tracker, run: str, layer: Any) -> None:
-    """History, weights and figures of one pretrained layer."""
-    prefix = f"pretrain/layer_{layer.layer}"
-    tracker.log_history(run, prefix, layer.history)
-    tracker.log_params(run, {"layer": layer.layer, "n_visible": layer.n_visible,
-                             "n_hidden": layer.n_hidden, "checkpoint.sha256":
-                             layer.checkpoint.sha256, "encoder.sha256": layer.encoder_sha256})
-    tracker.log_metrics(run, {f"{prefix}/train_seconds": layer.train_seconds})
-    tracker.log_artifact(run, layer.checkpoint.path, "weights")
-    for path in layer.figures.values():
-        tracker.log_artifact(run, path, "figures")
-
-
-def log_classifier_run(tracker: Tracker, run: str, result: Any) -> None:
-    """History, stopping point and final weights of one fine-tuned arm."""
-    prefix = f"finetune/{result.arm}"
-    tracker.log_history(run, prefix, result.history)
-    tracker.log_params(run, {"arm": result.arm, "checkpoint.sha256": result.checkpoint.sha256,
-                             "initial_hidden_sha256": result.initial_hidden_sha256})
-    tracker.log_metrics(run, {f"{prefix}/best_val_error": result.best_val_error,
-                              f"{prefix}/best_epoch": result.best_epoch,
-                              f"{prefix}/epochs_run": result.epochs_run,
-                              f"{prefix}/train_seconds": result.train_seconds})
-    tracker.log_artifact(run, result.checkpoint.path, "weights")
+        return pipeline(config=complete(config), **kwargs)
 
 
 def summary_markdown(result: PipelineResult, per_class: Any) -> str:

@@ -21,6 +21,8 @@ from tasks.errors import LayerwiseError
 
 KIND_TAG, STAGE_TAG, CACHED_TAG = "layerwise.kind", "layerwise.stage", "layerwise.cached"
 PID_TAG, HOST_TAG = "layerwise.pid", "layerwise.host"
+ARTIFACTS_FROM_TAG = "layerwise.artifacts_from"  # identical artifacts kept by an earlier run
+ARM_TAG = "layerwise.arm"  # a fine-tuning arm's run: pretrained | random
 PARENT_TAG = "mlflow.parentRunId"
 KINDS = ("pipeline", "ablation")
 KEY_PARAMS = ("model.hidden_sizes", "pretrain.corruption_levels", "runtime.seed")
@@ -124,7 +126,7 @@ def list_runs(client: Any, experiment: str = "layerwise", kind: Optional[str] = 
     exp_id = experiment_id(client, experiment)
     clauses = [f"tags.`{KIND_TAG}` = '{kind}'" if kind else f"tags.`{KIND_TAG}` LIKE '%'"]
     if filter_string and filter_string.strip():
-        clauses.append(filter_string.strip())
+        clauses.append(quote_keys(filter_string.strip()))
     runs = _search(client, [exp_id], " and ".join(clauses), ["attributes.start_time DESC"],
                    limit=limit, what=f"--filter {filter_string!r}")
     rows = []
@@ -144,13 +146,24 @@ def list_runs(client: Any, experiment: str = "layerwise", kind: Optional[str] = 
     return pd.DataFrame(rows, columns=columns)
 
 
+def quote_keys(filter_string: str) -> str:
+    """Backticks around ``metrics.``/``params.``/``tags.`` keys that contain ``/``, which
+    MLflow's filter grammar needs (``metrics.test/error_pretrained`` is otherwise an
+    "Invalid comparison clause"); keys already quoted are left alone."""
+    import re
+
+    return re.sub(r"(?<![`\w])(metrics|params|tags)\.([\w.\-]*/[\w./\-]*)",
+                  r"\1.`\2`", filter_string)
+
+
 def show_run(client: Any, run_id: str) -> dict[str, Any]:
     """Everything about one run: its info, params, final metrics, stages and artifacts.
 
     Returns:
         ``{"info": dict, "params": dict, "metrics": dict, "stages": DataFrame (stage, run_id,
-        status, duration_s, cached), "artifacts": DataFrame (stage, path, size)}``; the
-        artifacts of the run itself have stage ``""``.
+        status, duration_s, cached), "artifacts": DataFrame (stage, path, size, from_run)}``;
+        the artifacts of the run itself have stage ``""``; ``from_run`` names the earlier run
+        that holds a stage's identical artifacts (tag ``layerwise.artifacts_from``), else None.
     """
     run = get_run(client, run_id)
     exp_id = run.info.experiment_id
@@ -166,14 +179,17 @@ def show_run(client: Any, run_id: str) -> dict[str, Any]:
         [{"stage": _stage(k), "run_id": k.info.run_id, "status": k.info.status,
           "duration_s": _duration(k.info), "cached": k.data.tags.get(CACHED_TAG) == "true"}
          for k in kids], columns=["stage", "run_id", "status", "duration_s", "cached"])
-    artifacts = [{"stage": "", "path": path, "size": size}
-                 for path, size in list_artifacts(client, run.info.run_id, exp_id)]
-    for kid in kids:
-        artifacts += [{"stage": _stage(kid), "path": path, "size": size}
-                      for path, size in list_artifacts(client, kid.info.run_id, exp_id)]
+    artifacts = []
+    for stage, holder in [("", run), *((_stage(k), k) for k in kids)]:
+        # a rerun with identical artifacts points at the earlier run that holds them
+        source = holder.data.tags.get(ARTIFACTS_FROM_TAG)
+        artifacts += [{"stage": stage, "path": path, "size": size, "from_run": source}
+                      for path, size in list_artifacts(client, source or holder.info.run_id,
+                                                       exp_id)]
     return {"info": info, "params": dict(sorted(run.data.params.items())),
             "metrics": dict(sorted(run.data.metrics.items())), "stages": stages,
-            "artifacts": pd.DataFrame(artifacts, columns=["stage", "path", "size"])}
+            "artifacts": pd.DataFrame(artifacts, columns=["stage", "path", "size",
+                                                          "from_run"])}
 
 
 def list_artifacts(client: Any, run_id: str, experiment_id: Optional[str] = None
@@ -206,6 +222,8 @@ def compare_runs(client: Any, run_ids: Sequence[str]) -> dict[str, Any]:
 
     Metrics are each run's own final metrics (listed first), then its stages' final metrics
     (``finetune/<arm>/...``, ``pretrain/layer_<k>/...``) where the run has none of that name.
+    Each fine-tuning arm's run logs ``finetune/<name>`` (tag ``layerwise.arm``); here they
+    read ``finetune/<arm>/<name>`` so that the two arms stay apart.
 
     Returns:
         ``{"run_ids": [full ids], "params": DataFrame (index param, one column per run: only
@@ -225,7 +243,7 @@ def compare_runs(client: Any, run_ids: Sequence[str]) -> dict[str, Any]:
     for run_id, run in zip(ids, runs):
         values = {}
         for kid in children(client, run):
-            values.update(kid.data.metrics)
+            values.update(_arm_metrics(kid))
         values.update(run.data.metrics)
         metrics[run_id] = values
         own |= set(run.data.metrics)
@@ -499,6 +517,15 @@ def _try_run(client: Any, run_id: Optional[str]) -> Any:
         return client.get_run(run_id)
     except MlflowException:
         return None
+
+
+def _arm_metrics(run: Any) -> dict[str, float]:
+    """A stage run's final metrics; an arm's ``finetune/x`` as ``finetune/<arm>/x``."""
+    arm = run.data.tags.get(ARM_TAG)
+    if not arm:
+        return dict(run.data.metrics)
+    return {(f"finetune/{arm}/{k.split('/', 1)[1]}" if k.startswith("finetune/") else k): v
+            for k, v in run.data.metrics.items()}
 
 
 def _stage(run: Any) -> str:

@@ -97,7 +97,9 @@ def runs(
     experiment: str = ExperimentOpt,
     kind: Optional[Kind] = typer.Option(None, "--kind", help="Only pipeline or ablation runs."),
     filter_string: Optional[str] = typer.Option(
-        None, "--filter", help="MLflow search filter, e.g. \"params.runtime.seed = '1'\"."),
+        None, "--filter", help="MLflow search filter, e.g. \"params.runtime.seed = '1'\" or "
+        "\"metrics.test/error_pretrained < 0.08\" (keys with '/' are quoted for you: "
+        "metrics.`test/error_pretrained`)."),
     limit: int = typer.Option(20, "--limit", min=1, help="At most N runs, newest first."),
     fmt: Format = typer.Option(Format.table, "--format", help="table | csv | json"),
     stale: bool = typer.Option(False, "--stale", help="List runs (parents and stages) left "

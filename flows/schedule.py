@@ -96,6 +96,29 @@ def serve_environment() -> None:
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(layerwise_home() / "prefect-results"))
 
 
+def check_takeover(flow_name: str, name: str, replace: bool) -> None:
+    """Refuse to serve under the name of a deployment that runs on a work pool (e.g.
+    ``prefect.yaml``'s ``nightly``): serving would overwrite its parameters, entrypoint and
+    pull steps, and leave it paused on exit. ``replace`` takes it over anyway."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            existing = client.read_deployment_by_name(f"{flow_name}/{name}")
+    except ObjectNotFound:
+        return
+    except Exception as exc:  # noqa: BLE001 - unreachable server, bad URL: say so
+        raise ScheduleError(f"cannot read deployments from the Prefect API ({exc}); is the "
+                            "server at PREFECT_API_URL running?") from None
+    if existing.work_pool_name and not replace:
+        raise ScheduleError(
+            f"deployment {flow_name}/{name} already exists and runs on work pool "
+            f"{existing.work_pool_name!r} (prefect.yaml or `prefect deploy`); serving it "
+            "here would overwrite it and pause it on exit. Choose another --name, or pass "
+            "--replace to take it over")
+
+
 def make_deployment(flow_name: str, name: str, parameters: dict[str, Any],
                     schedules: list[Any], limit: Optional[int]) -> Any:
     """A ``RunnerDeployment`` addressed by module path, so the flow runs it starts import
@@ -218,6 +241,8 @@ def serve(
     model_name: str = ModelNameOpt,
     limit: int = typer.Option(1, "--limit", min=1, help="Flow runs at once (a later one "
                               "waits)."),
+    replace: bool = typer.Option(False, "--replace", help="Take over a work-pool "
+                                 "deployment of the same name."),
 ) -> None:
     """Serve a scheduled deployment of a flow from this process until Ctrl-C.
 
@@ -240,6 +265,7 @@ def serve(
                                      model_name)
         api_url = require_api_url()
         schedules = build_schedules(cron, interval, tz)
+        check_takeover(load_flow(flow).name, name, replace)
     except (LayerwiseError, ScheduleError) as exc:
         fail(str(exc))
     serve_environment()

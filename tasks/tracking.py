@@ -17,11 +17,15 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from tasks.conventions import EXPERIMENT_DESCRIPTION, NOTE_TAG, system_tags
 from tasks.errors import TrackingError
 from tasks.runtime import layerwise_home
 
 KIND_TAG, STAGE_TAG, CACHED_TAG = "layerwise.kind", "layerwise.stage", "layerwise.cached"
 PID_TAG, HOST_TAG = "layerwise.pid", "layerwise.host"
+# A stage run that uploaded the artifacts of a content key (data and checkpoint digests)
+# carries the key; a later run with the same key points at it instead of uploading again.
+ARTIFACTS_KEY_TAG, ARTIFACTS_FROM_TAG = "layerwise.artifacts_key", "layerwise.artifacts_from"
 MAX_PARAM_CHARS = 6000
 MAX_BATCH = 1000
 
@@ -162,12 +166,15 @@ class Tracker:
     Args:
         tracking_uri: MLflow tracking URI; None for ``default_tracking_uri()``.
         experiment: Experiment name, created when absent.
+        source_name: The code that runs (``mlflow.source.name``), e.g. ``flows/pipeline.py``.
     """
 
-    def __init__(self, tracking_uri: Optional[str] = None, experiment: str = "layerwise"):
+    def __init__(self, tracking_uri: Optional[str] = None, experiment: str = "layerwise",
+                 source_name: str = "layerwise"):
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        self.system_tags = system_tags(source_name)
         self.uri = tracking_uri or default_tracking_uri()
         preflight_mlflow(self.uri)
         local_db = Path(self.uri[len("sqlite:///"):]) if self.uri.startswith("sqlite:///") else None
@@ -197,10 +204,14 @@ class Tracker:
 
         exp = self.client.get_experiment_by_name(experiment)
         if exp is not None:
+            if NOTE_TAG not in exp.tags:
+                self.client.set_experiment_tag(exp.experiment_id, NOTE_TAG,
+                                               EXPERIMENT_DESCRIPTION)
             return exp.experiment_id
         location = (layerwise_home() / "artifacts").as_uri() if is_local(self.uri) else None
         try:
-            return self.client.create_experiment(experiment, location)
+            return self.client.create_experiment(experiment, location,
+                                                 tags={NOTE_TAG: EXPERIMENT_DESCRIPTION})
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -213,7 +224,8 @@ class Tracker:
     def run(self, name: str, tags: dict[str, str], parent_id: Optional[str] = None
             ) -> Iterator[str]:
         """A run that ends FINISHED on success, KILLED on Ctrl-C/SIGTERM, FAILED otherwise."""
-        tags = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(), **tags}
+        tags = {**self.system_tags, PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(),
+                **tags}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
         run = with_retries(self.client.create_run, self.experiment_id, run_name=name, tags=tags)
@@ -225,6 +237,10 @@ class Tracker:
                          "KILLED" if is_interrupt(exc) else "FAILED")
             raise
         with_retries(self.client.set_terminated, run_id, "FINISHED")
+
+    def log_inputs(self, run_id: str, datasets: list[Any]) -> None:
+        """Datasets (``mlflow.entities.DatasetInput``) the run read."""
+        with_retries(self.client.log_inputs, run_id, datasets=datasets)
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -266,32 +282,18 @@ class Tracker:
                      json.dumps(obj, indent=2, sort_keys=True, default=str),
                      safe_artifact_path(artifact_file))
 
-    def log_classifier(self, run_id: str, model: Any, input_example: Any,
-                       registered_name: str, tags: dict[str, str]) -> str:
-        """Log the classifier as an MLflow model (pt2: no pickle) with signature and input
-        example, register it under ``registered_name`` and tag the version. Returns the
-        version number."""
-        import mlflow
-        import mlflow.pytorch
-        import torch
-        from mlflow.models import infer_signature
+    def find_run(self, tags: dict[str, str]) -> Optional[str]:
+        """The oldest FINISHED run of this experiment carrying all ``tags``, or None."""
+        clauses = [f"tags.`{k}` = '{quote_filter(v)}'" for k, v in tags.items()]
+        runs = with_retries(self.client.search_runs, [self.experiment_id],
+                            " and ".join([*clauses, "attributes.status = 'FINISHED'"]),
+                            max_results=1, order_by=["attributes.start_time ASC"])
+        return runs[0].info.run_id if runs else None
 
-        with torch.no_grad():
-            output = model(torch.as_tensor(input_example)).numpy()
-        signature = infer_signature(input_example, output)
-        def log() -> Any:
-            with mlflow.start_run(run_id=run_id):
-                return mlflow.pytorch.log_model(
-                    model, name="model", input_example=input_example, signature=signature,
-                    serialization_format="pt2", registered_model_name=registered_name,
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                )
 
-        info = with_retries(log)
-        version = str(info.registered_model_version)
-        for key, value in tags.items():
-            with_retries(self.client.set_model_version_tag, registered_name, version, key, value)
-        return version
+def quote_filter(text: str) -> str:
+    """A value inside single quotes of an MLflow search filter."""
+    return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _param_value(value: Any) -> str:

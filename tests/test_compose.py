@@ -467,15 +467,87 @@ def test_prefect_yaml_targets_the_compose_work_pool(nightly, services):
 
 
 def test_prefect_yaml_parameters_are_the_default_preset(nightly):
-    from flows.overrides import resolve_config
-    from tasks.config import PipelineConfig
-
     params = nightly["parameters"]
-    assert params["preset"] == "default"
-    assert "data_dir" not in params["config"]["data"]  # the worker's $LAYERWISE_DATA_DIR
-    assert PipelineConfig.model_validate(params["config"]) == resolve_config("default")
+    assert params == {"preset": "default", "overrides": [], "experiment": "layerwise",
+                      "registered_model_name": "layerwise-classifier"}
+    assert not any(t.startswith("preset:") for t in nightly["tags"])  # a run may use another
     import ast
 
     tree = ast.parse((ROOT / "flows" / "pipeline.py").read_text())
     flow = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "pipeline")
     assert set(params) <= {a.arg for a in flow.args.args + flow.args.kwonlyargs}
+
+
+def test_flow_parameters_resolve_like_layerwise_run(tmp_path):
+    """preset + overrides give exactly `layerwise run --preset P --set ...`'s config; a
+    complete config records where it differs from the preset it names; a partial config,
+    an unknown field or both forms at once are refused, naming the problem."""
+    from flows.overrides import resolve_config
+    from flows.parameters import complete, resolve_flow_config
+    from tasks.config import PipelineConfig
+    from tasks.errors import ConfigError
+
+    sets = ["data.n_train=1000", "model.hidden_sizes=[32,16]"]
+    config, preset, recorded = resolve_flow_config(None, "quick", sets)
+    assert config == resolve_config("quick", sets=sets) and preset == "quick"
+    assert recorded == sets
+    assert resolve_flow_config(None, None, [])[:2] == (resolve_config("default"), "default")
+
+    full = json.loads(json.dumps(resolve_config("default").model_dump(mode="json")))
+    del full["data"]["data_dir"]  # filled in where the flow runs
+    config, preset, recorded = resolve_flow_config(PipelineConfig.model_validate(full),
+                                                   "quick", [])
+    assert config == resolve_config("default") and preset == "quick"
+    assert "data.n_train=null" in recorded and "model.hidden_sizes=[1000, 1000, 1000]" in \
+        recorded  # the run says it is not the quick preset
+    assert resolve_flow_config(complete(resolve_config("quick")), "quick", [])[2] == []
+
+    partial = PipelineConfig.model_validate({"pretrain": {"epochs": 2}})
+    with pytest.raises(ConfigError, match=r"lacks data, model, pretrain\.batch_size, .* and "
+                                          r"3 more.*layerwise config --format json"):
+        resolve_flow_config(partial, "quick", [])
+    with pytest.raises(ConfigError, match="pretrain.epochs = 0"):
+        resolve_flow_config(None, "quick", ["pretrain.epochs=0"])
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        resolve_flow_config(None, "nope", [])
+    with pytest.raises(ConfigError, match="not both"):
+        resolve_flow_config(complete(resolve_config("quick")), "quick", sets)
+
+
+def test_config_prints_a_complete_json_config():
+    """`layerwise config --format json` is a config the flow accepts as complete."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.overrides import resolve_config
+    from flows.parameters import missing_fields, resolve_flow_config
+    from tasks.config import PipelineConfig
+
+    out = CliRunner().invoke(app, ["config", "--preset", "quick", "--format", "json"])
+    assert out.exit_code == 0, out.output
+    config = PipelineConfig.model_validate(json.loads(out.stdout))
+    assert missing_fields(config) == [] and config == resolve_config("quick")
+    assert resolve_flow_config(config, "quick", [])[2] == []
+    bad = CliRunner().invoke(app, ["config", "--format", "xml"])
+    assert bad.exit_code == 2 and "choose yaml or json" in bad.output
+
+
+def test_documents_the_stack_files_point_to_exist():
+    """docker-compose.yml, prefect.yaml, the Dockerfile and the README name docs/*.md files
+    that are in the repository."""
+    named = set()
+    for name in ("docker-compose.yml", "prefect.yaml", "Dockerfile", "README.md"):
+        named |= set(re.findall(r"docs/[\w./-]+\.md", (ROOT / name).read_text()))
+    assert "docs/service.md" in named
+    assert [n for n in sorted(named) if not (ROOT / n).is_file()] == []
+
+
+def test_make_deploy_runs_the_deployments_service_command(services):
+    """`make deploy` from a checkout does what the compose `deployments` service does (and
+    tests/test_servers.py runs against a fresh server): create the work pool only when it is
+    missing, then register prefect.yaml."""
+    recipe = (ROOT / "Makefile").read_text().split("\ndeploy:", 1)[1].split("\n\n", 1)[0]
+    lines = [ln.strip().replace("$(VENV)/bin/", "") for ln in recipe.splitlines()[1:]]
+    (script,) = [a for a in argv(services["deployments"]["command"]) if "deploy --all" in a]
+    steps = [s.strip().removeprefix("exec ") for s in script.split(";")]
+    assert lines == [steps[0].replace("\n", " "), steps[1]]

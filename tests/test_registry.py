@@ -128,6 +128,12 @@ def test_runs_filter_kind_and_limit(store, cli):
     assert ids("--filter", "params.`model.hidden_sizes` = '[32, 16]'", "--kind", "pipeline"
                ) == [second.run_id, first.run_id]
     assert ids("--kind", "ablation") == []
+    # metric keys with '/' work unquoted, as the help shows
+    errors = {r.run_id: r.test_error_pretrained for r in (first, second)}
+    best = min(errors, key=errors.get)
+    assert ids("--filter", f"metrics.test/error_pretrained <= {errors[best]!r}") == [
+        r for r in (second.run_id, first.run_id) if errors[r] <= errors[best]]
+    assert ids("--filter", "metrics.`test/error_diff` < 2") == [second.run_id, first.run_id]
     assert ids("--limit", "1") == [second.run_id]
     bad = cli("runs", "--experiment", EXPERIMENT, "--tracking-uri", uri, "--filter", "params.x =")
     assert bad.exit_code == 1 and bad.stderr.startswith("error: bad --filter")
@@ -159,6 +165,11 @@ def test_show_prints_config_metrics_stages_and_artifacts(store, client, cli):
         assert path in out
     assert re.search(r"models:/m-[0-9a-f]+/MLmodel", out)  # the logged model's files
 
+    evaluate = next(s.mlflow_run_id for s in run.stages if s.name == "evaluate")
+    out = _ok(cli("show", evaluate, "--tracking-uri", store["uri"]))  # a stage run
+    for path in ("evaluation/summary.json", "evaluation/confusion_pretrained.png"):
+        assert re.search(rf"^\s+{re.escape(path)}\s+\d+", out, re.M), out
+
     rec = registry.show_run(client, run.run_id[:10])  # a unique prefix is enough
     assert rec["stages"]["stage"].tolist() == STAGES
     assert (rec["stages"]["duration_s"] > 0).all()
@@ -180,11 +191,56 @@ def test_compare_shows_differing_params_and_metric_deltas(store, client, cli):
     assert rec["params"].loc["runtime.seed"].tolist() == [str(s) for s in SEEDS]
     for name in ("test/error_pretrained", "test/error_random", "test/error_diff"):
         assert rec["deltas"].loc[name, b] == mb[name] - ma[name]
-    # stage metrics come along, e.g. the fine-tuned arms' best validation errors
-    kid = next(r for r in registry.children(client, client.get_run(b))
-               if r.data.tags["layerwise.stage"] == "finetune-pretrained")
-    assert rec["metrics"].loc["finetune/pretrained/best_val_error", b] == \
-        kid.data.metrics["finetune/pretrained/best_val_error"]
+    # stage metrics come along, e.g. the fine-tuned arms' best validation errors: each arm's
+    # run logs finetune/best_val_error; compare keeps the arms apart
+    kids = {r.data.tags["layerwise.stage"]: r for r in registry.children(client, client.get_run(b))}
+    for arm in ("pretrained", "random"):
+        assert rec["metrics"].loc[f"finetune/{arm}/best_val_error", b] == \
+            kids[f"finetune-{arm}"].data.metrics["finetune/best_val_error"]
+    assert not any(m.startswith("finetune/best") for m in rec["metrics"].index)
+
+
+def test_runs_follow_mlflow_conventions(store, client):
+    """System tags, datasets, descriptions, names that tell runs apart (the same in Prefect),
+    and one key per quantity in both arms' runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    from tasks.conventions import _git
+
+    first = store["results"][0]
+    parent = client.get_run(first.run_id)
+    tags = parent.data.tags
+    assert tags["mlflow.user"] and tags["mlflow.source.name"] == "flows/pipeline.py"
+    assert tags["mlflow.source.git.commit"] == _git("rev-parse", "HEAD")
+    assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])
+    assert re.fullmatch(rf"quick-seed{SEEDS[0]}-\d{{8}}-\d{{6}}", parent.info.run_name)
+    assert "preset 'quick', seed 3" in tags["mlflow.note.content"]
+    with get_client(sync_client=True) as prefect:
+        (flow_run,) = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=[parent.info.run_name])))
+    assert flow_run.parameters["preset"] == "quick"
+
+    inputs = {d.dataset.name: d for d in parent.inputs.dataset_inputs}
+    assert set(inputs) == {"mnist-train", "mnist-valid", "mnist-test"}
+    for name, rows in (("mnist-train", 1000), ("mnist-valid", 2000), ("mnist-test", 10000)):
+        dataset = inputs[name].dataset
+        assert dataset.digest == first.data["digest"][:36]
+        assert json.loads(dataset.profile) == {
+            "num_rows": rows, "num_features": 784, "normalization": "unit",
+            "data_digest": first.data["digest"]}
+    assert {t.value for d in inputs.values() for t in d.tags} == {"training", "validation",
+                                                                   "test"}
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert "test/error_pretrained" in experiment.tags["mlflow.note.content"]
+
+    kids = {k.data.tags["layerwise.stage"]: k for k in registry.children(client, parent)}
+    assert all(k.data.tags["mlflow.note.content"] for k in kids.values())
+    arms = [kids["finetune-pretrained"], kids["finetune-random"]]
+    assert [k.data.tags["layerwise.arm"] for k in arms] == ["pretrained", "random"]
+    keys = [{m for m in k.data.metrics if m.startswith("finetune/")} for k in arms]
+    assert keys[0] == keys[1] and "finetune/val_error" in keys[0]
+    assert len(client.get_metric_history(arms[1].info.run_id, "finetune/val_error")) == 1
 
 
 # --------------------------------------------------------------------------- models/promote
@@ -260,24 +316,32 @@ def test_promote_refuses_to_compare_across_data_digests(store, client, cli):
     assert champion() == "2" and "was already champion" in out
 
 
-def test_champion_reproduces_its_recorded_test_error(store, client, cli):
+def test_champion_reproduces_its_recorded_test_error_from_raw_pixels(store, client, cli):
+    """The registered model takes MNIST as a user has it (784 pixels in 0-255), applies the
+    run's normalisation itself and returns probabilities: its argmax over the raw test set
+    reproduces the logged test error exactly; its signature and description say so."""
     import mlflow
-    import mlflow.pytorch
-    import torch
-
-    from tasks.data import load_data
+    import mlflow.pyfunc
+    import numpy as np
+    from torchvision.datasets import MNIST
 
     _ok(cli("promote", "--name", MODEL, "--tracking-uri", store["uri"]))
     champion = client.get_model_version_by_alias(MODEL, "champion")
     mlflow.set_tracking_uri(store["uri"])
-    model = mlflow.pytorch.load_model(f"models:/{MODEL}@champion")
-    data = load_data(store["config"].data)
-    with torch.no_grad():
-        pred = model(data.x_test).argmax(dim=1)
-    error = int((pred != data.y_test).sum()) / len(data.y_test)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    test = MNIST(root=store["config"].data.data_dir, train=False, download=False)
+    raw = test.data.reshape(len(test.data), 784).numpy().astype(np.float32)  # 0-255
+    probs = model.predict(raw)
+    assert probs.shape == (10000, 10) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    error = int((probs.argmax(axis=1) != test.targets.numpy()).sum()) / 10000
     assert error == float(champion.tags["test_error"])
-    parent = champion.tags["layerwise.run_id"]
-    assert error == _metrics(client, parent)["test/error_pretrained"]
+    assert error == _metrics(client, champion.tags["layerwise.run_id"])["test/error_pretrained"]
+
+    inputs = model.metadata.get_input_schema().inputs[0]
+    assert inputs.shape == (-1, 784) and str(inputs.type) == "float32"
+    assert "0-255" in champion.description and "'unit' normalisation" in champion.description
+    assert "probabilities" in champion.description
+    assert "'champion'" in client.get_registered_model(MODEL).description
 
 
 # ----------------------------------------------------------------------------------- errors
@@ -359,3 +423,42 @@ def test_cli_module_imports_neither_mlflow_nor_pandas():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------- rerun
+
+
+def test_a_cached_rerun_reuses_the_version_and_uploads_nothing(store, client, cli):
+    """Rerunning seed 3 (every trained stage from cache; same weights, same data) registers
+    no new version and writes no artifact file: each stage points at the first run's, and
+    the run says what it reused. Runs last: it adds a run to the experiment."""
+    from flows.pipeline import run_pipeline
+
+    first = store["results"][0]
+    files = sorted(p for p in (store["home"] / "artifacts").rglob("*") if p.is_file())
+    versions = {v.version for v in client.search_model_versions(f"name = '{MODEL}'")}
+    config = resolve_config("quick", data_dir=store["config"].data.data_dir, sets=TINY,
+                            seed=SEEDS[0])
+    again = run_pipeline(config, preset="quick", tracking_uri=store["uri"],
+                         experiment=EXPERIMENT, registered_model_name=MODEL)
+
+    assert again.model_version == first.model_version and again.model_reused
+    assert {v.version for v in client.search_model_versions(f"name = '{MODEL}'")} == versions
+    assert sorted(p for p in (store["home"] / "artifacts").rglob("*") if p.is_file()) == files
+    earlier = {s.name: s.mlflow_run_id for s in first.stages}
+    assert {s.name: s.artifacts_from for s in again.stages} == earlier
+    assert [s.name for s in again.stages if s.cached] == STAGES[1:5]  # data, evaluate: never
+    assert again.test_error_pretrained == first.test_error_pretrained
+    for stage in again.stages:
+        assert client.list_artifacts(stage.mlflow_run_id) == []
+        assert client.get_run(stage.mlflow_run_id).data.tags[
+            "layerwise.artifacts_from"] == earlier[stage.name]
+    note = client.get_run(again.run_id).data.tags["layerwise.reused"]
+    assert f"model {MODEL} v{first.model_version} (same weights and data)" in note
+    assert "the artifacts of " + ", ".join(STAGES) in note
+
+    rec = registry.show_run(client, again.run_id)
+    art = rec["artifacts"].set_index("path")
+    assert art.loc["weights/classifier_random.safetensors", "from_run"] == \
+        earlier["finetune-random"]
+    assert art.loc["evaluation/summary.json", "stage"] == "evaluate"

@@ -411,7 +411,8 @@ def test_flow_and_task_runs_are_in_the_prefect_server(stack, cli_run):
         assert flow_run.state.is_completed()
         assert flow_run.parameters["preset"] == "quick"
         task_names = {t.name for t in client.read_task_runs() if t.flow_run_id == flow_run.id}
-    assert STAGES <= task_names
+    # the twins fine-tune as one task; each arm keeps its own MLflow run
+    assert STAGES - {"finetune-pretrained", "finetune-random"} | {"finetune-twins"} <= task_names
 
 
 def test_registry_cli_reads_the_servers_runs_and_models(stack, cli_run):
@@ -529,14 +530,12 @@ def test_prefect_yaml_is_deployed_and_run_by_the_compose_worker(stack, backgroun
     try:
         worker.wait_for(lambda: http_status(background["worker_health"]) == 200, 120,
                         "a healthy worker /health")
-        from flows.overrides import resolve_config
-
-        tiny = resolve_config("quick", data_dir=stack["data"], sets=TINY)
+        # preset + overrides, as `layerwise run --preset quick --set ...`; the data
+        # directory is the worker's $LAYERWISE_DATA_DIR
         with temporary_settings(updates={PREFECT_API_URL: stack["api"]}):
             flow_run = run_deployment(
                 "layerwise-pipeline/nightly", timeout=300, poll_interval=1,
-                parameters={"config": tiny.model_dump(mode="json"), "preset": "worker-test",
-                            "experiment": "worker"})
+                parameters={"preset": "quick", "overrides": TINY, "experiment": "worker"})
         assert flow_run.state.is_completed(), f"{flow_run.state}\n{worker.tail()}"
     finally:
         worker.stop()
@@ -544,7 +543,28 @@ def test_prefect_yaml_is_deployed_and_run_by_the_compose_worker(stack, backgroun
     experiment = client.get_experiment_by_name("worker")
     (parent,) = client.search_runs([experiment.experiment_id],
                                    "tags.`layerwise.kind` = 'pipeline'")
-    assert parent.info.status == "FINISHED" and parent.data.params["preset"] == "worker-test"
+    assert parent.info.status == "FINISHED" and parent.data.params["preset"] == "quick"
+    assert json.loads(parent.data.params["overrides"]) == TINY
+    assert parent.data.params["pretrain.epochs"] == "1"
+    assert parent.info.run_name == flow_run.name and parent.info.run_name.startswith(
+        "quick-seed0-")  # the same name in both UIs
+
+
+def test_schedule_serve_refuses_to_take_over_a_work_pool_deployment(stack, background):
+    """`schedule serve --name nightly` would have overwritten prefect.yaml's deployment."""
+    deploy = background["deploy"]
+    deploy.wait_for(lambda: deploy.proc.poll() is not None, 300, "the end of prefect deploy")
+    with prefect_api(stack) as client:
+        before = client.read_deployment_by_name("layerwise-pipeline/nightly")
+    result = run([*python_cli("flows.schedule"), "schedule", "serve", "--name", "nightly",
+                  "--preset", "quick"], client_env(stack), 120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "layerwise-pipeline/nightly already exists and runs on work pool 'layerwise'" in \
+        result.stderr and "--replace" in result.stderr and "Traceback" not in result.stderr
+    with prefect_api(stack) as client:
+        after = client.read_deployment_by_name("layerwise-pipeline/nightly")
+    assert (after.updated, after.parameters, after.entrypoint, after.paused) == (
+        before.updated, before.parameters, before.entrypoint, before.paused)
 
 
 # ---------------------------------------------------------------- MLflow basic auth

@@ -27,7 +27,7 @@ def test_any_other_failure_to_create_the_experiment_is_raised(tmp_path):
     tracker = Tracker(f"sqlite:///{tmp_path}/m.db", "x")
     tracker.client.get_experiment_by_name = lambda name: None
 
-    def refuse(name, location=None):
+    def refuse(name, location=None, tags=None):
         raise MlflowException("permission denied", error_code="PERMISSION_DENIED")
 
     tracker.client.create_experiment = refuse

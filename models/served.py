@@ -1,0 +1,68 @@
+"""The classifier as a user calls it: raw pixels in, class probabilities out.
+
+The pipeline trains on normalised inputs (``unit``: x / 255; ``standardize``: per-pixel
+z-scores; ``zca``: whitened). A registered model that expected those would need the
+training run's statistics at prediction time, so this module carries them as buffers and
+applies the run's normalisation itself, with the same float32 arithmetic as
+``tasks.data.normalize`` (so that it reproduces the logged test error exactly). For
+``standardize`` that holds bit for bit when ``std`` is given in float64, as the data stage
+computes it: 1 / std rounded from a float32 std differs in the last bit for about a quarter
+of the pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+INPUT_DESCRIPTION = (
+    "float32 (N, {n}) raw pixels as the dataset stores them: for MNIST the 28x28 image "
+    "flattened row-major to 784 values in 0-255 (not scaled to [0,1])"
+)
+OUTPUT_DESCRIPTION = "float32 (N, {k}) class probabilities (rows sum to 1); argmax is the label"
+
+
+class RawPixelClassifier(nn.Module):
+    """normalise(x) -> classifier -> softmax.
+
+    Args:
+        classifier: The fine-tuned network mapping normalised (N, D) inputs to logits (N, K).
+        normalization: ``unit``, ``standardize`` or ``zca``, as the run's data stage used.
+        stats: That stage's statistics (``tasks.data.DataBundle.norm_stats``): ``low``,
+            ``high`` for ``unit``/``zca``; ``mean``, ``std`` (D,) for ``standardize``;
+            plus ``mean`` (D,) and ``zca_matrix`` (D, D) for ``zca``.
+    """
+
+    def __init__(self, classifier: nn.Module, normalization: str,
+                 stats: Mapping[str, torch.Tensor]):
+        super().__init__()
+        if normalization not in ("unit", "standardize", "zca"):
+            raise ValueError(f"unknown normalization {normalization!r}")
+        self.classifier, self.normalization = classifier, normalization
+        f32 = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in stats.items()}
+        if normalization == "standardize":
+            # tasks.data.normalize: (x - mean) * (1 / std), both rounded to float32
+            self.register_buffer("mean", f32["mean"])  # (D,)
+            inv = 1.0 / torch.as_tensor(stats["std"], dtype=torch.float64)
+            self.register_buffer("inv_std", inv.to(torch.float32))  # (D,)
+        else:
+            self.register_buffer("low", f32["low"].reshape(()))
+            self.register_buffer("span", (f32["high"] - f32["low"]).reshape(()))
+        if normalization == "zca":
+            self.register_buffer("mean", f32["mean"])  # (D,)
+            self.register_buffer("zca_matrix", f32["zca_matrix"])  # (D, D)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw (N, D) pixels -> the normalised (N, D) inputs the classifier was trained on."""
+        if self.normalization == "standardize":
+            return (x - self.mean) * self.inv_std
+        x = ((x - self.low) / self.span).clamp(0.0, 1.0)  # uint8 data: x / 255 exactly
+        if self.normalization == "zca":
+            x = (x - self.mean) @ self.zca_matrix  # (N, D) @ (D, D) -> (N, D)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw pixels (N, D) -> class probabilities (N, K)."""
+        return torch.softmax(self.classifier(self.normalize(x)), dim=1)

@@ -1,0 +1,105 @@
+"""What an MLflow or Prefect user looks for first: who ran it from which source and commit,
+on which data, under a name that tells runs apart, with a description.
+
+MLflow's fluent ``mlflow.start_run`` fills the ``mlflow.*`` system tags from its context
+providers; ``Tracker`` creates runs with ``MlflowClient.create_run`` (explicit run ids, no
+global state), so it sets them from here.
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import json
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+NOTE_TAG = "mlflow.note.content"  # the description field of runs and experiments in the UI
+EXPERIMENT_DESCRIPTION = (
+    "layerwise: greedy layer-wise pretraining of stacked denoising autoencoders vs random "
+    "initialisation. Parent runs (tag layerwise.kind) hold the config as params and "
+    "test/error_pretrained, test/error_random, test/error_diff; one child run per stage.")
+SPLITS = (("train", "x_train", "training"), ("valid", "x_valid", "validation"),
+          ("test", "x_test", "test"))
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@functools.lru_cache(maxsize=1)
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def system_tags(source_name: str) -> dict[str, str]:
+    """``mlflow.user``, ``mlflow.source.type/name`` and, in a git checkout, the commit
+    (a plain SHA: MLflow links it; the ``git.commit`` param adds ``-dirty``) and branch."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = "unknown"
+    tags = {"mlflow.user": user, "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": source_name}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        branch = _git("rev-parse", "--abbrev-ref", "HEAD")
+        if branch and branch != "HEAD":
+            tags["mlflow.source.git.branch"] = branch
+    return tags
+
+
+def run_name(preset: str, seed: int, when: Optional[datetime] = None) -> str:
+    """``<preset>-seed<seed>-<UTC yyyymmdd-HHMMSS>``: the MLflow parent run and the Prefect
+    flow run carry it, so runs can be told apart and matched across the two UIs."""
+    when = when or datetime.now(timezone.utc)
+    return f"{preset}-seed{seed}-{when.astimezone(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+def run_description(kind: str, preset: str, config: Any) -> str:
+    """One paragraph for the run's description field."""
+    m = config.model
+    return (f"layerwise {kind}, preset '{preset}', seed {config.runtime.seed}: hidden layers "
+            f"{m.hidden_sizes} ({m.activation}), data {config.data.dataset}, "
+            f"normalisation '{config.data.normalization}'. Pretrained and random-init arms "
+            "are the child runs finetune-pretrained and finetune-random.")
+
+
+def stage_description(stage: str) -> str:
+    """One line for a stage run's description field."""
+    if stage.startswith("pretrain-layer-"):
+        k = stage.rsplit("-", 1)[1]
+        return (f"Greedy pretraining of layer {k}: a denoising autoencoder on the clean codes "
+                "of the layers below; weights, reconstructions and filters.")
+    if stage.startswith("finetune-"):
+        arm = stage.split("-", 1)[1]
+        return (f"Supervised fine-tuning of the {arm}-init arm; its metrics are finetune/*, "
+                "the same keys as the other arm's, so the UI overlays them.")
+    return {"load-data": "Load, verify, split and normalise the data; its digest and stats.",
+            "evaluate": "Test error of both arms, confusion matrices, learning curves; the "
+                        "registered model."}.get(stage, stage)
+
+
+def dataset_inputs(data: Any, source: str) -> list[Any]:
+    """The training, validation and test splits as MLflow dataset inputs (the UI's Dataset
+    column). MLflow stores at most 36 characters of a digest: the first 36 hex digits of
+    the data stage's digest; the full one is in the profile and the ``data.digest`` param."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = []
+    for split, attr, context in SPLITS:
+        x = getattr(data, attr)  # (N, D) float32
+        profile = {"num_rows": int(x.shape[0]), "num_features": int(x.shape[1]),
+                   "normalization": data.normalization, "data_digest": data.digest}
+        schema = {"mlflow_tensorspec": {"features": json.dumps([{
+            "type": "tensor", "tensor-spec": {"dtype": "float32", "shape": [-1, int(x.shape[1])]}
+        }]), "targets": None}}
+        dataset = Dataset(name=f"{Path(data.source).stem}-{split}", digest=data.digest[:36],
+                          source_type="local", source=json.dumps({"uri": source}),
+                          schema=json.dumps(schema), profile=json.dumps(profile))
+        inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
+    return inputs

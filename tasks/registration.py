@@ -1,0 +1,66 @@
+"""The registered classifier: find a version with the same identity, or log and register a
+new one with its signature, input example, tags and descriptions."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from tasks.tracking import Tracker, quote_filter, with_retries
+
+MODEL_DESCRIPTION = (
+    "Classifiers from layerwise pipeline runs (greedy layer-wise pretraining of stacked "
+    "denoising autoencoders, then fine-tuning). Each version's description says what it "
+    "takes and returns; alias 'champion' marks the best on its data (`layerwise promote`)."
+)
+
+
+def find_model_version(tracker: Tracker, name: str, tags: dict[str, str]) -> Optional[str]:
+    """The lowest READY version of registered model ``name`` carrying all ``tags``, or None
+    (also when the model does not exist yet)."""
+    clauses = [f"name = '{quote_filter(name)}'",
+               *(f"tags.`{k}` = '{quote_filter(v)}'" for k, v in tags.items())]
+    versions = with_retries(tracker.client.search_model_versions, " and ".join(clauses))
+    ready = sorted(int(v.version) for v in versions if v.status == "READY")
+    return str(ready[0]) if ready else None
+
+
+def register_classifier(tracker: Tracker, run_id: str, model: Any, input_example: Any,
+                        name: str, tags: dict[str, str], description: str) -> str:
+    """Log ``model`` in run ``run_id`` as an MLflow model (pt2: no pickle) with signature and
+    input example, register it as a version of ``name``, tag and describe the version (and
+    the registered model, while it has no description). Returns the version number.
+
+    Args:
+        tracker: The run's tracker.
+        run_id: The run that logs the model.
+        model: An ``nn.Module`` mapping ``input_example``-shaped float32 arrays to outputs.
+        input_example: float32 (n, D) example inputs, as a caller passes them.
+        name: Registered model name.
+        tags: Version tags.
+        description: The version's description.
+    """
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        output = model(torch.as_tensor(input_example)).numpy()
+    signature = infer_signature(input_example, output)
+
+    def log() -> Any:
+        with mlflow.start_run(run_id=run_id):
+            return mlflow.pytorch.log_model(
+                model, name="model", input_example=input_example, signature=signature,
+                serialization_format="pt2", registered_model_name=name,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            )
+
+    client = tracker.client
+    version = str(with_retries(log).registered_model_version)
+    for key, value in tags.items():
+        with_retries(client.set_model_version_tag, name, version, key, value)
+    with_retries(client.update_model_version, name, version, description)
+    if not with_retries(client.get_registered_model, name).description:
+        with_retries(client.update_registered_model, name, MODEL_DESCRIPTION)
+    return version
