@@ -31,7 +31,7 @@ from benchmarks.common import Data, device, sync
 from models.classifier import DeepClassifier
 from models.dae import DenoisingAutoencoder
 from models.population_training import train_classifier_population, train_dae_population
-from tasks.runtime import Seed, derive_seed
+from runtime.environment import Seed, derive_seed
 
 P = 32
 BATCH = 20

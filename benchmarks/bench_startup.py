@@ -37,7 +37,7 @@ DONE = re.compile(r"^\s*done\s+(?P<stage>\S+)\s+(?P<seconds>[\d.]+) s")
 
 def layerwise_command() -> list[str]:
     script = Path(sys.executable).with_name("layerwise")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "flows.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli.main"]
 
 
 def _env(home: Path, fresh_prefect: bool, threads: Optional[int]) -> dict[str, str]:

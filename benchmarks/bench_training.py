@@ -3,7 +3,7 @@
 One process, the same data and config, at batch sizes 1, 20 and 256. (a) is exactly what
 ``tasks.pretrain.pretrain_layer`` / ``tasks.finetune.finetune`` run: the engine at P = 1
 (``train_dae_population`` / ``train_classifier_population``, fused SGD steps, per-epoch
-history and early stopping) in ``tasks.runtime.make_trainer``; a ``LoopTimer`` callback
+history and early stopping) in ``runtime.environment.make_trainer``; a ``LoopTimer`` callback
 marks the first and last training step. (b) is ``benchmarks.bare``. Both run one epoch of a fixed
 number of steps after a warm-up, best of ``repeats``, interleaved.
 
@@ -27,8 +27,8 @@ from benchmarks.common import Data, best_time, device, sync
 from models.classifier import DeepClassifier
 from models.dae import DenoisingAutoencoder
 from models.population_training import train_classifier_population, train_dae_population
-from tasks.config import RuntimeConfig
-from tasks.runtime import Seed, derive_seed, make_trainer
+from config.stages import RuntimeConfig
+from runtime.environment import Seed, derive_seed, make_trainer
 
 #: Steps per measurement: a few seconds each on 2 CPU cores.
 STEPS = {1: 2000, 20: 500, 256: 100}

@@ -18,7 +18,7 @@ import torch
 from benchmarks.common import Data, device, sync
 from models.classifier import DeepClassifier
 from models.population_training import train_classifier_population
-from tasks.runtime import Seed, derive_seed
+from runtime.environment import Seed, derive_seed
 
 SIZES = (784, 1000, 1000, 1000)
 N_TRAIN = 2000

@@ -63,7 +63,7 @@ def load(data_dir: Optional[Path], n_train: int, n_valid: int) -> Data:
     tensors of the same shape and type (sparse binary-ish images, random labels)."""
     root = Path(data_dir or os.environ.get("LAYERWISE_DATA_DIR") or DEFAULT_DATA_DIR)
     if (root / "MNIST" / "raw").is_dir():
-        from tasks.config import DataConfig
+        from config.stages import DataConfig
         from tasks.data import load_data
 
         d = load_data(DataConfig(data_dir=root, download=False))

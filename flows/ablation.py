@@ -21,11 +21,11 @@ from prefect import flow
 from pydantic import BaseModel
 
 from flows.ablation_stages import CellOutcome, Status, pretrain_layer, pretraining_plan, run_cell
-from flows.grid import expand, grid_params
-from flows.grid_spec import GROUPING, Cell, Grid
-from flows.ablation_outputs import (cell_row, format_summary, log_cell, progress_line, record,
+from config.grid import expand, grid_params
+from config.grid_spec import GROUPING, Cell, Grid
+from reports.ablation_outputs import (cell_row, format_summary, log_cell, progress_line, record,
                                     summary_artifact, write_outputs)
-from tasks.tracking import KIND_TAG, Tracker, environment_params
+from tracking.tracker import KIND_TAG, Tracker, environment_params
 
 
 class AblationResult(BaseModel):
@@ -61,7 +61,7 @@ def ablation(
     """
     import pandas as pd
 
-    from tasks.stats import summarize
+    from reports.stats import summarize
 
     echo = print if verbose else (lambda line: None)
     cells = expand(grid)
@@ -126,7 +126,7 @@ def ablation(
 
 def task_runner(workers: int = 1, dask_address: Optional[str] = None) -> Any:
     """In process and sequential for one worker; a local process pool for more (its workers
-    stop when this process is gone, ``flows.orphan_guard.watch_parent``); an existing Dask
+    stop when this process is gone, ``runtime.orphan_guard.watch_parent``); an existing Dask
     cluster (prefect-dask) when given its scheduler address."""
     if dask_address:
         from prefect_dask import DaskTaskRunner
@@ -135,7 +135,7 @@ def task_runner(workers: int = 1, dask_address: Optional[str] = None) -> Any:
     if workers > 1:
         from prefect.task_runners import ProcessPoolTaskRunner
 
-        from flows.orphan_guard import watch_parent
+        from runtime.orphan_guard import watch_parent
 
         return ProcessPoolTaskRunner(max_workers=workers, initializer=watch_parent,
                                      initargs=(os.getpid(),))
@@ -159,8 +159,8 @@ def run_ablation(grid: Grid, workers: int = 1, dask_address: Optional[str] = Non
     """
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-    from flows.ephemeral_api import shared_settings
-    from tasks.runtime import layerwise_home
+    from runtime.ephemeral_api import shared_settings
+    from runtime.environment import layerwise_home
 
     home = layerwise_home()
     if out_dir is None:
@@ -206,6 +206,6 @@ def describe(exc: BaseException) -> str:
 
 
 def _device(cells: list[Cell]) -> str:
-    from tasks.runtime import eval_device
+    from runtime.environment import eval_device
 
     return str(eval_device(cells[0].config.runtime)) if cells else "cpu"

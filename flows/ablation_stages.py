@@ -15,9 +15,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows.grid_spec import Cell
-from tasks.config import DataConfig, PipelineConfig
-from tasks.errors import DivergenceError
+from config.grid_spec import Cell
+from config.stages import DataConfig, PipelineConfig
+from runtime.errors import DivergenceError
 from tasks.pretrain import LayerResult, pretrain_cache_key, pretrain_layer_task
 
 Status = Literal["ok", "diverged", "failed"]
@@ -31,7 +31,7 @@ _DATA: dict[str, Any] = {}
 def worker_data(cfg: DataConfig, home: str, threads: Optional[int]) -> Any:
     """The DataBundle of ``cfg``, loaded once per process. Also points this process at the
     caller's store (``home``) and thread count: workers get both as arguments, not env."""
-    os.environ["LAYERWISE_HOME"] = home  # read by tasks.runtime.stage_dir in this process
+    os.environ["LAYERWISE_HOME"] = home  # read by runtime.environment.stage_dir in this process
     if threads:
         import torch
 
@@ -122,7 +122,7 @@ def score_cell(config: PipelineConfig, data: Any, result: Any,
     """A fine-tuned cell's outcome: its test error (the classifier's checkpoint, read back
     and verified) and how training went; ``stack`` is its pretraining (None: random)."""
     from tasks.evaluate import load_classifier, predict
-    from tasks.runtime import eval_device
+    from runtime.environment import eval_device
 
     model = load_classifier(result.checkpoint, config, data.n_features, data.n_classes)
     y_pred = predict(model, data.x_test, config.runtime.eval_batch_size, eval_device(config.runtime))

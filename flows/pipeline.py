@@ -11,18 +11,18 @@ from typing import Any, Callable, Iterator, Optional
 from prefect import flow
 from pydantic import BaseModel
 
-from tasks.config import PipelineConfig, check_train_size, flatten
-from tasks.conventions import (NOTE_TAG, dataset_inputs, run_description, run_name,
+from config.stages import PipelineConfig, check_train_size, flatten
+from tracking.conventions import (NOTE_TAG, dataset_inputs, run_description, run_name,
                                stage_description)
 from tasks.data import load_data_task
-from tasks.errors import ConfigError
+from runtime.errors import ConfigError
 from tasks.evaluate import ARMS, evaluate_task, per_class_table
 from tasks.finetune import finetune_twins_task
 from tasks.pretrain import pretrain_layer_task
-from tasks.runtime import eval_device, layerwise_home
-from flows.parameters import complete, resolve_flow_config
-from flows.records import log_classifier_run, log_data, log_evaluation, log_layer
-from tasks.tracking import CACHED_TAG, KIND_TAG, STAGE_TAG, Tracker, environment_params
+from runtime.environment import eval_device, layerwise_home
+from config.parameters import complete, resolve_flow_config
+from tracking.records import log_classifier_run, log_data, log_evaluation, log_layer
+from tracking.tracker import CACHED_TAG, KIND_TAG, STAGE_TAG, Tracker, environment_params
 
 
 class StageReport(BaseModel):
@@ -127,7 +127,7 @@ def pipeline(
     """
     from prefect.runtime import flow_run
 
-    from flows.expected_errors import install
+    from runtime.expected_errors import install
 
     install()  # the project's own errors are logged without tracebacks (also when served)
     echo = print
@@ -203,14 +203,14 @@ def run_pipeline(config: PipelineConfig, **kwargs: Any) -> PipelineResult:
     to, under ``$LAYERWISE_HOME/prefect-results`` (the flow reads the setting at start)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-    from tasks.tracking import check_reachable, default_tracking_uri, preflight_mlflow
+    from tracking.tracker import check_reachable, default_tracking_uri, preflight_mlflow
 
     preflight_mlflow(kwargs.get("tracking_uri") or default_tracking_uri())
     api = PREFECT_API_URL.value()
     if api:  # a server: make sure it answers before any work (ephemeral mode needs none)
         check_reachable(api.rstrip("/") + "/health", "the Prefect API",
                         "Start the server, or unset PREFECT_API_URL to run ephemeral.")
-    from flows.ephemeral_api import ready
+    from runtime.ephemeral_api import ready
 
     # Every run needs these, cached or not (the stages, evaluation, the logged model);
     # imported here, their ~5 s overlap the boot of the ephemeral Prefect server that the

@@ -31,9 +31,9 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.ablation_stages import (CellOutcome, LayerNode, LayerOutcome, score_cell, single_cell,
                             single_layer, worker_data)
-from flows.grid_spec import Cell
-from tasks.config import PipelineConfig
-from tasks.errors import DivergenceError
+from config.grid_spec import Cell
+from config.stages import PipelineConfig
+from runtime.errors import DivergenceError
 
 #: (position in the task's list of lower population results, member index there)
 Slot = tuple[int, int]

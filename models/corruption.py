@@ -66,7 +66,7 @@ class NoiseProcess(NamedTuple):
     apply: Callable[..., "torch.Tensor"]
 
 
-#: The one table of corruption processes: ``tasks.config.NoiseType`` is derived from its keys,
+#: The one table of corruption processes: ``config.stages.NoiseType`` is derived from its keys,
 #: and every function below dispatches through it.
 PROCESSES: dict[str, NoiseProcess] = {
     "masking": NoiseProcess("uniform", _masking),

@@ -28,7 +28,7 @@ class EarlyStopping:
         rule: One of ``RULES``.
         steps_per_epoch: Optimiser steps per epoch.
         patience_batches, patience_increase, improvement_threshold, patience_epochs: As in
-            ``tasks.config.FinetuneConfig``.
+            ``config.stages.FinetuneConfig``.
     """
 
     def __init__(self, rule: str = "tutorial", *, steps_per_epoch: int,

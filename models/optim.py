@@ -1,4 +1,4 @@
-"""Optimiser construction from plain settings (``tasks.config.OptimizerConfig`` dumps)."""
+"""Optimiser construction from plain settings (``config.stages.OptimizerConfig`` dumps)."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ Member p is its run at P = 1, up to floating-point rounding:
   and keeps its best weights while the others go on.
 
 The pipeline derives every member's seeds from its runtime seed with the purposes named in
-``tasks.runtime.Seed`` (initial weights, noise and data order per layer; the random twin's
+``runtime.environment.Seed`` (initial weights, noise and data order per layer; the random twin's
 weights, the twins' data order and dropout).
 
 Not bit-identical: a batched matmul may sum in another order than P single ones, so a

@@ -20,7 +20,7 @@ from models.engine import PopulationSystem, make_trainer
 from models.population import DAEPopulation, History, _gather
 from models.population_eval import classifier_valid, dae_valid_loss
 
-#: ``fit(trainer, system)``: how a stage runs Lightning (``tasks.runtime.fit`` adds the
+#: ``fit(trainer, system)``: how a stage runs Lightning (``runtime.environment.fit`` adds the
 #: interrupt handling of the CLI); the default is ``trainer.fit(system)``.
 Fit = Callable[[Any, Any], None]
 

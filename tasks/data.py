@@ -22,12 +22,12 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import DataConfig
+from config.stages import DataConfig
 from tasks.data_files import NPZ_KEYS, load_npz_raw, peek_npz_train_size, read_npz  # noqa: F401
 from tasks.data_idx import (IDX_SOURCES, MNIST_SHA256, MNIST_SIZES, load_idx_raw,  # noqa: F401
                             sha256_file, verify_idx, verify_mnist)
 from tasks.data_sizes import plan_split, size_problems
-from tasks.errors import DataError
+from runtime.errors import DataError
 
 SPLITS = ("x_train", "y_train", "x_valid", "y_valid", "x_test", "y_test")
 

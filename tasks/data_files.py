@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from tasks.errors import DataError
+from runtime.errors import DataError
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 NPZ_VALID_KEYS = ("x_valid", "y_valid")

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from tasks.errors import DataError
+from runtime.errors import DataError
 
 #: The four raw files of every IDX dataset, in torchvision's order.
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",

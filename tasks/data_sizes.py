@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from tasks.config import MNIST_VALID_SIZE, DataConfig
+from config.stages import MNIST_VALID_SIZE, DataConfig
 
 
 def fraction_count(fraction: float, n: int) -> int:

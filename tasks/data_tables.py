@@ -13,10 +13,10 @@ from typing import Optional
 
 import numpy as np
 
-from tasks.config import DataConfig
+from config.stages import DataConfig
 from tasks.data_files import TABLE_SPLITS, check_pairs, check_y
 from tasks.data_sizes import fraction_count
-from tasks.errors import DataError
+from runtime.errors import DataError
 
 
 def _read(path: Path, columns: Optional[list[str]] = None, nrows: Optional[int] = None):

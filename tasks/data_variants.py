@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tasks.runtime import derive_seed
+from runtime.environment import derive_seed
 
 #: Names accepted by ``--dataset``.
 VARIANTS = ("mnist-bg-rand", "mnist-rot")

@@ -11,10 +11,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from tasks.checkpoints import load_state
-from tasks.config import PipelineConfig
+from runtime.checkpoints import load_state
+from config.stages import PipelineConfig
 from tasks.finetune import ARMS, ClassifierResult
-from tasks.runtime import eval_device, stage_dir, stage_key
+from runtime.environment import eval_device, stage_dir, stage_key
 
 
 class ArmEvaluation(BaseModel):
@@ -60,7 +60,7 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int,
 def evaluate(config: PipelineConfig, data: Any, results: dict[str, ClassifierResult],
              out_dir: Path) -> Evaluation:
     """Score both arms on the test split and draw the comparison figures into ``out_dir``."""
-    from tasks import figures
+    from reports import figures
 
     device = eval_device(config.runtime)
     y_true = data.y_test.numpy()

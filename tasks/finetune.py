@@ -12,11 +12,11 @@ from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
 from pydantic import BaseModel
 
-from tasks.checkpoints import Checkpoint, save_state, tensor_sha256
-from tasks.config import PipelineConfig
-from tasks.errors import DivergenceError
+from runtime.checkpoints import Checkpoint, save_state, tensor_sha256
+from config.stages import PipelineConfig
+from runtime.errors import DivergenceError
 from tasks.pretrain import LayerResult, layer_states
-from tasks.runtime import (Seed, derive_seed, eval_device, fit, make_trainer, stage_dir,
+from runtime.environment import (Seed, derive_seed, eval_device, fit, make_trainer, stage_dir,
                            stage_key)
 
 Arm = Literal["pretrained", "random"]

@@ -28,11 +28,11 @@ from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
 from pydantic import BaseModel
 
-from tasks.config import PipelineConfig
+from config.stages import PipelineConfig
 from tasks.finetune import Arm, ClassifierResult, finetune_cache_key, finetune_members
 from tasks.pretrain import (LayerResult, check_members, layer_states, pretrain_cache_key,
                             pretrain_layers, seedless)
-from tasks.runtime import stage_dir, stage_key
+from runtime.environment import stage_dir, stage_key
 
 __all__ = ["check_members", "seedless", "pretrain_layer_population", "finetune_population"]
 

@@ -11,10 +11,10 @@ from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
 from pydantic import BaseModel
 
-from tasks.checkpoints import Checkpoint, load_state, save_state, tensor_sha256
-from tasks.config import PipelineConfig
-from tasks.errors import DivergenceError
-from tasks.runtime import (Seed, derive_seed, eval_device, fit, make_trainer, stage_dir,
+from runtime.checkpoints import Checkpoint, load_state, save_state, tensor_sha256
+from config.stages import PipelineConfig
+from runtime.errors import DivergenceError
+from runtime.environment import (Seed, derive_seed, eval_device, fit, make_trainer, stage_dir,
                            stage_key)
 
 N_EXAMPLES = 10  # images per row in the corrupted-input and reconstruction figures
@@ -210,7 +210,7 @@ def layer_figures(
     reconstruction of layer k goes back down the whole stack (decode_k, then decode_{k-1}, …)
     so that it is always shown as images.
     """
-    from tasks import figures
+    from reports import figures
 
     img_shape = data.image_shape or figures.squarest_shape(data.n_features)
     projection = dae.encoder.W

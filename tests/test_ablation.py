@@ -13,9 +13,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from flows.grid import GRIDS_DIR, customise, expand, grid_presets, load_grid
-from flows.grid_spec import Variant
-from tasks.errors import ConfigError
+from config.grid import GRIDS_DIR, customise, expand, grid_presets, load_grid
+from config.grid_spec import Variant
+from runtime.errors import ConfigError
 
 FAIL = {"depth": 2, "arm": "pretrained", "seed": 1}  # fine-tuning raises in every attempt
 DIVERGE = {"depth": 1, "arm": "random", "seed": 2}  # fine-tuning raises DivergenceError
@@ -25,7 +25,7 @@ UPSTREAM_ID = "depth=2,init=pretrained,seed=2"  # its layer 2 failed
 
 
 def _cli() -> typer.Typer:
-    from flows.ablation_cli import register
+    from cli.ablate import register
 
     app = typer.Typer()
 
@@ -158,8 +158,8 @@ def test_cli_rejects_a_bad_grid_with_exit_2(tmp_path):
 def test_figures_cover_depth_and_n_train(tmp_path):
     from PIL import Image
 
-    from tasks.ablation_figures import draw_all
-    from tasks.stats import summarize
+    from reports.ablation_figures import draw_all
+    from reports.stats import summarize
 
     rng = np.random.default_rng(0)
     rows = [{"variant": v, "depth": d, "n_train": n, "init": i, "seed": s, "status": "ok",
@@ -215,7 +215,7 @@ def _count_and_break(monkeypatch, counts, broken: bool):
     """Count real pretraining and fine-tuning computations; optionally inject failures."""
     import tasks.finetune
     import tasks.pretrain
-    from tasks.errors import DivergenceError
+    from runtime.errors import DivergenceError
 
     real_pretrain, real_finetune = tasks.pretrain.pretrain_layer, tasks.finetune.finetune
 
@@ -533,7 +533,7 @@ def tiny_population(tiny, tmp_path_factory):
 
     import tasks.finetune
     import tasks.populations
-    from tasks.errors import DivergenceError
+    from runtime.errors import DivergenceError
 
     root = tmp_path_factory.mktemp("population")
     calls = collections.defaultdict(list)

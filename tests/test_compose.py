@@ -482,10 +482,10 @@ def test_flow_parameters_resolve_like_layerwise_run(tmp_path):
     """preset + overrides give exactly `layerwise run --preset P --set ...`'s config; a
     complete config records where it differs from the preset it names; a partial config,
     an unknown field or both forms at once are refused, naming the problem."""
-    from flows.overrides import resolve_config
-    from flows.parameters import complete, resolve_flow_config
-    from tasks.config import PipelineConfig
-    from tasks.errors import ConfigError
+    from config.overrides import resolve_config
+    from config.parameters import complete, resolve_flow_config
+    from config.stages import PipelineConfig
+    from runtime.errors import ConfigError
 
     sets = ["data.n_train=1000", "model.hidden_sizes=[32,16]"]
     config, preset, recorded = resolve_flow_config(None, "quick", sets)
@@ -518,10 +518,10 @@ def test_config_prints_a_complete_json_config():
     """`layerwise config --format json` is a config the flow accepts as complete."""
     from typer.testing import CliRunner
 
-    from flows.cli import app
-    from flows.overrides import resolve_config
-    from flows.parameters import missing_fields, resolve_flow_config
-    from tasks.config import PipelineConfig
+    from cli.main import app
+    from config.overrides import resolve_config
+    from config.parameters import missing_fields, resolve_flow_config
+    from config.stages import PipelineConfig
 
     out = CliRunner().invoke(app, ["config", "--preset", "quick", "--format", "json"])
     assert out.exit_code == 0, out.output

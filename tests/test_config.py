@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.overrides import known_keys, parse_set, resolve_config
-from tasks.config import PipelineConfig, flatten
-from tasks.errors import ConfigError
+from cli.main import app
+from config.overrides import known_keys, parse_set, resolve_config
+from config.stages import PipelineConfig, flatten
+from runtime.errors import ConfigError
 
 
 def test_tutorial_preset_equals_the_reference_field_by_field(tmp_path):
@@ -122,7 +122,7 @@ def test_config_roundtrips_through_json():
 
 
 KEY_SCRIPT = """
-from tasks.config import PipelineConfig
+from config.stages import PipelineConfig
 from tasks.pretrain import LayerResult, pretrain_cache_key
 from tasks.finetune import finetune_cache_key
 c = PipelineConfig.model_validate({"model": {"hidden_sizes": [8, 4]},
@@ -142,7 +142,7 @@ def test_stage_keys_do_not_depend_on_where_the_code_lives_or_runs(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     moved = tmp_path / "elsewhere" / "checkout"
-    for package in ("models", "tasks"):
+    for package in sorted(p.name for p in root.iterdir() if (p / "__init__.py").is_file()):
         shutil.copytree(root / package, moved / package,
                         ignore=shutil.ignore_patterns("__pycache__"))
     (moved / "models" / "nets").mkdir()
@@ -159,7 +159,7 @@ def test_stage_keys_do_not_depend_on_where_the_code_lives_or_runs(tmp_path):
 
 
 def test_a_stage_key_changes_with_its_kind_version_only(monkeypatch):
-    from tasks import runtime
+    from runtime import environment as runtime
 
     before = {kind: runtime.stage_key("s", kind=kind, x=1) for kind in runtime.STAGE_VERSIONS}
     monkeypatch.setitem(runtime.STAGE_VERSIONS, "pretrain", runtime.STAGE_VERSIONS["pretrain"] + 1)

@@ -200,7 +200,7 @@ def test_the_config_literal_is_the_process_table():
     """Adding a process to ``PROCESSES`` adds it to the config; nothing else lists them."""
     from typing import get_args
 
-    from tasks.config import NoiseType, PretrainConfig
+    from config.stages import NoiseType, PretrainConfig
 
     assert get_args(NoiseType) == tuple(PROCESSES)
     for name in PROCESSES:
@@ -227,9 +227,9 @@ def test_every_process_has_its_own_arithmetic(noise):
 
 @pytest.mark.parametrize("level", [-0.1, 1.0, 1.5])
 def test_one_range_check_serves_the_config_the_grid_and_the_layer(level):
-    from flows.grid_spec import Factors
+    from config.grid_spec import Factors
     from models.dae import DenoisingAutoencoder
-    from tasks.config import PretrainConfig
+    from config.stages import PretrainConfig
 
     with pytest.raises(ValueError, match=r"corruption_levels\[0\] = .* is outside \[0, 1\)"):
         PretrainConfig(corruption_levels=[level])
@@ -242,9 +242,9 @@ def test_one_range_check_serves_the_config_the_grid_and_the_layer(level):
 def test_the_grid_takes_its_init_schemes_from_the_config():
     from typing import get_args
 
-    from flows.grid_spec import RANDOM_SCHEMES, InitValue
+    from config.grid_spec import RANDOM_SCHEMES, InitValue
     from models.layers import INIT_SCHEMES
-    from tasks.config import InitScheme
+    from config.stages import InitScheme
 
     assert RANDOM_SCHEMES == get_args(InitScheme) == INIT_SCHEMES
     assert get_args(InitValue) == ("pretrained", "random", *INIT_SCHEMES)

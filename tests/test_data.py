@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import DataConfig
+from config.stages import DataConfig
 from tasks.data import (
     MNIST_SHA256,
     load_data,
@@ -33,7 +33,7 @@ from tasks.data import (
     stratified_subset,
     verify_mnist,
 )
-from tasks.errors import DataError
+from runtime.errors import DataError
 
 RAW_FILES = list(MNIST_SHA256)
 
@@ -466,7 +466,7 @@ def test_peek_npz_train_size_reads_only_the_header(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- digest
 
 DIGEST_CODE = (
-    "import sys; from tasks.config import DataConfig; from tasks.data import load_data; "
+    "import sys; from config.stages import DataConfig; from tasks.data import load_data; "
     "print(load_data(DataConfig(dataset=sys.argv[1], data_dir=sys.argv[2], download=False, "
     "n_valid=100)).digest)"
 )

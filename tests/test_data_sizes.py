@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.overrides import resolve_config
-from tasks.config import DataConfig
+from cli.main import app
+from config.overrides import resolve_config
+from config.stages import DataConfig
 from tasks.data import load_data
-from tasks.errors import ConfigError
+from runtime.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,7 +118,7 @@ def test_too_small_dataset_is_refused_before_start_up(tmp_path):
     home = tmp_path / "home"
     env = {**os.environ, "LAYERWISE_HOME": str(home)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "quick",
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "run", "--preset", "quick",
                            "--dataset", str(tmp_path / "tiny.npz")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2, proc.stdout + proc.stderr

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.overrides import resolve_config
+from config.overrides import resolve_config
 from tasks import data_idx
-from tasks.config import DataConfig
+from config.stages import DataConfig
 from tasks.data import load_data
 from tasks.data_idx import IDX_FILES, IdxSource, load_idx_raw
 from tasks.data_variants import background_random, rotate
-from tasks.errors import ConfigError, DataError
+from runtime.errors import ConfigError, DataError
 
 # --------------------------------------------------------------------------- IDX family
 

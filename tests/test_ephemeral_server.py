@@ -1,8 +1,8 @@
 """The ephemeral Prefect API server of a CLI run: it dies with the run that started it
-(``flows.orphan_guard``, checked on a stand-in server: a parent that starts ``python -m
-flows.orphan_guard PID -m http.server``, killed with SIGKILL as a run killed by ``kill -9`` or
+(``runtime.orphan_guard``, checked on a stand-in server: a parent that starts ``python -m
+runtime.orphan_guard PID -m http.server``, killed with SIGKILL as a run killed by ``kill -9`` or
 the OOM killer is), and a local process pool's workers use it rather than starting their own
-(``flows.ephemeral_api``)."""
+(``runtime.ephemeral_api``)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from flows import orphan_guard
+from runtime import orphan_guard
 
 REPO = Path(__file__).resolve().parents[1]
 
 PARENT = """
 import os, subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-m", "flows.orphan_guard", str(os.getpid()),
+child = subprocess.Popen([sys.executable, "-m", "runtime.orphan_guard", str(os.getpid()),
                           "-m", "http.server", "0", "--bind", "127.0.0.1"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 print(child.pid, flush=True)
@@ -68,7 +68,7 @@ def test_only_the_uvicorn_command_is_rewritten_and_install_is_idempotent(monkeyp
     uvicorn = orphan_guard._GuardedPopen([sys.executable, "-m", "uvicorn", "--version"],
                                          cwd=REPO, stdout=subprocess.PIPE, text=True)
     out, _ = uvicorn.communicate(timeout=60)
-    assert uvicorn.args == [sys.executable, "-m", "flows.orphan_guard", str(os.getpid()),
+    assert uvicorn.args == [sys.executable, "-m", "runtime.orphan_guard", str(os.getpid()),
                             "-m", "uvicorn", "--version"]
     assert uvicorn.returncode == 0 and "uvicorn" in out.lower()  # the module really ran
     other = orphan_guard._GuardedPopen([sys.executable, "-c", "pass"])
@@ -85,10 +85,10 @@ def test_only_the_uvicorn_command_is_rewritten_and_install_is_idempotent(monkeyp
 
 
 def test_a_guard_whose_parent_is_already_gone_exits_at_once():
-    proc = subprocess.run([sys.executable, "-m", "flows.orphan_guard", "1", "-m", "http.server"],
+    proc = subprocess.run([sys.executable, "-m", "runtime.orphan_guard", "1", "-m", "http.server"],
                           cwd=REPO, capture_output=True, timeout=30)
     assert proc.returncode == 1
-    bad = subprocess.run([sys.executable, "-m", "flows.orphan_guard", "123"], cwd=REPO,
+    bad = subprocess.run([sys.executable, "-m", "runtime.orphan_guard", "123"], cwd=REPO,
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode != 0 and "usage" in bad.stderr
 
@@ -111,10 +111,10 @@ def fan_out():
     return [f.result() for f in [probe.submit() for _ in range(4)]]
 
 if __name__ == "__main__":
-    from flows.cli_common import prepare_environment
+    from cli.common import prepare_environment
     prepare_environment()  # as the CLI does: guarded, and started in the background
     from flows.ablation import task_runner
-    from flows.ephemeral_api import shared_settings
+    from runtime.ephemeral_api import shared_settings
     from prefect.server.api.server import SubprocessASGIServer
     assert shared_settings(False) == {}  # one worker or a Dask cluster: nothing to hand out
     server = SubprocessASGIServer()
@@ -141,18 +141,18 @@ def test_process_pool_workers_use_the_runs_one_guarded_ephemeral_server(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["urls"] == [out["server"]]
-    assert out["cmdline"][1:4] == ["-m", "flows.orphan_guard", str(out["pid"])]
+    assert out["cmdline"][1:4] == ["-m", "runtime.orphan_guard", str(out["pid"])]
     workers = {pid for pid, *_ in out["probes"]}
     assert len(out["probes"]) == 4 and out["pid"] not in workers  # they ran in the pool
     for _, url, servers, guarded in out["probes"]:
         assert url == out["server"] and servers == 0  # no worker started a server of its own
-        assert guarded  # and each watches the run (flows.orphan_guard.watch_parent)
+        assert guarded  # and each watches the run (runtime.orphan_guard.watch_parent)
 
 
 POOL = """
 import multiprocessing, os, time
 from concurrent.futures import ProcessPoolExecutor
-from flows.orphan_guard import watch_parent
+from runtime.orphan_guard import watch_parent
 pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                            initializer=watch_parent, initargs=(os.getpid(),))
 print(pool.submit(os.getpid).result(), flush=True)
@@ -183,8 +183,8 @@ def test_a_background_start_that_times_out_twice_is_raised_by_ready_once(monkeyp
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
-    from flows import ephemeral_api
-    from tasks.errors import TrackingError
+    from runtime import ephemeral_api
+    from runtime.errors import TrackingError
 
     waits = []
 
@@ -208,7 +208,7 @@ def test_a_background_start_that_times_out_twice_is_raised_by_ready_once(monkeyp
 def test_a_start_that_times_out_once_is_retried_and_succeeds(monkeypatch):
     from prefect.server.api.server import SubprocessASGIServer
 
-    from flows import ephemeral_api
+    from runtime import ephemeral_api
 
     waits = []
 

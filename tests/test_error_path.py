@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from flows import expected_errors
-from tasks import errors
+from runtime import expected_errors
+from runtime import errors
 from tests.test_preflight import cli
 
 ERRORS = [errors.DataError, errors.ConfigError, errors.DivergenceError, errors.TrackingError,
@@ -97,15 +97,15 @@ def test_an_unexpected_error_keeps_its_traceback(engine_logger):
 
 def test_the_cli_calls_an_unexpected_error_a_bug_and_says_where_the_record_is(
         monkeypatch, layerwise_home, shared_data_dir):
-    import flows.cli
+    import cli.main
     import flows.pipeline
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(flows.cli, "prepare_environment", lambda: None)
+    monkeypatch.setattr(cli.main, "prepare_environment", lambda: None)
     monkeypatch.setattr(flows.pipeline, "run_pipeline", broken)
-    result = CliRunner().invoke(flows.cli.app, ["run", "--preset", "quick", "--data-dir",
+    result = CliRunner().invoke(cli.main.app, ["run", "--preset", "quick", "--data-dir",
                                                 str(shared_data_dir), "--experiment", "bugs"])
     assert result.exit_code == 1
     assert "Traceback" in result.stderr and "ZeroDivisionError: a bug" in result.stderr

@@ -1,4 +1,4 @@
-"""Tests for tasks/figures.py: hand-computed rasters and counts, decodable files, atomic writes."""
+"""Tests for reports/figures.py: hand-computed rasters and counts, decodable files, atomic writes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tasks.figures import (
+from reports.figures import (
     _atomic_write,
     confusion_matrix,
     per_class_error,

@@ -8,8 +8,8 @@ import torch
 
 from models.dae import DenoisingAutoencoder
 from models.population_training import DAESystem
-from tasks import runtime
-from tasks.config import RuntimeConfig
+from runtime import environment as runtime
+from config.stages import RuntimeConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's advice on CPU
 

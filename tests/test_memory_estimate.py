@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from flows.memory_estimate import (BASE_BYTES, Shape, classifier_params, dae_params,
+from preflight.memory import (BASE_BYTES, Shape, classifier_params, dae_params,
                                    largest_width_that_fits, memory_problem, peak_bytes)
-from flows.preflight import name_problems
-from tasks.config import PipelineConfig
+from preflight.checks import name_problems
+from config.stages import PipelineConfig
 
 
 def _config(**sections) -> PipelineConfig:

@@ -28,7 +28,7 @@ def launch(env: dict[str, str], data_dir: Path, *extra: str) -> list[subprocess.
     """N `layerwise run` processes, seeds 0..N-1, started at once."""
     procs = []
     for seed in range(N):
-        args = [sys.executable, "-m", "flows.cli", "run", "--preset", "quick", "--seed",
+        args = [sys.executable, "-m", "cli.main", "run", "--preset", "quick", "--seed",
                 str(seed), "--data-dir", str(data_dir), "--experiment", "parallel", *extra]
         for item in SETS:
             args += ["--set", item]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flows.overrides import resolve_config
+from config.overrides import resolve_config
 
 STAGES = {"load-data", "pretrain-layer-1", "pretrain-layer-2", "finetune-pretrained",
           "finetune-random", "evaluate"}
@@ -139,7 +139,7 @@ def test_registered_model_reproduces_logged_test_error(quick_run, shared_data_di
     import mlflow.pytorch
 
     config, result, uri = quick_run
-    from flows.records import raw_test_inputs
+    from tracking.records import raw_test_inputs
     from tasks.data import load_data
 
     mlflow.set_tracking_uri(uri)

@@ -440,7 +440,7 @@ def test_the_twins_fine_tuned_as_one_population_equal_each_arm_alone(tmp_path):
     population of two give each arm's single run, and they share their data order."""
     from types import SimpleNamespace
 
-    from tasks.config import PipelineConfig
+    from config.stages import PipelineConfig
     from tasks.finetune import ARMS, finetune, finetune_members
 
     config = PipelineConfig.model_validate({

@@ -21,7 +21,7 @@ def cli(home: Path, *args: str, env: dict | None = None, timeout: int = 120
     environ = {**os.environ, "LAYERWISE_HOME": str(home), "CUDA_VISIBLE_DEVICES": "",
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})}
     environ.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=environ,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=environ,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -91,7 +91,7 @@ def test_one_huge_label_is_refused_before_anything_is_allocated(home, tmp_path):
 
 
 def test_labels_within_the_rows_pass_the_label_check(tmp_path):
-    from flows.preflight import data_shape
+    from preflight.checks import data_shape
 
     path = npz(tmp_path / "ok.npz", np.arange(300) % 299)  # label 298 < 300 rows
     shape, problems = data_shape(str(path))

@@ -16,8 +16,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from flows import registry, registry_cli
-from flows.overrides import resolve_config
+from tracking import registry
+
+from cli import registry as registry_cli
+from config.overrides import resolve_config
 
 EXPERIMENT, MODEL = "reg", "reg-classifier"
 SEEDS = (3, 4)
@@ -206,7 +208,7 @@ def test_runs_follow_mlflow_conventions(store, client):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
-    from tasks.conventions import _git
+    from tracking.conventions import _git
 
     first = store["results"][0]
     parent = client.get_run(first.run_id)
@@ -418,7 +420,7 @@ def test_stale_lists_runs_whose_process_is_gone_and_marks_them_failed(store, cli
 
 
 def test_cli_module_imports_neither_mlflow_nor_pandas():
-    code = ("import sys, flows.registry_cli; "
+    code = ("import sys, cli.registry; "
             "print(sorted(m for m in ('mlflow', 'pandas', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout

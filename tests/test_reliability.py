@@ -17,8 +17,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.overrides import resolve_config
+from cli.main import app
+from config.overrides import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 # Batch 1 makes each pretraining layer 20,000 steps: about 10 s on a fast core, long enough
@@ -29,7 +29,7 @@ SMALL = ["data.n_train=1000", "model.hidden_sizes=[64,64]", "pretrain.epochs=20"
 
 
 def _cli(home: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "flows.cli", "run", "--preset", "quick", "--data-dir",
+    args = [sys.executable, "-m", "cli.main", "run", "--preset", "quick", "--data-dir",
             str(data_dir), "--experiment", "signals"]
     for item in SMALL:
         args += ["--set", item]
@@ -118,7 +118,7 @@ def test_signal_during_pretrain_layer_2_kills_runs_and_the_rerun_resumes(
 def test_divergence_fails_the_stage_and_keeps_earlier_stages_cached(
         shared_data_dir, prefect_harness, layerwise_home):
     from flows.pipeline import run_pipeline
-    from tasks.errors import DivergenceError
+    from runtime.errors import DivergenceError
 
     sets = ["data.n_train=1000", "model.hidden_sizes=[32,32]", "pretrain.epochs=1",
             "finetune.max_epochs=2", "model.activation=relu", "pretrain.loss=squared_error"]
@@ -160,7 +160,7 @@ def test_unreachable_mlflow_server_fails_before_any_work(layerwise_home, shared_
 def test_unreachable_prefect_server_fails_before_any_work(tmp_path, shared_data_dir):
     api = f"http://127.0.0.1:{_closed_port()}/api"
     env = {**os.environ, "LAYERWISE_HOME": str(tmp_path), "PREFECT_API_URL": api}
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "quick",
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "run", "--preset", "quick",
                            "--data-dir", str(shared_data_dir)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -200,10 +200,10 @@ def test_kill_9_leaves_stale_runs_that_can_be_closed_and_the_rerun_resumes(
     proc = _cli(home, shared_data_dir)
     out = _interrupt_during_layer_2(proc, signal.SIGKILL, home)
     assert proc.returncode == -signal.SIGKILL
-    # Its ephemeral Prefect server went with it (flows.orphan_guard): it shared the run's
+    # Its ephemeral Prefect server went with it (runtime.orphan_guard): it shared the run's
     # stdout, so communicate() above returning already means it exited; and no process is
     # left whose command line names the killed run.
-    guard = f"flows.orphan_guard\0{proc.pid}\0".encode()
+    guard = f"runtime.orphan_guard\0{proc.pid}\0".encode()
     left = [d.name for d in Path("/proc").iterdir() if d.name.isdigit()
             and guard in _cmdline(d)]
     assert not left, left

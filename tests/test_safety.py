@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.checkpoints import Checkpoint, file_sha256, load_state, save_state
-from tasks.errors import CheckpointError
-from tasks.tracking import safe_artifact_path
+from runtime.checkpoints import Checkpoint, file_sha256, load_state, save_state
+from runtime.errors import CheckpointError
+from tracking.tracker import safe_artifact_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def test_ordinary_artifact_paths_pass(good):
 
 
 def test_tracker_refuses_an_escaping_artifact_name(tmp_path):
-    from tasks.tracking import Tracker
+    from tracking.tracker import Tracker
 
     tracker = Tracker(f"sqlite:///{tmp_path}/m.db", "safety")
     with pytest.raises(ValueError, match="unsafe"):

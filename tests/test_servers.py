@@ -274,11 +274,11 @@ def run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.Comp
 @functools.lru_cache(maxsize=None)
 def python_cli(module: str) -> tuple[str, ...]:
     """``layerwise`` with ``module``'s ``register(app)`` sub-commands, for as long as
-    flows/cli.py does not wire them in yet."""
+    cli/main.py does not wire them in yet."""
     code = (f"import typer; from {module} import register; "
             "app = typer.Typer(); register(app); app()")
     wired = run([str(BIN / "layerwise"), "--help"], os.environ.copy(), 60).stdout
-    marker = {"flows.schedule": "schedule", "flows.registry_cli": "models"}[module]
+    marker = {"cli.schedule": "schedule", "cli.registry": "models"}[module]
     if re.search(rf"^\W*{marker}\b", wired, re.M):
         return (str(BIN / "layerwise"),)
     return (sys.executable, "-c", code)
@@ -295,7 +295,7 @@ def background(stack) -> Iterator[dict[str, Any]]:
     sets = [a for s in TINY for a in ("--set", s)]
     env = client_env(stack)
     serve = Process("schedule serve", [
-        *python_cli("flows.schedule"), "schedule", "serve", "--cron", "0 3 * * *",
+        *python_cli("cli.schedule"), "schedule", "serve", "--cron", "0 3 * * *",
         "--name", name, "--preset", "quick", *sets, "--data-dir", str(stack["data"]),
         "--tracking-uri", stack["mlflow"], "--experiment", "scheduled"],
         env, stack["tmp"] / "serve.log")
@@ -416,7 +416,7 @@ def test_flow_and_task_runs_are_in_the_prefect_server(stack, cli_run):
 
 
 def test_registry_cli_reads_the_servers_runs_and_models(stack, cli_run):
-    cli, env = python_cli("flows.registry_cli"), client_env(stack)
+    cli, env = python_cli("cli.registry"), client_env(stack)
     uri = ["--tracking-uri", stack["mlflow"]]
     out = run([*cli, "runs", "--experiment", "servers", "--format", "json", *uri], env, 120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -434,7 +434,7 @@ def test_registry_cli_reads_the_servers_runs_and_models(stack, cli_run):
 
 def test_schedule_serve_rejects_a_bad_config_before_registering(stack):
     name = f"bad-{secrets.token_hex(3)}"
-    result = run([*python_cli("flows.schedule"), "schedule", "serve", "--cron", "0 3 * * *",
+    result = run([*python_cli("cli.schedule"), "schedule", "serve", "--cron", "0 3 * * *",
                   "--name", name, "--set", "pretrain.epochs=0"], client_env(stack), 120)
     assert result.returncode == 2
     assert "pretrain.epochs = 0" in result.stderr
@@ -478,7 +478,7 @@ def test_schedule_serve_runs_the_deployment_and_lists_it(stack, background, cli_
         listed: dict[str, Any] = {}
 
         def scheduled():
-            out = run([*python_cli("flows.schedule"), "schedule", "list", "--json"],
+            out = run([*python_cli("cli.schedule"), "schedule", "list", "--json"],
                       client_env(stack), 120)
             assert out.returncode == 0, out.stderr[-2000:]
             rows = {r["name"]: r for r in json.loads(out.stdout)}
@@ -490,7 +490,7 @@ def test_schedule_serve_runs_the_deployment_and_lists_it(stack, background, cli_
         assert listed["schedules"] == ["cron 0 3 * * * (UTC)"]
         assert listed["runs_on"] == "served" and listed["preset"] == "quick"
         assert datetime.fromisoformat(listed["next_run"]) == _next_3am(datetime.now(timezone.utc))
-        table = run([*python_cli("flows.schedule"), "schedule", "list"], client_env(stack), 120)
+        table = run([*python_cli("cli.schedule"), "schedule", "list"], client_env(stack), 120)
         assert re.search(rf"layerwise-pipeline/{name}\s+quick\s+cron 0 3 \* \* \* \(UTC\)",
                          table.stdout), table.stdout
     finally:
@@ -556,7 +556,7 @@ def test_schedule_serve_refuses_to_take_over_a_work_pool_deployment(stack, backg
     deploy.wait_for(lambda: deploy.proc.poll() is not None, 300, "the end of prefect deploy")
     with prefect_api(stack) as client:
         before = client.read_deployment_by_name("layerwise-pipeline/nightly")
-    result = run([*python_cli("flows.schedule"), "schedule", "serve", "--name", "nightly",
+    result = run([*python_cli("cli.schedule"), "schedule", "serve", "--name", "nightly",
                   "--preset", "quick"], client_env(stack), 120)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "layerwise-pipeline/nightly already exists and runs on work pool 'layerwise'" in \

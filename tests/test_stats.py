@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from tasks.stats import bootstrap_ci, describe, paired_differences, summarize, welch_t, wilcoxon_p
+from reports.stats import bootstrap_ci, describe, paired_differences, summarize, welch_t, wilcoxon_p
 
 
 def test_bootstrap_ci_covers_the_true_mean_about_95_percent_of_the_time():

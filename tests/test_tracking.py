@@ -1,11 +1,11 @@
-"""``tasks.tracking.Tracker`` opening its experiment when other runs create it at once."""
+"""``tracking.tracker.Tracker`` opening its experiment when other runs create it at once."""
 
 from __future__ import annotations
 
 import pytest
 from mlflow.exceptions import MlflowException
 
-from tasks.tracking import Tracker
+from tracking.tracker import Tracker
 
 
 def test_a_run_that_loses_the_race_to_create_the_experiment_uses_the_winners(tmp_path):

@@ -21,7 +21,7 @@ from models.classifier import DeepClassifier
 from models.dae import DenoisingAutoencoder
 from models.early_stopping import EarlyStopping
 from models.population_training import train_classifier_population, train_dae_population
-from tasks.runtime import Seed, derive_seed
+from runtime.environment import Seed, derive_seed
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's advice on CPU
 

@@ -12,8 +12,8 @@ from typing import Any, Optional, Sequence
 
 from pydantic import BaseModel
 
-from tasks.config import PipelineConfig, flatten
-from tasks.errors import ConfigError
+from config.stages import PipelineConfig, flatten
+from runtime.errors import ConfigError
 
 # Filled in from the environment where the flow runs ($LAYERWISE_DATA_DIR on a worker).
 HOST_FIELDS = ("data.data_dir",)
@@ -43,7 +43,7 @@ def preset_differences(config: PipelineConfig, preset: str) -> list[str]:
     aside), sorted: what a run changed relative to the preset it names."""
     import json
 
-    from flows.overrides import resolve_config
+    from config.overrides import resolve_config
 
     base, own = flatten(resolve_config(preset)), flatten(config)
     return [f"{k}={json.dumps(v)}" for k, v in sorted(own.items())
@@ -65,7 +65,7 @@ def resolve_flow_config(config: Optional[PipelineConfig], preset: Optional[str],
         ConfigError: Unknown preset or field, a bad value, a partial config, or both a
             config and overrides.
     """
-    from flows.overrides import resolve_config
+    from config.overrides import resolve_config
 
     if config is None:
         preset = preset or "default"

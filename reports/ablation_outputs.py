@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from flows.grid_spec import Cell, Grid
-from tasks.tracking import Tracker
+from config.grid_spec import Cell, Grid
+from tracking.tracker import Tracker
 
 if TYPE_CHECKING:
     from flows.ablation_stages import CellOutcome, Status
@@ -40,7 +40,7 @@ def log_cell(tracker: Tracker, parent: str, cell: Cell, row: dict[str, Any]) -> 
     """A nested child run per cell: every factor as a tag, its status, its errors."""
     from mlflow.entities import RunStatus
 
-    from tasks.tracking import with_retries
+    from tracking.tracker import with_retries
 
     tags = {CELL_TAG: cell.id, STATUS_TAG: row["status"], "layerwise.arm": cell.arm,
             **{k: str(v) for k, v in cell.factors.items()}}
@@ -63,7 +63,7 @@ def write_outputs(out: Path, grid: Grid, table: Any, summary: Any, by: list[str]
     """The table (CSV, Parquet), the summary (CSV), the grid (YAML) and the figures."""
     import yaml
 
-    from tasks import ablation_figures
+    from reports import ablation_figures
 
     out.mkdir(parents=True, exist_ok=True)
     files = {"table_csv": out / "cells.csv", "table_parquet": out / "cells.parquet",

@@ -2,7 +2,7 @@
 
 Only typer is imported here at module level; mlflow and pandas are imported inside the
 commands, so ``layerwise --help`` stays fast. The functions that read the store are in
-``flows/registry.py``; these commands print them.
+``tracking/registry.py``; these commands print them.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from flows.cli_common import fail, guarded_call
-from flows.cli_options import ExperimentOpt
-from flows.cli_options import TrackingUriOpt as UriOpt
+from cli.common import fail, guarded_call
+from cli.options import ExperimentOpt
+from cli.options import TrackingUriOpt as UriOpt
 
 
 class Kind(str, enum.Enum):
@@ -34,7 +34,7 @@ def _guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def _client(tracking_uri: Optional[str]) -> Any:
-    from flows import registry
+    from tracking import registry
 
     return _guarded(registry.connect, tracking_uri)
 
@@ -112,7 +112,7 @@ def runs(
     tracking_uri: Optional[str] = UriOpt,
 ) -> None:
     """List recent parent runs with their key params and test errors (or --stale runs)."""
-    from flows import registry
+    from tracking import registry
 
     if mark_failed and not stale:
         fail("--mark-failed needs --stale", code=2)
@@ -139,7 +139,7 @@ def runs(
 
 
 def _stale(client: Any, experiment: str, older_than: float, mark: bool, fmt: Format) -> None:
-    from flows import registry
+    from tracking import registry
 
     df = _guarded(registry.stale_runs, client, experiment, older_than)
     _emit(df, fmt, lambda d: d.assign(start_time=d["start_time"].map(_when),
@@ -154,7 +154,7 @@ def show(
     tracking_uri: Optional[str] = UriOpt,
 ) -> None:
     """Print a run's config (params), final metrics, stages and artifacts."""
-    from flows import registry
+    from tracking import registry
 
     client = _client(tracking_uri)
     rec = _guarded(registry.show_run, client, run_id)
@@ -189,7 +189,7 @@ def compare(
     """Show runs side by side: the params that differ, and metrics with deltas."""
     import pandas as pd
 
-    from flows import registry
+    from tracking import registry
 
     client = _client(tracking_uri)
     rec = _guarded(registry.compare_runs, client, run_ids)
@@ -216,7 +216,7 @@ def models(
     tracking_uri: Optional[str] = UriOpt,
 ) -> None:
     """List registered models: versions, aliases, test error and data digest of each."""
-    from flows import registry
+    from tracking import registry
 
     client = _client(tracking_uri)
     df = _guarded(registry.list_models, client, name)
@@ -239,7 +239,7 @@ def promote(
     tracking_uri: Optional[str] = UriOpt,
 ) -> None:
     """Point the alias `champion` at the best version (lowest test error) or at --version."""
-    from flows import registry
+    from tracking import registry
 
     client = _client(tracking_uri)
     res = _guarded(registry.promote, client, name, version, force)

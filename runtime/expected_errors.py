@@ -3,7 +3,7 @@
 Prefect's task and flow engines log a failed run's exception with ``exc_info=True``
 (``prefect.task_runs``: "Task run failed with exception: ..."; ``prefect.flow_runs``:
 "Encountered exception during execution: ..."), and the console shows that traceback
-before the CLI's own ``error:`` line. For a ``tasks.errors.LayerwiseError`` (an error the
+before the CLI's own ``error:`` line. For a ``runtime.errors.LayerwiseError`` (an error the
 project raises on purpose, whose message names the fix) a filter on those two loggers:
 
 - drops the traceback and rewrites the record to the project's message, which the Prefect
@@ -33,7 +33,7 @@ debug_log = logging.getLogger("layerwise.errors")
 
 def _error_names() -> set[str]:
     """Names of ``LayerwiseError`` and all its subclasses."""
-    from tasks.errors import LayerwiseError
+    from runtime.errors import LayerwiseError
 
     names, todo = set(), [LayerwiseError]
     while todo:
@@ -45,7 +45,7 @@ def _error_names() -> set[str]:
 
 def expected_error(record: logging.LogRecord) -> Optional[BaseException]:
     """The ``LayerwiseError`` a record carries (its exception or one it was raised from)."""
-    from tasks.errors import LayerwiseError
+    from runtime.errors import LayerwiseError
 
     exc = record.exc_info[1] if record.exc_info else None
     seen = 0

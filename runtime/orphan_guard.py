@@ -6,7 +6,7 @@ With no ``PREFECT_API_URL``, Prefect starts a temporary API server in a child pr
 (or by the OOM killer) never runs that hook: the server lived on, measured here for hours,
 holding ~220 MB, a port, the Prefect database and the killed run's stdout pipe (a parent
 reading that pipe then waits for ever). ``install()`` starts Prefect's server command under
-this module instead, ``python -m flows.orphan_guard PARENT_PID -m uvicorn …``: the same
+this module instead, ``python -m runtime.orphan_guard PARENT_PID -m uvicorn …``: the same
 command, plus a thread that sends the server SIGTERM once its parent process is gone.
 
 Polling ``os.getppid()`` is used rather than Linux's ``PR_SET_PDEATHSIG``, which fires when
@@ -56,7 +56,7 @@ def watch_parent(parent: int) -> None:
 def main(argv: list[str]) -> None:
     """``PARENT_PID -m MODULE ARGS...``: run MODULE as ``python -m`` would, watched."""
     if len(argv) < 3 or argv[1] != "-m":
-        raise SystemExit("usage: python -m flows.orphan_guard PARENT_PID -m MODULE [ARGS...]")
+        raise SystemExit("usage: python -m runtime.orphan_guard PARENT_PID -m MODULE [ARGS...]")
     parent, module = int(argv[0]), argv[2]
     if os.getppid() != parent:  # the parent died before we got here
         raise SystemExit(1)
@@ -70,7 +70,7 @@ class _GuardedPopen(subprocess.Popen):
 
     def __init__(self, args, *rest, **kwargs):
         if isinstance(args, (list, tuple)) and list(args[1:3]) == ["-m", "uvicorn"]:
-            args = [args[0], "-m", "flows.orphan_guard", str(os.getpid()), *args[1:]]
+            args = [args[0], "-m", "runtime.orphan_guard", str(os.getpid()), *args[1:]]
         super().__init__(args, *rest, **kwargs)
 
 

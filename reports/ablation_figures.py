@@ -2,7 +2,7 @@
 with and without pretraining per depth, test error against depth and against the number of
 training examples, with bootstrap confidence bands.
 
-Plain functions: the tidy cell table and its summary (``tasks.stats.summarize``) in, PNG
+Plain functions: the tidy cell table and its summary (``reports.stats.summarize``) in, PNG
 files out, written atomically.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from tasks.figures import _pyplot, _save_figure
+from reports.figures import _pyplot, _save_figure
 
 COLORS = {"pretrained": "tab:blue", "tutorial": "tab:orange", "xavier": "tab:green",
           "he": "tab:red", "random": "tab:purple"}

@@ -21,8 +21,8 @@ from typing import Any, List, Optional
 
 import typer
 
-from flows.cli_common import fail
-from flows.cli_options import (ConfigOpt, DataDirOpt, DatasetOpt, ExperimentOpt, ModelNameOpt,
+from cli.common import fail
+from cli.options import (ConfigOpt, DataDirOpt, DatasetOpt, ExperimentOpt, ModelNameOpt,
                                PresetOpt, SeedOpt, SetOpt, TrackingUriOpt)
 
 # name -> (module, flow object): the flows ``serve --flow`` accepts. The ablation flow goes
@@ -89,7 +89,7 @@ def require_api_url() -> str:
 def serve_environment() -> None:
     """What ``layerwise run`` sets up, for the flow runs this process starts: persisted task
     results beside the checkpoints under ``$LAYERWISE_HOME/prefect-results``."""
-    from tasks.runtime import layerwise_home
+    from runtime.environment import layerwise_home
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
@@ -246,15 +246,15 @@ def serve(
 ) -> None:
     """Serve a scheduled deployment of a flow from this process until Ctrl-C.
 
-    Validates the config and preflights the runs first (``flows.preflight``): a bad value
+    Validates the config and preflights the runs first (``preflight.checks``): a bad value
     exits 2 before anything is registered.
     The deployment's parameters are the resolved config (JSON) and the preset.
     On Ctrl-C or SIGTERM its schedules are paused.
     """
-    from flows.overrides import resolve_config
-    from flows.preflight import preflight_run
-    from tasks.errors import LayerwiseError
-    from tasks.tracking import default_tracking_uri
+    from config.overrides import resolve_config
+    from preflight.checks import preflight_run
+    from runtime.errors import LayerwiseError
+    from tracking.tracker import default_tracking_uri
 
     try:
         config = resolve_config(preset, config_file, sets or [], dataset, data_dir, seed)

@@ -1,14 +1,14 @@
 """Checks before any MLflow run or training: everything that can be known up front is
-checked, and every problem is reported together (``tasks.errors.PreflightError``).
+checked, and every problem is reported together (``runtime.errors.PreflightError``).
 
 - names: the experiment and the registered model, by MLflow's rules;
-- the tracking URI: scheme, driver, reachable, writable (``tasks.tracking_uri``);
+- the tracking URI: scheme, driver, reachable, writable (``tracking.uri``);
 - ``LAYERWISE_HOME`` (checkpoints, the embedded store and its artifacts): writable, with
   free space for the run's checkpoints;
 - the accelerator and precision: available on this machine;
 - labels: class indices within the number of training rows (an ``.npz``'s labels are read,
   nothing else is loaded);
-- peak memory: the estimate of ``flows.memory_estimate`` against this machine's (and the
+- peak memory: the estimate of ``preflight.memory`` against this machine's (and the
   GPU's) free memory.
 
 ``preflight_run`` checks one pipeline run (``layerwise run``, ``schedule serve``);
@@ -26,11 +26,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from flows.memory_estimate import (FLOAT, Shape, available_bytes, classifier_params,
+from preflight.memory import (FLOAT, Shape, available_bytes, classifier_params,
                                    dae_params, memory_problem)
-from tasks.config import NAMED_DATASETS
-from tasks.errors import PreflightError
-from tasks.tracking_uri import check_tracking_uri, sqlite_path, writable_dir_problem
+from config.stages import NAMED_DATASETS
+from runtime.errors import PreflightError
+from tracking.uri import check_tracking_uri, sqlite_path, writable_dir_problem
 
 MNIST_SHAPE = Shape(n_rows=70_000, n_features=784, n_classes=10)
 MAX_EXPERIMENT_NAME = 500  # mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH
@@ -108,7 +108,7 @@ def home_problems(config: Any, uri: str, cells: int = 1) -> list[str]:
     """``LAYERWISE_HOME`` (and a local store's artifact folder) writable, with free space
     for the checkpoints: every DAE layer, both fine-tuned arms, each kept about three times
     (the stage's checkpoint, its MLflow artifact copy, the registered model), per cell."""
-    from tasks.runtime import layerwise_home
+    from runtime.environment import layerwise_home
 
     home = layerwise_home()
     problem = writable_dir_problem(home, "LAYERWISE_HOME", "set LAYERWISE_HOME to a writable "
@@ -214,7 +214,7 @@ def preflight_grid(cells: list[Any], uri: str, *, experiment: str, population: i
     the cells it concerns).
 
     Args:
-        cells: The grid's cells (``flows.grid.Cell``), each with its ``config``.
+        cells: The grid's cells (``config.grid.Cell``), each with its ``config``.
         uri: The MLflow tracking URI.
         experiment: The MLflow experiment name.
         population: Seeds trained at once (``--population``).

@@ -2,7 +2,7 @@
 
 Plain functions over ``MlflowClient`` and pandas: they return DataFrames and dicts, print
 nothing, and raise ``RegistryError`` (one actionable line) for an unknown experiment, run or
-model. ``flows/registry_cli.py`` prints them. What they read is the contract in the README,
+model. ``cli/registry.py`` prints them. What they read is the contract in the README,
 "How a run is recorded (MLflow)".
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import pandas as pd
 
-from tasks.errors import LayerwiseError
+from runtime.errors import LayerwiseError
 
 KIND_TAG, STAGE_TAG, CACHED_TAG = "layerwise.kind", "layerwise.stage", "layerwise.cached"
 PID_TAG, HOST_TAG = "layerwise.pid", "layerwise.host"
@@ -45,7 +45,7 @@ def connect(tracking_uri: Optional[str] = None) -> Any:
     """
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import default_tracking_uri
+    from tracking.tracker import default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
     if uri.startswith("sqlite:///"):

@@ -9,8 +9,8 @@ from typing import List, Optional
 
 import typer
 
-from flows.cli_common import fail, guarded_call, guarded_work, prepare_environment
-from flows.cli_options import (ConfigOpt, DataDirOpt, DatasetOpt, ExperimentOpt, ModelNameOpt,
+from cli.common import fail, guarded_call, guarded_work, prepare_environment
+from cli.options import (ConfigOpt, DataDirOpt, DatasetOpt, ExperimentOpt, ModelNameOpt,
                                PresetOpt, SeedOpt, SetOpt, TrackingUriOpt)
 
 app = typer.Typer(
@@ -23,7 +23,7 @@ app = typer.Typer(
 
 
 def _resolve(preset, config_file, sets, dataset, data_dir, seed):
-    from flows.overrides import resolve_config
+    from config.overrides import resolve_config
 
     return guarded_call(resolve_config, preset, config_file, sets or [], dataset, data_dir,
                         seed, code=2)
@@ -44,8 +44,8 @@ def run(
 ) -> None:
     """Run the pipeline: data, pretrain each layer, fine-tune both twins, evaluate."""
     config = _resolve(preset, config_file, sets, dataset, data_dir, seed)
-    from flows.preflight import preflight_run
-    from tasks.tracking import default_tracking_uri
+    from preflight.checks import preflight_run
+    from tracking.tracker import default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
     guarded_call(preflight_run, config, uri, experiment=experiment, model_name=model_name,
@@ -117,7 +117,7 @@ def config(
     if fmt not in ("yaml", "json"):
         fail(f"--format {fmt!r}: choose yaml or json", code=2)
     if keys:
-        from flows.overrides import known_keys
+        from config.overrides import known_keys
 
         typer.echo("\n".join(known_keys()))
         return
@@ -125,15 +125,15 @@ def config(
     typer.echo(json.dumps(cfg, indent=2) if fmt == "json" else yaml.safe_dump(cfg, sort_keys=False))
 
 
-from flows import registry_cli  # noqa: E402  (imports typer only)
+from cli import registry as registry_cli  # noqa: E402  (imports typer only)
 
 registry_cli.register(app)
 
-from flows import schedule as schedule_cli  # noqa: E402  (imports typer only)
+from cli import schedule as schedule_cli  # noqa: E402  (imports typer only)
 
 schedule_cli.register(app)
 
-from flows import ablation_cli  # noqa: E402  (imports typer only)
+from cli import ablate as ablation_cli  # noqa: E402  (imports typer only)
 
 ablation_cli.register(app)
 

@@ -7,7 +7,7 @@ takes 5-7 s to answer here). A CLI run instead:
   its boot overlaps the ~6 s of importing torch, Lightning and MLflow; ``ready()`` waits for
   it before the flow's first Prefect call (measured: ``quick``'s start-up went from
   17.3-18.2 s to 13.9-14.2 s; README, Benchmarks);
-- guards it (``flows.orphan_guard``): it dies with the run, even under ``kill -9``;
+- guards it (``runtime.orphan_guard``): it dies with the run, even under ``kill -9``;
 - hands its URL to a local process pool's workers (``shared_settings``), which would
   otherwise each start a server of their own.
 
@@ -62,7 +62,7 @@ def _start() -> None:
 def _startup_error(first: int, exc: BaseException) -> BaseException:
     """One paragraph: what happened and what to do (a ``TrackingError``, printed without a
     traceback); an interrupt stays what it is."""
-    from tasks.errors import TrackingError
+    from runtime.errors import TrackingError
 
     if not isinstance(exc, Exception):
         return exc
@@ -85,7 +85,7 @@ def prestart() -> None:
     global _boot
     if _boot is not None or configured():
         return
-    from flows.orphan_guard import install
+    from runtime.orphan_guard import install
 
     install()
     _boot = threading.Thread(target=_start, name="prefect-api-boot", daemon=True)

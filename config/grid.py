@@ -1,4 +1,4 @@
-"""The ablation grid: a grid YAML (its format: ``flows.grid_spec``) loaded, validated and
+"""The ablation grid: a grid YAML (its format: ``config.grid_spec``) loaded, validated and
 expanded into one cell (one ``PipelineConfig`` and one arm) per combination of factor values.
 """
 
@@ -10,10 +10,10 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from flows.grid_spec import RANDOM_SCHEMES, Cell, Grid
-from flows.overrides import merge
-from tasks.config import NAMED_DATASETS, PipelineConfig, default_data_dir
-from tasks.errors import ConfigError
+from config.grid_spec import RANDOM_SCHEMES, Cell, Grid
+from config.overrides import merge
+from config.stages import NAMED_DATASETS, PipelineConfig, default_data_dir
+from runtime.errors import ConfigError
 
 GRIDS_DIR = Path(__file__).resolve().parent / "grids"
 MAX_ERRORS_SHOWN = 5
@@ -23,7 +23,7 @@ MAX_ERRORS_SHOWN = 5
 
 
 def grid_presets() -> list[str]:
-    """Names of the shipped grids (``flows/grids/<name>.yaml``)."""
+    """Names of the shipped grids (``config/grids/<name>.yaml``)."""
     return sorted(p.stem for p in GRIDS_DIR.glob("*.yaml"))
 
 
@@ -38,7 +38,7 @@ def load_grid(path: Path) -> Grid:
     """Read and validate a grid YAML; a ``ConfigError`` names every bad field."""
     import yaml
 
-    from flows.overrides import format_validation_error
+    from config.overrides import format_validation_error
 
     try:
         tree = yaml.safe_load(Path(path).read_text())
@@ -124,8 +124,8 @@ def expand(grid: Grid) -> list[Cell]:
         ConfigError: before any work, naming each invalid cell (grouped by message) and
             any two factor combinations that give the same cell.
     """
-    from flows.overrides import check_npz, format_validation_error
-    from flows.presets import preset as load_preset
+    from config.overrides import check_npz, format_validation_error
+    from config.presets import preset as load_preset
 
     tree = load_preset(grid.base.preset) if grid.base.preset else {}
     tree = merge(tree, grid.base.overrides)

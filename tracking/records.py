@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from tasks.errors import TrackingError
-from tasks.registration import find_model_version, register_classifier
-from tasks.tracking import ARTIFACTS_FROM_TAG, ARTIFACTS_KEY_TAG, Tracker
+from runtime.errors import TrackingError
+from tracking.registration import find_model_version, register_classifier
+from tracking.tracker import ARTIFACTS_FROM_TAG, ARTIFACTS_KEY_TAG, Tracker
 
 # Bump when what the registered model takes or returns changes: versions of another
 # format are never reused.
@@ -44,7 +44,7 @@ def upload_once(tracker: Tracker, run: str, key: str, upload: Callable[[], None]
 def log_data(tracker: Tracker, run: str, data: Any) -> Optional[str]:
     """The data stage's summary as params and a JSON artifact; its statistics as tensors.
     Returns the run whose artifacts were reused, if any."""
-    from tasks.checkpoints import save_state
+    from runtime.checkpoints import save_state
 
     summary = data.summary()
     tracker.log_params(run, {f"data.{k}": v for k, v in summary.items()

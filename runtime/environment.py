@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from tasks.config import RuntimeConfig
+from config.stages import RuntimeConfig
 
 #: The behaviour version of each stage kind, a part of its cache key. Bump a kind's number
 #: in the change that alters what the stage computes (its training code, the inputs it

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from tasks.config import PipelineConfig
-from tasks.errors import ConfigError
+from config.stages import PipelineConfig
+from runtime.errors import ConfigError
 
 
 def known_keys(model: type = PipelineConfig, prefix: str = "") -> list[str]:
@@ -81,7 +81,7 @@ def resolve_config(
     import yaml
     from pydantic import ValidationError
 
-    from flows.presets import PRESETS, preset as load_preset
+    from config.presets import PRESETS, preset as load_preset
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -138,7 +138,7 @@ def check_sizes(config: PipelineConfig) -> None:
     Raises:
         ConfigError: listing all problems together, each with a value that works.
     """
-    from tasks.config import batch_sizes
+    from config.stages import batch_sizes
     from tasks.data_sizes import size_problems
 
     if config.data.is_named:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from tasks.tracking import Tracker, quote_filter, with_retries
+from tracking.tracker import Tracker, quote_filter, with_retries
 
 MODEL_DESCRIPTION = (
     "Classifiers from layerwise pipeline runs (greedy layer-wise pretraining of stacked "

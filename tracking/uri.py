@@ -101,8 +101,8 @@ def check_reachable_and_writable(uri: str, timeout: float = 5.0) -> list[str]:
     if scheme in DATABASE_SCHEMES:
         return _check_database(uri, timeout)
     if scheme in HTTP_SCHEMES:
-        from tasks.errors import TrackingError
-        from tasks.tracking import check_reachable
+        from runtime.errors import TrackingError
+        from tracking.tracker import check_reachable
 
         try:
             check_reachable(uri.rstrip("/") + "/health", "the MLflow tracking server",

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from tasks.conventions import EXPERIMENT_DESCRIPTION, NOTE_TAG, system_tags
-from tasks.errors import TrackingError
-from tasks.runtime import layerwise_home
+from tracking.conventions import EXPERIMENT_DESCRIPTION, NOTE_TAG, system_tags
+from runtime.errors import TrackingError
+from runtime.environment import layerwise_home
 
 KIND_TAG, STAGE_TAG, CACHED_TAG = "layerwise.kind", "layerwise.stage", "layerwise.cached"
 PID_TAG, HOST_TAG = "layerwise.pid", "layerwise.host"
@@ -122,9 +122,9 @@ def check_reachable(url: str, what: str, hint: str, timeout: float = 5.0) -> Non
 
 
 def preflight_mlflow(uri: str) -> None:
-    """The tracking URI can be used (``tasks.tracking_uri.check_tracking_uri``): a known
+    """The tracking URI can be used (``tracking.uri.check_tracking_uri``): a known
     scheme, its driver installed, the store reachable and writable."""
-    from tasks.tracking_uri import check_tracking_uri
+    from tracking.uri import check_tracking_uri
 
     problems = check_tracking_uri(uri)
     if problems:

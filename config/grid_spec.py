@@ -1,11 +1,11 @@
 """The ablation grid's file format: the validated models of a grid YAML (``Grid`` and its
-parts) and of one expanded cell (``Cell``); ``flows.grid`` loads and expands them.
+parts) and of one expanded cell (``Cell``); ``config.grid`` loads and expands them.
 
-A grid file looks like this (``flows/grids/*.yaml`` are complete examples)::
+A grid file looks like this (``config/grids/*.yaml`` are complete examples)::
 
     name: tiny
     base:                      # what every cell starts from
-      preset: quick            # a pipeline preset (flows/presets.py), optional
+      preset: quick            # a pipeline preset (config/presets.py), optional
       overrides:               # PipelineConfig sections, as in a --config YAML
         data: {n_train: 2000}
     factors:                   # each over a list of values; the cells are their product
@@ -39,7 +39,7 @@ from typing import Any, Literal, Optional, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.corruption import check_level
-from tasks.config import Activation, InitScheme, NoiseType, PipelineConfig
+from config.stages import Activation, InitScheme, NoiseType, PipelineConfig
 
 RANDOM_SCHEMES = get_args(InitScheme)  # the config's init schemes, declared there only
 InitValue = Literal[("pretrained", "random", *RANDOM_SCHEMES)]
@@ -58,7 +58,7 @@ class _Strict(BaseModel):
 class Base(_Strict):
     """Where every cell starts: a pipeline preset, then overrides of its sections."""
 
-    preset: Optional[str] = Field(None, description="A pipeline preset (flows/presets.py).")
+    preset: Optional[str] = Field(None, description="A pipeline preset (config/presets.py).")
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="PipelineConfig sections, as in a --config YAML."
     )
@@ -66,7 +66,7 @@ class Base(_Strict):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, v: Optional[str]) -> Optional[str]:
-        from flows.presets import PRESETS
+        from config.presets import PRESETS
 
         if v is not None and v not in PRESETS:
             raise ValueError(f"unknown pipeline preset {v!r}; choose one of {', '.join(PRESETS)}")

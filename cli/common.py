@@ -2,7 +2,7 @@
 Prefect environment, signal handling and the guard around a command's work.
 
 It imports typer only at module level and no command module, so every command can import
-it (``flows.cli``, ``flows.ablation_cli``, ``flows.registry_cli``, ``flows.schedule``).
+it (``cli.main``, ``cli.ablate``, ``cli.registry``, ``cli.schedule``).
 
 Exit codes: 2 for a mistake on the command line or in the config (found before any work),
 1 for a failure while working, 130 for Ctrl-C or SIGTERM.
@@ -34,14 +34,14 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def prepare_environment() -> None:
     """Embedded defaults for Prefect, set before it is imported; with no Prefect API
     configured, its ephemeral server starts now, in the background, and dies with this
-    process (``flows.ephemeral_api``)."""
+    process (``runtime.ephemeral_api``)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
     # Prefect's 20 s default was too short for eight runs starting their ephemeral servers
     # at once on 2 busy cores (one timed out: "Timed out while attempting to connect").
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from flows.ephemeral_api import prestart
+    from runtime.ephemeral_api import prestart
 
     prestart()
 
@@ -49,14 +49,14 @@ def prepare_environment() -> None:
 def interrupts_on_signals() -> Callable[[], None]:
     """SIGTERM ends a run like Ctrl-C: MLflow runs are marked KILLED, exit is non-zero.
 
-    Both are remembered (``tasks.runtime.note_interrupt``), so one that Python swallows is
+    Both are remembered (``runtime.environment.note_interrupt``), so one that Python swallows is
     raised again at the next chunk of training.
 
     Returns:
         A function that restores the previous handlers (for callers in the same process,
         such as tests).
     """
-    from tasks.runtime import note_interrupt
+    from runtime.environment import note_interrupt
 
     def handler(signum, frame):  # noqa: ARG001
         raise note_interrupt(f"signal {signum}")
@@ -78,7 +78,7 @@ def interrupts_on_signals() -> Callable[[], None]:
 def guarded_work(resume_hint: str, record: str) -> Iterator[None]:
     """The one error path around a command's work (training, serving).
 
-    - the project's own errors (``tasks.errors.LayerwiseError``) print their message only
+    - the project's own errors (``runtime.errors.LayerwiseError``) print their message only
       and exit 1;
     - Ctrl-C or SIGTERM exits 130 saying the MLflow runs were marked KILLED;
     - anything else is a bug: its traceback, then one line saying so and where the run's
@@ -88,7 +88,7 @@ def guarded_work(resume_hint: str, record: str) -> Iterator[None]:
         resume_hint: How to resume after an interrupt, e.g. "Rerun the same command ...".
         record: Where the run's record is, e.g. "MLflow experiment 'x' at sqlite:///...".
     """
-    from tasks.errors import LayerwiseError
+    from runtime.errors import LayerwiseError
 
     restore = interrupts_on_signals()
     try:
@@ -98,7 +98,7 @@ def guarded_work(resume_hint: str, record: str) -> Iterator[None]:
     except LayerwiseError as exc:
         fail(str(exc), code=1)
     except BaseException as exc:
-        from tasks.tracking import is_interrupt
+        from tracking.tracker import is_interrupt
 
         if is_interrupt(exc):
             fail(f"interrupted; the MLflow runs were marked KILLED. {resume_hint}", code=130)
@@ -117,7 +117,7 @@ def guarded_call(fn: Callable, *args, code: int = 1, **kwargs):
         fn: The function to call.
         code: The exit status on a ``LayerwiseError``.
     """
-    from tasks.errors import LayerwiseError
+    from runtime.errors import LayerwiseError
 
     try:
         return fn(*args, **kwargs)

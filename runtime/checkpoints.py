@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 from pydantic import BaseModel
 
-from tasks.errors import CheckpointError
+from runtime.errors import CheckpointError
 
 
 class Checkpoint(BaseModel):

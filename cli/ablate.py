@@ -11,8 +11,8 @@ from typing import Optional
 
 import typer
 
-from flows.cli_common import fail, guarded_call, guarded_work, prepare_environment
-from flows.cli_options import DataDirOpt, DatasetOpt, ExperimentOpt, TrackingUriOpt
+from cli.common import fail, guarded_call, guarded_work, prepare_environment
+from cli.options import DataDirOpt, DatasetOpt, ExperimentOpt, TrackingUriOpt
 
 
 def register(app: typer.Typer) -> None:
@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
 
 def ablate(
     preset: Optional[str] = typer.Option(
-        None, "--preset", "-p", help="A shipped grid, flows/grids/NAME.yaml: tiny | "
+        None, "--preset", "-p", help="A shipped grid, config/grids/NAME.yaml: tiny | "
         "erhan-small | erhan | reversal (default: erhan-small)."),
     grid_file: Optional[Path] = typer.Option(None, "--grid", help="A grid YAML file."),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Use seeds 0..N-1."),
@@ -46,9 +46,9 @@ def ablate(
 ) -> None:
     """Pretrained vs random initialisation over a grid of factors and many seeds
     (Erhan et al. 2010): a table per cell, summary statistics and figures."""
-    from flows.grid import customise, expand, load_grid, preset_path
-    from flows.preflight import preflight_grid
-    from tasks.tracking import default_tracking_uri
+    from config.grid import customise, expand, load_grid, preset_path
+    from preflight.checks import preflight_grid
+    from tracking.tracker import default_tracking_uri
 
     if preset and grid_file:
         fail("give --preset or --grid, not both", 2)
@@ -68,7 +68,7 @@ def ablate(
     with guarded_work("Rerun the same command to resume: finished layers and cells come "
                       "from the cache.", f"MLflow experiment {experiment!r} at {uri}"):
         from flows.ablation import run_ablation
-        from flows.expected_errors import install
+        from runtime.expected_errors import install
 
         install()  # cells that fail with the project's errors: logged without tracebacks
         result = run_ablation(grid, workers=workers, dask_address=dask_address, out_dir=out,
