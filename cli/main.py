@@ -4,14 +4,13 @@ inside the commands, so ``layerwise --help`` answers in well under a second."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
 from cli.common import fail, guarded_call, guarded_work, prepare_environment
-from cli.options import (ConfigOpt, DataDirOpt, DatasetOpt, ExperimentOpt, ModelNameOpt,
-                               PresetOpt, SeedOpt, SetOpt, TrackingUriOpt)
+from cli.options import (ConfigArgs, ExperimentOpt, ModelNameOpt, TrackingUriOpt,
+                         config_options)
 
 app = typer.Typer(
     add_completion=False,
@@ -21,29 +20,25 @@ app = typer.Typer(
 )
 
 
-
-def _resolve(preset, config_file, sets, dataset, data_dir, seed):
+def _resolve(args: ConfigArgs):
+    """The validated config the options describe; a bad value exits 2 with every problem."""
     from config.overrides import resolve_config
 
-    return guarded_call(resolve_config, preset, config_file, sets or [], dataset, data_dir,
-                        seed, code=2)
+    return guarded_call(resolve_config, args.preset, args.config_file, args.sets, args.dataset,
+                        args.data_dir, args.seed, code=2)
 
 
 @app.command()
+@config_options()
 def run(
-    preset: str = PresetOpt,
-    config_file: Optional[Path] = ConfigOpt,
-    sets: Optional[List[str]] = SetOpt,
-    dataset: Optional[str] = DatasetOpt,
-    data_dir: Optional[Path] = DataDirOpt,
-    seed: Optional[int] = SeedOpt,
+    args: ConfigArgs,
     tracking_uri: Optional[str] = TrackingUriOpt,
     experiment: str = ExperimentOpt,
     model_name: str = ModelNameOpt,
     fresh: bool = typer.Option(False, "--fresh", help="Ignore cached stage results."),
 ) -> None:
     """Run the pipeline: data, pretrain each layer, fine-tune both twins, evaluate."""
-    config = _resolve(preset, config_file, sets, dataset, data_dir, seed)
+    config = _resolve(args)
     from preflight.checks import preflight_run
     from tracking.tracker import default_tracking_uri
 
@@ -51,13 +46,13 @@ def run(
     guarded_call(preflight_run, config, uri, experiment=experiment, model_name=model_name,
                  code=2)
     prepare_environment()
-    typer.echo(f"layerwise: preset {preset}, {config.model.n_layers} layers "
+    typer.echo(f"layerwise: preset {args.preset}, {config.model.n_layers} layers "
                f"{config.model.hidden_sizes}, seed {config.runtime.seed}")
     with guarded_work("Rerun the same command to resume after the last finished stage.",
                       f"MLflow experiment {experiment!r} at {uri}"):
         from flows.pipeline import run_pipeline
 
-        result = run_pipeline(config, preset=preset, tracking_uri=uri,
+        result = run_pipeline(config, preset=args.preset, tracking_uri=uri,
                               experiment=experiment, registered_model_name=model_name,
                               fresh=fresh)
     _print_result(result)
@@ -80,17 +75,14 @@ def _print_result(result) -> None:
 
 
 @app.command()
+@config_options(seed=False)
 def data(
-    preset: str = PresetOpt,
-    config_file: Optional[Path] = ConfigOpt,
-    sets: Optional[List[str]] = SetOpt,
-    dataset: Optional[str] = DatasetOpt,
-    data_dir: Optional[Path] = DataDirOpt,
+    args: ConfigArgs,
 ) -> None:
     """Load, verify and normalise the data; print its summary (sizes, statistics, digest)."""
     import json
 
-    config = _resolve(preset, config_file, sets, dataset, data_dir, None)
+    config = _resolve(args)
     from tasks.data import load_data
 
     bundle = guarded_call(load_data, config.data, code=1)
@@ -98,13 +90,9 @@ def data(
 
 
 @app.command()
+@config_options()
 def config(
-    preset: str = PresetOpt,
-    config_file: Optional[Path] = ConfigOpt,
-    sets: Optional[List[str]] = SetOpt,
-    dataset: Optional[str] = DatasetOpt,
-    data_dir: Optional[Path] = DataDirOpt,
-    seed: Optional[int] = SeedOpt,
+    args: ConfigArgs,
     keys: bool = typer.Option(False, "--keys", help="List every key --set accepts."),
     fmt: str = typer.Option("yaml", "--format", help="yaml, or json: a complete config to "
                             "pass as a deployment's `config` parameter."),
@@ -121,7 +109,7 @@ def config(
 
         typer.echo("\n".join(known_keys()))
         return
-    cfg = _resolve(preset, config_file, sets, dataset, data_dir, seed).model_dump(mode="json")
+    cfg = _resolve(args).model_dump(mode="json")
     typer.echo(json.dumps(cfg, indent=2) if fmt == "json" else yaml.safe_dump(cfg, sort_keys=False))
 
 

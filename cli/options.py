@@ -2,6 +2,13 @@
 ``data``, ``config``, ``schedule serve``, ``ablate``) or read and write MLflow; typer only.
 Declared once here; every command imports them from this module."""
 
+import functools
+import inspect
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
 import typer
 
 PresetOpt = typer.Option("default", "--preset", "-p", help="quick | default | tutorial")
@@ -19,3 +26,54 @@ ModelNameOpt = typer.Option("layerwise-classifier", "--model-name",
 TrackingUriOpt = typer.Option(None, "--tracking-uri", help="MLflow URI (default: "
                               "$MLFLOW_TRACKING_URI or sqlite:///$LAYERWISE_HOME/mlflow.db, "
                               "LAYERWISE_HOME=./mlruns).")
+
+
+@dataclass(frozen=True)
+class ConfigArgs:
+    """The options that resolve a pipeline config, as one value (see :func:`config_options`)."""
+
+    preset: str
+    config_file: Optional[Path]
+    sets: list[str]
+    dataset: Optional[str]
+    data_dir: Optional[Path]
+    seed: Optional[int]
+
+
+#: The config options in the order ``--help`` lists them: (name, annotation, typer option).
+_CONFIG_PARAMS = (("preset", str, PresetOpt), ("config_file", Optional[Path], ConfigOpt),
+                  ("sets", Optional[List[str]], SetOpt), ("dataset", Optional[str], DatasetOpt),
+                  ("data_dir", Optional[Path], DataDirOpt), ("seed", Optional[int], SeedOpt))
+
+
+def config_options(seed: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the config options (``--preset``, ``--config``, ``--set``, ``--dataset``,
+    ``--data-dir`` and, with ``seed``, ``--seed``), declared here once. The command declares a
+    parameter ``args: ConfigArgs`` in their place and receives them in it.
+
+    Typer reads a command's parameters from ``inspect.signature``, which honours
+    ``__signature__``; the wrapper's signature is the command's with ``args`` replaced by the
+    options.
+    """
+    extra = [p for p in _CONFIG_PARAMS if seed or p[0] != "seed"]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        params = list(inspect.signature(command).parameters.values())
+        at = [p.name for p in params].index("args")
+        options = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                     default=default, annotation=annotation)
+                   for name, annotation, default in extra]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            values = {"seed": None, **{name: kwargs.pop(name) for name, _, _ in extra}}
+            values["sets"] = list(values["sets"] or [])
+            return command(args=ConfigArgs(**values), **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(params[:at] + options + params[at + 1:])
+        hints = typing.get_type_hints(command)
+        wrapper.__annotations__ = {**{k: v for k, v in hints.items() if k != "args"},
+                                   **{name: annotation for name, annotation, _ in extra}}
+        return wrapper
+
+    return decorate

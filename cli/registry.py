@@ -2,7 +2,8 @@
 
 Only typer is imported here at module level; mlflow and pandas are imported inside the
 commands, so ``layerwise --help`` stays fast. The functions that read the store are in
-``tracking/registry.py``; these commands print them.
+``tracking/registry.py``, ``tracking/stale.py`` and ``tracking/models.py``; these commands
+print them.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ def _guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def _client(tracking_uri: Optional[str]) -> Any:
-    from tracking import registry
+    from tracking import client as client_lib
 
-    return _guarded(registry.connect, tracking_uri)
+    return _guarded(client_lib.connect, tracking_uri)
 
 
 def _pct(value: Any, signed: bool = False) -> str:
@@ -139,13 +140,13 @@ def runs(
 
 
 def _stale(client: Any, experiment: str, older_than: float, mark: bool, fmt: Format) -> None:
-    from tracking import registry
+    from tracking import stale
 
-    df = _guarded(registry.stale_runs, client, experiment, older_than)
+    df = _guarded(stale.stale_runs, client, experiment, older_than)
     _emit(df, fmt, lambda d: d.assign(start_time=d["start_time"].map(_when),
                                       age_h=d["age_h"].map(lambda h: f"{h:.1f}")))
     if mark and not df.empty:
-        done = _guarded(registry.mark_failed, client, df["run_id"].tolist())
+        done = _guarded(stale.mark_failed, client, df["run_id"].tolist())
         typer.echo(f"marked {len(done)} run(s) FAILED", err=fmt is not Format.table)
 
 
@@ -216,10 +217,10 @@ def models(
     tracking_uri: Optional[str] = UriOpt,
 ) -> None:
     """List registered models: versions, aliases, test error and data digest of each."""
-    from tracking import registry
+    from tracking import models
 
     client = _client(tracking_uri)
-    df = _guarded(registry.list_models, client, name)
+    df = _guarded(models.list_models, client, name)
     if fmt is not Format.json:
         df = df.assign(aliases=df["aliases"].map(",".join))
     _emit(df, fmt, lambda d: d.assign(
@@ -239,10 +240,10 @@ def promote(
     tracking_uri: Optional[str] = UriOpt,
 ) -> None:
     """Point the alias `champion` at the best version (lowest test error) or at --version."""
-    from tracking import registry
+    from tracking import models
 
     client = _client(tracking_uri)
-    res = _guarded(registry.promote, client, name, version, force)
+    res = _guarded(models.promote, client, name, version, force)
     head = f"{res['name']} v{res['version']}"
     if not res["changed"]:
         typer.echo(f"{head} was already {res['alias']}")

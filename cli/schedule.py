@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import os
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import typer
 
 from cli.common import fail
-from cli.options import (ConfigOpt, DataDirOpt, DatasetOpt, ExperimentOpt, ModelNameOpt,
-                               PresetOpt, SeedOpt, SetOpt, TrackingUriOpt)
+from cli.options import (ConfigArgs, ExperimentOpt, ModelNameOpt, TrackingUriOpt,
+                         config_options)
 
 # name -> (module, flow object): the flows ``serve --flow`` accepts. The ablation flow goes
 # here when it exists, with its own branch in ``flow_parameters``.
@@ -223,6 +222,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- commands
 
 def serve(
+    args: ConfigArgs,
     cron: Optional[str] = typer.Option(None, "--cron", help='Cron schedule, e.g. "0 3 * * *".'),
     interval: Optional[float] = typer.Option(None, "--interval",
                                              help="Interval schedule, in seconds."),
@@ -230,12 +230,6 @@ def serve(
                                      "(default UTC), e.g. Europe/Berlin."),
     flow: str = typer.Option("pipeline", "--flow", help=f"Flow to serve: {' | '.join(FLOWS)}"),
     name: str = typer.Option(DEFAULT_DEPLOYMENT, "--name", help="Deployment name."),
-    preset: str = PresetOpt,
-    config_file: Optional[Path] = ConfigOpt,
-    sets: Optional[List[str]] = SetOpt,
-    dataset: Optional[str] = DatasetOpt,
-    data_dir: Optional[Path] = DataDirOpt,
-    seed: Optional[int] = SeedOpt,
     tracking_uri: Optional[str] = TrackingUriOpt,
     experiment: str = ExperimentOpt,
     model_name: str = ModelNameOpt,
@@ -257,11 +251,12 @@ def serve(
     from tracking.tracker import default_tracking_uri
 
     try:
-        config = resolve_config(preset, config_file, sets or [], dataset, data_dir, seed)
+        config = resolve_config(args.preset, args.config_file, args.sets, args.dataset,
+                                args.data_dir, args.seed)
         # the flow runs use this process's environment: check what they will meet
         preflight_run(config, tracking_uri or default_tracking_uri(), experiment=experiment,
                       model_name=model_name)
-        parameters = flow_parameters(flow, config, preset, tracking_uri, experiment,
+        parameters = flow_parameters(flow, config, args.preset, tracking_uri, experiment,
                                      model_name)
         api_url = require_api_url()
         schedules = build_schedules(cron, interval, tz)
@@ -273,7 +268,7 @@ def serve(
 
     deployment = make_deployment(flow, name, parameters, schedules, limit)
     when = "; ".join(describe_schedule(s.schedule) for s in deployment.schedules) or "on demand"
-    typer.echo(f"layerwise: serving {deployment.flow_name}/{name} ({when}), preset {preset}, "
+    typer.echo(f"layerwise: serving {deployment.flow_name}/{name} ({when}), preset {args.preset}, "
                f"{config.model.n_layers} layers {config.model.hidden_sizes}, at {api_url}")
     prefect_serve(deployment, limit=limit, print_starting_message=False)
 
@@ -296,7 +291,7 @@ def register(app: typer.Typer) -> None:
     """Add the ``schedule`` sub-app (``serve`` and ``list``) to the ``layerwise`` CLI."""
     sub = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False,
                       help="Scheduled runs on a Prefect server (PREFECT_API_URL).")
-    sub.command("serve")(serve)
+    sub.command("serve")(config_options()(serve))
     sub.command("list")(list_command)
     app.add_typer(sub, name="schedule")
 

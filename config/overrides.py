@@ -119,8 +119,8 @@ def resolve_config(
 
 
 def file_plan(config: PipelineConfig):
-    """The :class:`tasks.data_sizes.SplitPlan` of a data file, from its header only."""
-    from tasks.data_sizes import plan_split
+    """The :class:`config.sizes.SplitPlan` of a data file, from its header only."""
+    from config.sizes import plan_split
 
     data = config.data
     if Path(data.dataset).suffix.lower() == ".npz":
@@ -139,7 +139,7 @@ def check_sizes(config: PipelineConfig) -> None:
         ConfigError: listing all problems together, each with a value that works.
     """
     from config.stages import batch_sizes
-    from tasks.data_sizes import size_problems
+    from config.sizes import size_problems
 
     if config.data.is_named:
         return  # checked when the config was validated

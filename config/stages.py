@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from config.sizes import MNIST_TRAIN_POOL, MNIST_VALID_SIZE, plan_split, size_problems
 from models.corruption import NOISE_NAMES, check_level
 
 Activation = Literal["sigmoid", "tanh", "relu", "leaky_relu"]
@@ -24,9 +25,6 @@ NoiseType = Literal[NOISE_NAMES]  # the keys of models.corruption.PROCESSES
 ReconstructionLoss = Literal["cross_entropy", "squared_error"]
 Normalization = Literal["unit", "standardize", "zca"]
 
-#: Size of the official MNIST training set and the reference validation split.
-MNIST_TRAIN_POOL = 60_000
-MNIST_VALID_SIZE = 10_000
 #: ``--dataset`` names: the IDX family (torchvision) and MNIST variants generated from MNIST.
 NAMED_DATASETS = ("mnist", "fashion-mnist", "kmnist", "mnist-bg-rand", "mnist-rot")
 #: Suffixes of a user's own data file.
@@ -253,8 +251,6 @@ class PipelineConfig(StageConfig):
                     "loss='squared_error'"
                 )
         if self.data.is_named:  # sizes known without reading a file
-            from tasks.data_sizes import plan_split, size_problems
-
             plan = plan_split(self.data, MNIST_TRAIN_POOL, None)
             problems = size_problems(self.data, plan, batch_sizes(self))
             if problems:

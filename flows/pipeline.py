@@ -11,18 +11,19 @@ from typing import Any, Callable, Iterator, Optional
 from prefect import flow
 from pydantic import BaseModel
 
+from config.parameters import complete, resolve_flow_config
 from config.stages import PipelineConfig, check_train_size, flatten
-from tracking.conventions import (NOTE_TAG, dataset_inputs, run_description, run_name,
-                               stage_description)
-from tasks.data import load_data_task
+from runtime.environment import eval_device, layerwise_home
 from runtime.errors import ConfigError
+from tasks.data import load_data_task
 from tasks.evaluate import ARMS, evaluate_task, per_class_table
 from tasks.finetune import finetune_twins_task
 from tasks.pretrain import pretrain_layer_task
-from runtime.environment import eval_device, layerwise_home
-from config.parameters import complete, resolve_flow_config
+from tracking.conventions import dataset_inputs, run_description, run_name, stage_description
 from tracking.records import log_classifier_run, log_data, log_evaluation, log_layer
-from tracking.tracker import CACHED_TAG, KIND_TAG, STAGE_TAG, Tracker, environment_params
+from tracking.tracker import Tracker, environment_params
+from tracking.vocabulary import (CACHED_TAG, KIND_TAG, NOTE_TAG, STAGE_TAG, TEST_ERROR_DIFF,
+                                 TEST_ERROR_PRETRAINED, TEST_ERROR_RANDOM)
 
 
 class StageReport(BaseModel):
@@ -188,9 +189,9 @@ def pipeline(
             echo(f"  reused {reused}")
         result = PipelineResult(
             run_id=parent, experiment_id=tracker.experiment_id, tracking_uri=tracker.uri,
-            test_error_pretrained=metrics["test/error_pretrained"],
-            test_error_random=metrics["test/error_random"],
-            test_error_diff=metrics["test/error_diff"],
+            test_error_pretrained=metrics[TEST_ERROR_PRETRAINED],
+            test_error_random=metrics[TEST_ERROR_RANDOM],
+            test_error_diff=metrics[TEST_ERROR_DIFF],
             model_name=registered_model_name, model_version=version, model_reused=model_reused,
             data=data.summary(), stages=stages.reports,
         )
@@ -203,7 +204,8 @@ def run_pipeline(config: PipelineConfig, **kwargs: Any) -> PipelineResult:
     to, under ``$LAYERWISE_HOME/prefect-results`` (the flow reads the setting at start)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-    from tracking.tracker import check_reachable, default_tracking_uri, preflight_mlflow
+    from tracking.tracker import default_tracking_uri
+    from tracking.uri import check_reachable, preflight_mlflow
 
     preflight_mlflow(kwargs.get("tracking_uri") or default_tracking_uri())
     api = PREFECT_API_URL.value()

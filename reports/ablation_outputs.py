@@ -13,7 +13,7 @@ from tracking.tracker import Tracker
 if TYPE_CHECKING:
     from flows.ablation_stages import CellOutcome, Status
 
-CELL_TAG, STATUS_TAG, ERROR_TAG = "layerwise.cell", "layerwise.status", "layerwise.error"
+from tracking.vocabulary import CELL_TAG, ERROR_TAG, STATUS_TAG  # noqa: F401
 
 
 def cell_row(cell: Cell, outcome: Optional[CellOutcome], status: Status,

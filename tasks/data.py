@@ -3,7 +3,7 @@
 Plain functions first (testable without Prefect), the Prefect task last. Sources: the IDX
 family and the MNIST variants (``tasks.data_idx``, ``tasks.data_variants``), a user's
 ``.npz``, CSV or Parquet (``tasks.data_files``, ``tasks.data_tables``). The validation split
-follows ``tasks.data_sizes`` (MNIST: the LAST 10,000 of the official 60k, as in the
+follows ``config.sizes`` (MNIST: the LAST 10,000 of the official 60k, as in the
 reference tutorial; test = the official 10k). Normalisation statistics come from the
 training split only, after any ``n_train`` subset.
 """
@@ -26,7 +26,8 @@ from config.stages import DataConfig
 from tasks.data_files import NPZ_KEYS, load_npz_raw, peek_npz_train_size, read_npz  # noqa: F401
 from tasks.data_idx import (IDX_SOURCES, MNIST_SHA256, MNIST_SIZES, load_idx_raw,  # noqa: F401
                             sha256_file, verify_idx, verify_mnist)
-from tasks.data_sizes import plan_split, size_problems
+from config.sizes import plan_split, size_problems
+from tasks.data_sampling import stratified_subset  # noqa: F401  (tasks.data's API)
 from runtime.errors import DataError
 
 SPLITS = ("x_train", "y_train", "x_valid", "y_valid", "x_test", "y_test")
@@ -35,29 +36,6 @@ SPLITS = ("x_train", "y_train", "x_valid", "y_valid", "x_test", "y_test")
 def load_mnist_raw(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """MNIST from ``cfg.data_dir`` (:func:`tasks.data_idx.load_idx_raw`)."""
     return load_idx_raw("mnist", cfg.data_dir, cfg.download)
-
-
-def stratified_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Seeded, class-stratified subset of exactly ``n`` indices into ``y``, sorted.
-
-    Class c gets n * count_c / N examples, rounded by largest remainder so the total is n;
-    when n >= the number of classes present, each present class gets at least one.
-    """
-    y = np.asarray(y)
-    if not 1 <= n <= len(y):
-        raise DataError(f"data.n_train={n} is outside [1, {len(y)}] training examples")
-    counts = np.bincount(y)  # (C,)
-    quota = n * counts / len(y)
-    alloc = np.floor(quota).astype(np.int64)
-    order = np.argsort(-(quota - alloc), kind="stable")  # largest remainder first
-    alloc[order[: n - alloc.sum()]] += 1
-    if n >= np.count_nonzero(counts):
-        for c in np.flatnonzero((counts > 0) & (alloc == 0)):
-            alloc[np.argmax(alloc)] -= 1  # one from the largest class, which has >= 2
-            alloc[c] = 1
-    rng = np.random.Generator(np.random.PCG64(seed))
-    picks = [rng.choice(np.flatnonzero(y == c), k, replace=False) for c, k in enumerate(alloc)]
-    return np.sort(np.concatenate(picks))
 
 
 def normalize(
@@ -182,7 +160,7 @@ def read_source(cfg: DataConfig) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def split_pool(cfg: DataConfig, arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
-    """Training and validation splits of the pool, as ``tasks.data_sizes`` plans them.
+    """Training and validation splits of the pool, as ``config.sizes`` plans them.
 
     Returns:
         The six :data:`SPLITS` arrays, and the split's settings for the digest.

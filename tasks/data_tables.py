@@ -15,7 +15,7 @@ import numpy as np
 
 from config.stages import DataConfig
 from tasks.data_files import TABLE_SPLITS, check_pairs, check_y
-from tasks.data_sizes import fraction_count
+from config.sizes import fraction_count
 from runtime.errors import DataError
 
 
@@ -52,7 +52,7 @@ def _columns(path: Path) -> list[str]:
 def _split_rows(cfg: DataConfig, path: Path, labels: np.ndarray,
                 split: Optional[np.ndarray]) -> dict[str, np.ndarray]:
     """Row indices of each split: from the ``split`` column, or a stratified test fraction."""
-    from tasks.data import stratified_subset  # the one stratified sampler
+    from tasks.data_sampling import stratified_subset
 
     if split is not None:
         unknown = sorted(set(split.tolist()) - set(TABLE_SPLITS))

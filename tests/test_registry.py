@@ -16,7 +16,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from tracking import registry
+from tracking import models, registry
 
 from cli import registry as registry_cli
 from config.overrides import resolve_config
@@ -268,7 +268,7 @@ def test_models_falls_back_to_the_parent_run_metric(store, client):
     name = "reg-untagged"
     client.create_registered_model(name)
     client.create_model_version(name, mv.source, run_id=mv.run_id)
-    row = registry.list_models(client, name).iloc[0]
+    row = models.list_models(client, name).iloc[0]
     assert row["test_error"] == _metrics(client, first.run_id)["test/error_pretrained"]
     assert row["test_error_source"] == "parent"
     assert row["run_id"] == first.run_id and row["data_digest"] == first.data["digest"]

@@ -16,7 +16,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-NOTE_TAG = "mlflow.note.content"  # the description field of runs and experiments in the UI
 EXPERIMENT_DESCRIPTION = (
     "layerwise: greedy layer-wise pretraining of stacked denoising autoencoders vs random "
     "initialisation. Parent runs (tag layerwise.kind) hold the config as params and "

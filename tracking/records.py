@@ -15,13 +15,13 @@ from typing import Any, Callable, Optional
 
 from runtime.errors import TrackingError
 from tracking.registration import find_model_version, register_classifier
-from tracking.tracker import ARTIFACTS_FROM_TAG, ARTIFACTS_KEY_TAG, Tracker
+from tracking.tracker import Tracker
+from tracking.vocabulary import (ARM_TAG, ARTIFACTS_FROM_TAG, ARTIFACTS_KEY_TAG, FORMAT_TAG,
+                                 TEST_ERROR_DIFF, TEST_ERROR_PRETRAINED, TEST_ERROR_RANDOM)
 
 # Bump when what the registered model takes or returns changes: versions of another
 # format are never reused.
 SERVED_FORMAT = "raw-pixels-probabilities-v1"
-FORMAT_TAG = "layerwise.model_format"
-ARM_TAG = "layerwise.arm"
 
 
 def upload_once(tracker: Tracker, run: str, key: str, upload: Callable[[], None]
@@ -110,9 +110,9 @@ def log_evaluation(tracker: Tracker, run: str, parent: str, evaluation: Any,
     from tasks.evaluate import ARMS
 
     metrics = {
-        "test/error_pretrained": evaluation.arms["pretrained"].test_error,
-        "test/error_random": evaluation.arms["random"].test_error,
-        "test/error_diff": evaluation.error_diff,
+        TEST_ERROR_PRETRAINED: evaluation.arms["pretrained"].test_error,
+        TEST_ERROR_RANDOM: evaluation.arms["random"].test_error,
+        TEST_ERROR_DIFF: evaluation.error_diff,
     }
     tracker.log_metrics(run, metrics)
 
@@ -134,8 +134,8 @@ def log_evaluation(tracker: Tracker, run: str, parent: str, evaluation: Any,
         version = register_classifier(
             tracker, run, model, raw_test_inputs(config.data)[:5], model_name,
             {**identity, "layerwise.run_id": parent,
-             "test_error": repr(metrics["test/error_pretrained"])},
-            description=model_description(config, data, metrics["test/error_pretrained"]),
+             "test_error": repr(metrics[TEST_ERROR_PRETRAINED])},
+            description=model_description(config, data, metrics[TEST_ERROR_PRETRAINED]),
         )
     except Exception as exc:  # noqa: BLE001 - whatever broke, say where the work is
         kept = ", ".join(str(results[a].checkpoint.path) for a in ARMS)

@@ -17,15 +17,15 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from tracking.conventions import EXPERIMENT_DESCRIPTION, NOTE_TAG, system_tags
+from tracking.conventions import EXPERIMENT_DESCRIPTION, system_tags
 from runtime.errors import TrackingError
 from runtime.environment import layerwise_home
+from tracking.uri import preflight_mlflow
 
-KIND_TAG, STAGE_TAG, CACHED_TAG = "layerwise.kind", "layerwise.stage", "layerwise.cached"
-PID_TAG, HOST_TAG = "layerwise.pid", "layerwise.host"
 # A stage run that uploaded the artifacts of a content key (data and checkpoint digests)
-# carries the key; a later run with the same key points at it instead of uploading again.
-ARTIFACTS_KEY_TAG, ARTIFACTS_FROM_TAG = "layerwise.artifacts_key", "layerwise.artifacts_from"
+# carries ARTIFACTS_KEY_TAG; a later run with the same key points at it instead of uploading.
+from tracking.vocabulary import (ARTIFACTS_FROM_TAG, ARTIFACTS_KEY_TAG, CACHED_TAG,  # noqa: F401
+                                 HOST_TAG, KIND_TAG, NOTE_TAG, PID_TAG, STAGE_TAG)
 MAX_PARAM_CHARS = 6000
 MAX_BATCH = 1000
 
@@ -106,29 +106,6 @@ def sqlite_init_lock(db: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def check_reachable(url: str, what: str, hint: str, timeout: float = 5.0) -> None:
-    """Fail fast, before any training, when an HTTP server does not answer its health URL."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http(s) only
-            if response.status >= 500:
-                raise OSError(f"HTTP {response.status}")
-    except (OSError, urllib.error.URLError) as exc:
-        raise TrackingError(f"{what} at {url} is unreachable ({exc}). {hint}") from exc
-
-
-def preflight_mlflow(uri: str) -> None:
-    """The tracking URI can be used (``tracking.uri.check_tracking_uri``): a known
-    scheme, its driver installed, the store reachable and writable."""
-    from tracking.uri import check_tracking_uri
-
-    problems = check_tracking_uri(uri)
-    if problems:
-        raise TrackingError(" ".join(problems))
 
 
 TRANSIENT = ("database is locked", "connection", "timed out", "temporarily", "503", "502", "504")

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from runtime.errors import TrackingError
+
 #: SQLAlchemy dialects MLflow's database store supports (``mlflow.store.db.db_types``).
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 HTTP_SCHEMES = ("http", "https")
@@ -101,9 +103,6 @@ def check_reachable_and_writable(uri: str, timeout: float = 5.0) -> list[str]:
     if scheme in DATABASE_SCHEMES:
         return _check_database(uri, timeout)
     if scheme in HTTP_SCHEMES:
-        from runtime.errors import TrackingError
-        from tracking.tracker import check_reachable
-
         try:
             check_reachable(uri.rstrip("/") + "/health", "the MLflow tracking server",
                             f"Start it, or {DEFAULT_HINT}.", timeout=timeout)
@@ -138,3 +137,24 @@ def check_tracking_uri(uri: str) -> list[str]:
         if problems:
             return problems
     return []
+
+
+def check_reachable(url: str, what: str, hint: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any training, when an HTTP server does not answer its health URL."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http(s) only
+            if response.status >= 500:
+                raise OSError(f"HTTP {response.status}")
+    except (OSError, urllib.error.URLError) as exc:
+        raise TrackingError(f"{what} at {url} is unreachable ({exc}). {hint}") from exc
+
+
+def preflight_mlflow(uri: str) -> None:
+    """The tracking URI can be used (``tracking.uri.check_tracking_uri``): a known
+    scheme, its driver installed, the store reachable and writable."""
+    problems = check_tracking_uri(uri)
+    if problems:
+        raise TrackingError(" ".join(problems))

@@ -18,9 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from config.stages import MNIST_VALID_SIZE, DataConfig
+if TYPE_CHECKING:  # the config validates with these rules, so they import no config
+    from config.stages import DataConfig
+
+#: Size of the official MNIST-style training set and the reference validation split.
+MNIST_TRAIN_POOL = 60_000
+MNIST_VALID_SIZE = 10_000
 
 
 def fraction_count(fraction: float, n: int) -> int:

@@ -1,0 +1,18 @@
+"""The MLflow record's vocabulary, defined once: the tags the pipeline, the ablation and the
+registry commands write and read, and the parent run's test metrics."""
+
+KIND_TAG, STAGE_TAG, CACHED_TAG = "layerwise.kind", "layerwise.stage", "layerwise.cached"
+PID_TAG, HOST_TAG = "layerwise.pid", "layerwise.host"
+ARTIFACTS_KEY_TAG = "layerwise.artifacts_key"  # the content key of a stage's artifacts
+ARTIFACTS_FROM_TAG = "layerwise.artifacts_from"  # identical artifacts kept by an earlier run
+ARM_TAG = "layerwise.arm"  # a fine-tuning arm's run: pretrained | random
+FORMAT_TAG = "layerwise.model_format"
+CELL_TAG, STATUS_TAG, ERROR_TAG = "layerwise.cell", "layerwise.status", "layerwise.error"
+PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"  # the description field of runs and experiments in the UI
+KINDS = ("pipeline", "ablation")
+#: The parent run's test metrics (``test/error_diff`` = pretrained - random).
+TEST_ERROR_PRETRAINED, TEST_ERROR_RANDOM = "test/error_pretrained", "test/error_random"
+TEST_ERROR_DIFF = "test/error_diff"
+TEST_METRICS = {"test_error_pretrained": TEST_ERROR_PRETRAINED,
+                "test_error_random": TEST_ERROR_RANDOM}
