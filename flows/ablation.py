@@ -59,63 +59,30 @@ def ablation(
     ``population`` > 1 trains up to that many seeds of a layer or a cell as one batched
     model (``flows.populations``); the table, runs and figures are the same.
     """
-    import pandas as pd
-
-    from reports.stats import summarize
-
     echo = print if verbose else (lambda line: None)
-    cells = expand(grid)
+    cells = expand(grid)  # 1. the plan: every cell, and the distinct pretraining layers
     nodes, stacks = pretraining_plan(cells)
     retry = {"retries": grid.retries, "retry_delay_seconds": grid.retry_delay_seconds}
     tracker = Tracker(tracking_uri, experiment)
     with tracker.run(f"ablation-{grid.name}", {KIND_TAG: "ablation"}) as parent:
         tracker.log_params(parent, {**grid_params(grid), "preset": grid.name,
-                                    "n_cells": len(cells),
-                                    "n_pretrain_layers": len(nodes),
+                                    "n_cells": len(cells), "n_pretrain_layers": len(nodes),
                                     "population": population,
                                     **environment_params(_device(cells))})
         echo(f"ablation {grid.name}: {len(cells)} cells, {len(nodes)} distinct pretraining "
              f"layers, {grid.retries} retries per task")
-
-        if population > 1:  # seeds of a layer or a cell trained as one batched model
-            from flows.populations import submit
-
-            futures, below, n_tasks = submit(cells, nodes, stacks, population, home,
-                                             threads, retry)
-            echo(f"  populations of up to {population} seeds: {n_tasks} tasks")
-        else:
-            # 1. Every distinct pretraining layer once, each on the layers below it.
-            layers = {}
-            for node in nodes.values():
-                layers[node.key] = pretrain_layer.with_options(
-                    task_run_name=f"layer-{node.k + 1}/{node.key[:8]}", **retry,
-                ).submit(node.k, node.config, [layers[key] for key in node.lower], home,
-                         threads)
-            below = {cell.id: [layers[key] for key in stacks.get(cell.id, [])]
-                     for cell in cells}
-
-            # 2. Every cell: random-init arms at once, pretrained arms on their stack.
-            futures = {cell.id: run_cell.with_options(task_run_name=f"cell/{cell.id}", **retry)
-                       .submit(cell, below[cell.id], home, threads) for cell in cells}
-
-        # 3. One row and one child run per cell, in grid order; failed cells included.
+        # 2-3. Layers, each once on the layers below it; cells on their stacks.
+        futures, below = submit_work(cells, nodes, stacks, population, home, threads, retry,
+                                     echo)
+        # 4. Settle: one row and one child run per cell, in grid order; failures included.
         rows = []
         for i, cell in enumerate(cells, 1):
-            outcome, status, error = settle(futures[cell.id], below[cell.id])
-            rows.append(cell_row(cell, outcome, status, error))
+            rows.append(cell_row(cell, *settle(futures[cell.id], below[cell.id])))
             log_cell(tracker, parent, cell, rows[-1])
             echo(progress_line(i, len(cells), rows[-1]))
-
-        # 4. Table, statistics, figures.
-        table = pd.DataFrame(rows)
-        by = [c for c in GROUPING if c in grid.factors.listed()]
-        summary = summarize(table, by, resamples=grid.bootstrap.resamples,
-                            level=grid.bootstrap.level, seed=grid.bootstrap.seed)
-        files = write_outputs(Path(out_dir), grid, table, summary, by)
-        record(tracker, parent, table, files)
-        text = format_summary(summary, by, grid.bootstrap.level)
-        summary_artifact(summary, grid)
-        failed = {r["cell"]: r["error"] for r in rows if r["status"] == "failed"}
+        # 5. Record: the table, its statistics and figures.
+        table, files, text = record_table(tracker, parent, grid, rows, Path(out_dir))
+    failed = {r["cell"]: r["error"] for r in rows if r["status"] == "failed"}
     return AblationResult(
         run_id=parent, experiment_id=tracker.experiment_id, tracking_uri=tracker.uri,
         out_dir=Path(out_dir), n_cells=len(cells), n_ok=int((table.status == "ok").sum()),
@@ -142,6 +109,52 @@ def task_runner(workers: int = 1, dask_address: Optional[str] = None) -> Any:
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=1)
+
+
+def submit_work(cells: list[Cell], nodes: dict[str, Any], stacks: dict[str, list[str]],
+                population: int, home: str, threads: Optional[int], retry: dict[str, Any],
+                echo: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """Submit every distinct pretraining layer once and every cell on its stack.
+
+    Returns:
+        The cells' futures by cell id, and each cell's pretraining futures (bottom first).
+    """
+    if population > 1:  # seeds of a layer or a cell trained as one batched model
+        from flows.populations import submit
+
+        futures, below, n_tasks = submit(cells, nodes, stacks, population, home, threads, retry)
+        echo(f"  populations of up to {population} seeds: {n_tasks} tasks")
+        return futures, below
+    layers: dict[str, Any] = {}
+    for node in nodes.values():  # the plan lists a layer after the layers below it
+        layers[node.key] = pretrain_layer.with_options(
+            task_run_name=f"layer-{node.k + 1}/{node.key[:8]}", **retry,
+        ).submit(node.k, node.config, [layers[key] for key in node.lower], home, threads)
+    below = {cell.id: [layers[key] for key in stacks.get(cell.id, [])] for cell in cells}
+    futures = {cell.id: run_cell.with_options(task_run_name=f"cell/{cell.id}", **retry)
+               .submit(cell, below[cell.id], home, threads) for cell in cells}
+    return futures, below
+
+
+def record_table(tracker: Tracker, parent: str, grid: Grid, rows: list[dict[str, Any]],
+                 out_dir: Path) -> tuple[Any, dict[str, Path], str]:
+    """The tidy table, its summary statistics, the output files and the parent run's record.
+
+    Returns:
+        The table (one row per cell), the files written, and the summary as text.
+    """
+    import pandas as pd
+
+    from reports.stats import summarize
+
+    table = pd.DataFrame(rows)
+    by = [c for c in GROUPING if c in grid.factors.listed()]
+    summary = summarize(table, by, resamples=grid.bootstrap.resamples,
+                        level=grid.bootstrap.level, seed=grid.bootstrap.seed)
+    files = write_outputs(out_dir, grid, table, summary, by)
+    record(tracker, parent, table, files)
+    summary_artifact(summary, grid)
+    return table, files, format_summary(summary, by, grid.bootstrap.level)
 
 
 def run_ablation(grid: Grid, workers: int = 1, dask_address: Optional[str] = None,
