@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from runtime import expected_errors
 from runtime import errors
-from tests.test_preflight import cli
+from test_preflight import cli  # tests/ is on sys.path (rootdir conftest, no __init__)
 
 ERRORS = [errors.DataError, errors.ConfigError, errors.DivergenceError, errors.TrackingError,
           errors.ResourceError, errors.CheckpointError]
