@@ -24,7 +24,7 @@ from flows.ablation_stages import CellOutcome, Status, pretrain_layer, pretraini
 from config.grid import expand, grid_params
 from config.grid_spec import GROUPING, Cell, Grid
 from reports.ablation_outputs import (cell_row, format_summary, log_cell, progress_line, record,
-                                    summary_artifact, write_outputs)
+                                      summary_artifact, write_outputs)
 from tracking.tracker import KIND_TAG, Tracker, environment_params
 
 

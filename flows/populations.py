@@ -30,7 +30,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flows.ablation_stages import (CellOutcome, LayerNode, LayerOutcome, score_cell, single_cell,
-                            single_layer, worker_data)
+                                   single_layer, worker_data)
 from config.grid_spec import Cell
 from config.stages import PipelineConfig
 from runtime.errors import DivergenceError

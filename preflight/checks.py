@@ -26,10 +26,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from preflight.memory import (FLOAT, Shape, available_bytes, classifier_params,
-                                   dae_params, memory_problem)
 from config.stages import NAMED_DATASETS
+from preflight.memory import (FLOAT, Shape, available_bytes, classifier_params,
+                              dae_params, memory_problem)
 from runtime.errors import PreflightError
+from tasks.data_files import npy_header
 from tracking.uri import check_tracking_uri, sqlite_path, writable_dir_problem
 
 MNIST_SHAPE = Shape(n_rows=70_000, n_features=784, n_classes=10)
@@ -56,16 +57,6 @@ def name_problems(experiment: str, model_name: Optional[str]) -> list[str]:
     return problems
 
 
-def _npy_header(zf: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of ``name`` in an open ``.npz``, from its ``.npy`` header only."""
-    with zf.open(f"{name}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                else np.lib.format.read_array_header_2_0)
-        shape, _, dtype = read(f)
-    return tuple(shape), dtype
-
-
 @functools.lru_cache(maxsize=8)
 def data_shape(dataset: str) -> tuple[Optional[Shape], list[str]]:
     """The data's shape and label problems; ``(None, [])`` when the file cannot be read
@@ -80,8 +71,8 @@ def data_shape(dataset: str) -> tuple[Optional[Shape], list[str]]:
     path = Path(dataset)
     try:
         with zipfile.ZipFile(path) as zf:
-            x_train, _ = _npy_header(zf, "x_train")  # (N, D)
-            x_test, _ = _npy_header(zf, "x_test")  # (M, D)
+            x_train, _ = npy_header(zf, "x_train")  # (N, D)
+            x_test, _ = npy_header(zf, "x_test")  # (M, D)
         with np.load(path, allow_pickle=False) as npz:  # labels only: N int64 each
             labels = {k: npz[k] for k in ("y_train", "y_test")}
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):

@@ -111,13 +111,19 @@ def load_npz_raw(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     return a["x_train"], a["y_train"], a["x_test"], a["y_test"]
 
 
-def _npy_rows(zf: zipfile.ZipFile, name: str, path: Path) -> int:
-    """Rows of one array in an open ``.npz``, read from its ``.npy`` header only."""
+def npy_header(zf: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of array ``name`` in an open ``.npz``, from its ``.npy`` header only."""
     with zf.open(f"{name}.npy") as f:
         version = np.lib.format.read_magic(f)
         read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                 else np.lib.format.read_array_header_2_0)  # (3, 0) has 2.0's layout
-        shape = read(f)[0]  # (shape, fortran_order, dtype)
+        shape, _, dtype = read(f)  # (shape, fortran_order, dtype)
+    return tuple(shape), dtype
+
+
+def _npy_rows(zf: zipfile.ZipFile, name: str, path: Path) -> int:
+    """Rows of one array in an open ``.npz``, read from its ``.npy`` header only."""
+    shape, _ = npy_header(zf, name)
     if len(shape) < 2:
         raise DataError(f"{path}: {name} must be 2-D (N, D), got shape {shape}")
     return int(shape[0])

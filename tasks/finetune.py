@@ -17,7 +17,7 @@ from config.stages import PipelineConfig
 from runtime.errors import DivergenceError
 from tasks.pretrain import LayerResult, layer_states
 from runtime.environment import (Seed, derive_seed, eval_device, fit, make_trainer, stage_dir,
-                           stage_key)
+                                 stage_key)
 
 Arm = Literal["pretrained", "random"]
 #: The twins, in the order the pipeline fine-tunes, evaluates and reports them.

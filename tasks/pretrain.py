@@ -15,7 +15,7 @@ from runtime.checkpoints import Checkpoint, load_state, save_state, tensor_sha25
 from config.stages import PipelineConfig
 from runtime.errors import DivergenceError
 from runtime.environment import (Seed, derive_seed, eval_device, fit, make_trainer, stage_dir,
-                           stage_key)
+                                 stage_key)
 
 N_EXAMPLES = 10  # images per row in the corrupted-input and reconstruction figures
 

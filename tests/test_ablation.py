@@ -426,6 +426,7 @@ def test_prefect_summary_artifact(tiny):
 # --- the Dask path -------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 30 s: starts a local Dask cluster; the Dask path is optional
 def test_dask_cluster_reproduces_the_in_process_results(tiny, shared_data_dir, tmp_path,
                                                          monkeypatch):
     """1 depth × 2 inits × 2 seeds on a LocalCluster of 2 worker processes, in a fresh store,

@@ -130,6 +130,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow  # 40 s: a process pool around a real ephemeral server
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
 def test_process_pool_workers_use_the_runs_one_guarded_ephemeral_server(tmp_path):
     script = tmp_path / "shared.py"

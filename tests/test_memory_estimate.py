@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from preflight.memory import (BASE_BYTES, Shape, classifier_params, dae_params,
-                                   largest_width_that_fits, memory_problem, peak_bytes)
+                              largest_width_that_fits, memory_problem, peak_bytes)
 from preflight.checks import name_problems
 from config.stages import PipelineConfig
 
