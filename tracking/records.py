@@ -158,13 +158,10 @@ def raw_test_inputs(cfg: Any) -> Any:
     """The test split as a user has it: float32 (N, D) pixels, unnormalised (MNIST: 0-255)."""
     import numpy as np
 
-    from tasks.data import load_mnist_raw, load_npz_raw
+    from tasks.data import read_source
 
-    if cfg.is_mnist:
-        x_test = load_mnist_raw(cfg)[2]  # uint8 (10000, 784)
-    else:
-        x_test = load_npz_raw(Path(cfg.dataset))[2]
-    return np.ascontiguousarray(x_test, dtype=np.float32)
+    arrays, _ = read_source(cfg)  # every source: idx, variants, .npz, tables
+    return np.ascontiguousarray(arrays["x_test"], dtype=np.float32)
 
 
 def model_description(config: Any, data: Any, test_error: float) -> str:
