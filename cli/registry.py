@@ -216,7 +216,10 @@ def models(
     fmt: Format = typer.Option(Format.table, "--format", help="table | csv | json"),
     tracking_uri: Optional[str] = UriOpt,
 ) -> None:
-    """List registered models: versions, aliases, test error and data digest of each."""
+    """List registered models: versions, aliases, validation and test error, data digest.
+
+    Errors are shown as stored: a fraction for classifiers, squared error per image for
+    autoencoders."""
     from tracking import models
 
     client = _client(tracking_uri)
@@ -224,22 +227,28 @@ def models(
     if fmt is not Format.json:
         df = df.assign(aliases=df["aliases"].map(",".join))
     _emit(df, fmt, lambda d: d.assign(
-        aliases=d["aliases"].replace("", "-"), test_error=d["test_error"].map(_pct),
+        aliases=d["aliases"].replace("", "-"), val_error=d["val_error"].map(_g),
+        test_error=d["test_error"].map(_g),
         data_digest=d["data_digest"].map(lambda x: x[:12] if isinstance(x, str) else "-"),
         created=d["created"].map(_when),
-    ).rename(columns={"test_error": "test_error%", "test_error_source": "from",
-                      "data_digest": "digest"}))
+    ).drop(columns=["val_error_source"]).rename(columns={"test_error_source": "from",
+                                                          "data_digest": "digest"}))
+
+
+def _g(value: Any) -> str:
+    return "-" if value is None or value != value else f"{value:.6g}"
 
 
 def promote(
     name: str = typer.Option("layerwise-classifier", "--name", help="Registered model."),
     version: Optional[int] = typer.Option(None, "--version", min=1, help="Promote this version "
                                           "(default: the best on the newest version's data)."),
-    force: bool = typer.Option(False, "--force", help="Compare test errors across data "
-                               "digests: pick the best of all versions."),
+    force: bool = typer.Option(False, "--force", help="Compare validation errors across "
+                               "data digests: pick the best of all versions."),
     tracking_uri: Optional[str] = UriOpt,
 ) -> None:
-    """Point the alias `champion` at the best version (lowest test error) or at --version."""
+    """Point the alias `champion` at the version with the lowest VALIDATION error (or at
+    --version); its test error is reported beside it and never used to choose."""
     from tracking import models
 
     client = _client(tracking_uri)
@@ -250,13 +259,14 @@ def promote(
     else:
         typer.echo(f"{head} is now {res['alias']}" + (
             f" (was v{res['previous']})" if res["previous"] is not None else ""))
-    typer.echo(f"  test error  {_pct(res['test_error'])} %  ({res['test_error']!r})")
+    typer.echo(f"  val error   {res['val_error']!r}  (chooses)")
+    typer.echo(f"  test error  {res['test_error']!r}  (reported only)")
     typer.echo(f"  data digest {res['data_digest']}")
     typer.echo(f"  run         {res['run_id']}")
     if version is None:
         typer.echo(f"  compared    v{', v'.join(map(str, res['candidates']))}"
                    + (f"; left out v{', v'.join(map(str, res['excluded']))} (other data digest "
-                      "or no test error)" if res["excluded"] else ""))
+                      "or no validation error)" if res["excluded"] else ""))
 
 
 def register(app: typer.Typer) -> None:

@@ -274,17 +274,21 @@ def test_models_falls_back_to_the_parent_run_metric(store, client):
     assert row["run_id"] == first.run_id and row["data_digest"] == first.data["digest"]
 
 
-def test_promote_picks_the_lowest_error_on_the_same_data(store, client, cli):
+def test_promote_picks_the_lowest_validation_error_on_the_same_data(store, client, cli):
     results = store["results"]
-    errors = {r.model_version: _metrics(client, r.run_id)["test/error_pretrained"]
-              for r in results}
-    best = min(errors, key=lambda v: (errors[v], -int(v)))
+    val = {r.model_version: _metrics(client, r.run_id)["valid/error_pretrained"]
+           for r in results}
+    test = {r.model_version: _metrics(client, r.run_id)["test/error_pretrained"]
+            for r in results}
+    best = min(val, key=lambda v: (val[v], -int(v)))
     out = _ok(cli("promote", "--name", MODEL, "--tracking-uri", store["uri"]))
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == best
-    assert f"{MODEL} v{best} " in out and repr(errors[best]) in out
+    assert f"{MODEL} v{best} " in out and repr(val[best]) in out and repr(test[best]) in out
     assert results[0].data["digest"] in out
+    row = models.list_models(client, MODEL).set_index("version").loc[int(best)]
+    assert row["val_error"] == val[best] and row["val_error_source"] == "tag"
 
-    other = next(v for v in errors if v != best)
+    other = next(v for v in val if v != best)
     out = _ok(cli("promote", "--name", MODEL, "--version", other, "--tracking-uri",
                   store["uri"]))
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == other
@@ -293,16 +297,37 @@ def test_promote_picks_the_lowest_error_on_the_same_data(store, client, cli):
     assert missing.exit_code == 1 and "no version 99" in missing.stderr
 
 
+def test_promote_ignores_test_error(store, client, cli):
+    """Same data: v1 has the better validation error (0.10 < 0.20) and the worse test
+    error (0.30 > 0.05). Selecting on validation, v1 must win; a choice that looked at the
+    test error would take v2. v3 has a test error and no validation error: left out."""
+    name, uri = "reg-val-vs-test", store["uri"]
+    client.create_registered_model(name)
+    for tags in ({"val_error": "0.1", "test_error": "0.3"},
+                 {"val_error": "0.2", "test_error": "0.05"},
+                 {"test_error": "0.01"}):  # no run: nothing to fall back on
+        client.create_model_version(name, f"file://{store['home']}/no-model",
+                                    tags={"data.digest": "c" * 64, **tags})
+    table = models.list_models(client, name).set_index("version")
+    assert table.loc[3, "val_error"] != table.loc[3, "val_error"]  # NaN: nothing recorded
+    out = _ok(cli("promote", "--name", name, "--tracking-uri", uri))
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert "val error   0.1" in out and "test error  0.3" in out and "left out v3" in out
+    res = models.promote(client, name)
+    assert (res["version"], res["val_error"], res["test_error"]) == (1, 0.1, 0.3)
+
+
 def test_promote_refuses_to_compare_across_data_digests(store, client, cli):
-    """Hand-made versions with known digests and errors: v1 (A, 0.30), v2 (B, 0.10),
-    v3 (A, 0.20). Without a champion the newest digest (A) decides: v3. Over a champion on
-    B it refuses, unless --force, which picks the best of all: v2."""
+    """Hand-made versions with known digests and validation errors: v1 (A, 0.30), v2 (B,
+    0.10), v3 (A, 0.20). Without a champion the newest digest (A) decides: v3. Over a
+    champion on B it refuses, unless --force, which picks the best of all: v2."""
     mv = client.get_model_version(MODEL, store["results"][0].model_version)
     name, uri = "reg-mixed", store["uri"]
     client.create_registered_model(name)
     for digest, error in (("a" * 64, "0.3"), ("b" * 64, "0.1"), ("a" * 64, "0.2")):
         client.create_model_version(name, mv.source, run_id=mv.run_id,
-                                    tags={"data.digest": digest, "test_error": error})
+                                    tags={"data.digest": digest, "val_error": error,
+                                          "test_error": "0.5"})
 
     def champion():
         return str(client.get_model_version_by_alias(name, "champion").version)

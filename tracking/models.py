@@ -1,5 +1,8 @@
-"""Registered models: their versions with test error and data digest, and the alias
-``champion`` (``layerwise models``, ``layerwise promote``)."""
+"""Registered models: their versions with validation and test error and data digest, and
+the alias ``champion`` (``layerwise models``, ``layerwise promote``).
+
+``promote`` selects on the validation error and only reports the test error beside it:
+choosing by test error would make the test set part of model selection."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from typing import Any, Optional
 import pandas as pd
 
 from tracking.client import RegistryError, call, paged, quote, timestamp, to_float, try_run
-from tracking.vocabulary import PARENT_TAG, TEST_ERROR_PRETRAINED
+from tracking.vocabulary import PARENT_TAG, TEST_ERROR_PRETRAINED, VAL_ERROR_PRETRAINED
 
 CHAMPION = "champion"
 DEFAULT_MODEL = "layerwise-classifier"
@@ -20,12 +23,16 @@ def list_models(client: Any, name: Optional[str] = None) -> pd.DataFrame:
 
     The test error of a version is its tag ``test_error``, else the metric
     ``test/error_pretrained`` of its pipeline run (tag ``layerwise.run_id``, else the parent
-    of the version's ``evaluate`` run), else of the version's run itself.
+    of the version's ``evaluate`` run), else of the version's run itself. Its validation
+    error (the pretrained arm's best validation error, or validation reconstruction error
+    for an autoencoder) is likewise its tag ``val_error``, else the metric
+    ``valid/error_pretrained`` of its pipeline run or of its own run.
 
     Returns:
-        Columns ``name, version`` (int), ``aliases`` (list), ``test_error``,
-        ``test_error_source`` (tag | parent | run | None), ``data_digest, run_id`` (the
-        pipeline run), ``created`` (UTC), ``status``.
+        Columns ``name, version`` (int), ``aliases`` (list), ``val_error``,
+        ``val_error_source`` and ``test_error``, ``test_error_source`` (tag | parent | run
+        | None), ``data_digest, run_id`` (the pipeline run), ``created`` (UTC),
+        ``status``.
     """
     if name is not None:
         models = [_registered_model(client, name)]
@@ -38,13 +45,13 @@ def list_models(client: Any, name: Optional[str] = None) -> pd.DataFrame:
             aliases.setdefault(str(version), []).append(alias)
         versions = paged(client.search_model_versions, f"name = '{quote(model.name)}'")
         for mv in sorted(versions, key=lambda v: -int(v.version)):
-            error, source, digest, parent = _version_record(client, mv)
+            errors, digest, parent = _version_record(client, mv)
             rows.append({"name": model.name, "version": int(mv.version),
-                         "aliases": sorted(aliases.get(str(mv.version), [])),
-                         "test_error": error, "test_error_source": source,
+                         "aliases": sorted(aliases.get(str(mv.version), [])), **errors,
                          "data_digest": digest, "run_id": parent,
                          "created": timestamp(mv.creation_timestamp), "status": mv.status})
-    return pd.DataFrame(rows, columns=["name", "version", "aliases", "test_error",
+    return pd.DataFrame(rows, columns=["name", "version", "aliases", "val_error",
+                                       "val_error_source", "test_error",
                                        "test_error_source", "data_digest", "run_id",
                                        "created", "status"])
 
@@ -54,15 +61,16 @@ def promote(client: Any, name: str = DEFAULT_MODEL, version: Optional[int] = Non
     """Point alias ``champion`` at a version of model ``name``.
 
     Without ``version`` the candidates are the versions trained on the same data digest as
-    the newest version, and the lowest test error wins (ties: the current champion, then
-    the newest). Test errors on different data are not comparable, so if the current
-    champion was trained on another digest this refuses unless ``force``; with ``force``
-    every version is a candidate.
+    the newest version, and the lowest VALIDATION error wins (ties: the current champion,
+    then the newest); the test error is reported beside it and takes no part in the
+    choice. Errors on different data are not comparable, so if the current champion was
+    trained on another digest this refuses unless ``force``; with ``force`` every version
+    is a candidate.
 
     Returns:
-        ``{"name", "version", "test_error", "data_digest", "previous" (version or None),
-        "changed", "candidates" (versions compared), "excluded" (versions left out: other
-        digest or no test error)}``.
+        ``{"name", "version", "val_error", "test_error", "data_digest", "previous"
+        (version or None), "changed", "candidates" (versions compared), "excluded"
+        (versions left out: other digest or no validation error)}``.
     """
     table = list_models(client, name)
     if table.empty:
@@ -91,19 +99,20 @@ def promote(client: Any, name: str = DEFAULT_MODEL, version: Optional[int] = Non
                         "errors are not comparable. Pass --version V to choose, or --force "
                         "to pick the best across all digests")
             candidates = table[_same_digest(table["data_digest"], newest["data_digest"])]
-        candidates = candidates[candidates["test_error"].notna()]
+        candidates = candidates[candidates["val_error"].notna()]
         excluded = sorted(set(table["version"]) - set(candidates["version"]))
         if candidates.empty:
-            raise RegistryError(f"no version of {name!r} has a recorded test error to compare; "
-                                "pass --version V")
-        order = candidates.assign(
+            raise RegistryError(f"no version of {name!r} has a recorded validation error to "
+                                "compare; pass --version V")
+        # Selection reads the validation error only: the test error never enters the sort.
+        order = candidates[["version", "val_error"]].assign(
             _not_champion=candidates["version"] != (previous or -1),
-            _newest=-candidates["version"]).sort_values(["test_error", "_not_champion", "_newest"])
-        chosen = order.iloc[[0]]
+            _newest=-candidates["version"]).sort_values(["val_error", "_not_champion", "_newest"])
+        chosen = table[table["version"] == int(order.iloc[0]["version"])]
     row = chosen.iloc[0]
     call(client.set_registered_model_alias, name, alias, str(int(row["version"])))
     return {"name": name, "alias": alias, "version": int(row["version"]),
-            "test_error": float(row["test_error"]), "data_digest": row["data_digest"],
+            "val_error": float(row["val_error"]), "test_error": float(row["test_error"]), "data_digest": row["data_digest"],
             "run_id": row["run_id"], "previous": previous,
             "changed": previous != int(row["version"]),
             "candidates": sorted(int(v) for v in candidates["version"]),
@@ -124,23 +133,28 @@ def _registered_model(client: Any, name: str) -> Any:
                         "register them")
 
 
-def _version_record(client: Any, mv: Any) -> tuple[float, Optional[str], Optional[str],
+def _version_record(client: Any, mv: Any) -> tuple[dict[str, Any], Optional[str],
                                                    Optional[str]]:
-    """(test error, where it came from, data digest, pipeline run id) of a model version."""
+    """({val_error, val_error_source, test_error, test_error_source}, data digest,
+    pipeline run id) of a model version."""
     tags = mv.tags or {}
     run = try_run(client, mv.run_id)
     parent_id = tags.get("layerwise.run_id") or (run.data.tags.get(PARENT_TAG) if run else None)
     parent = try_run(client, parent_id)
-    error, source = math.nan, None
-    if to_float(tags.get("test_error")) is not None:
-        error, source = to_float(tags["test_error"]), "tag"
-    elif parent is not None and TEST_ERROR_PRETRAINED in parent.data.metrics:
-        error, source = parent.data.metrics[TEST_ERROR_PRETRAINED], "parent"
-    elif run is not None and TEST_ERROR_PRETRAINED in run.data.metrics:
-        error, source = run.data.metrics[TEST_ERROR_PRETRAINED], "run"
+    errors: dict[str, Any] = {}
+    for split, tag, metric in (("val", "val_error", VAL_ERROR_PRETRAINED),
+                               ("test", "test_error", TEST_ERROR_PRETRAINED)):
+        error, source = math.nan, None
+        if to_float(tags.get(tag)) is not None:
+            error, source = to_float(tags[tag]), "tag"
+        elif parent is not None and metric in parent.data.metrics:
+            error, source = parent.data.metrics[metric], "parent"
+        elif run is not None and metric in run.data.metrics:
+            error, source = run.data.metrics[metric], "run"
+        errors.update({f"{split}_error": error, f"{split}_error_source": source})
     digest = tags.get("data.digest") or (parent.data.params.get("data.digest") if parent
                                          else None)
-    return error, source, digest, parent_id
+    return errors, digest, parent_id
 
 
 def _same_digest(digests: pd.Series, digest: Optional[str]) -> pd.Series:

@@ -17,7 +17,8 @@ from runtime.errors import TrackingError
 from tracking.registration import find_model_version, register_classifier
 from tracking.tracker import Tracker
 from tracking.vocabulary import (ARM_TAG, ARTIFACTS_FROM_TAG, ARTIFACTS_KEY_TAG, FORMAT_TAG,
-                                 TEST_ERROR_DIFF, TEST_ERROR_PRETRAINED, TEST_ERROR_RANDOM)
+                                 TEST_ERROR_DIFF, TEST_ERROR_PRETRAINED, TEST_ERROR_RANDOM,
+                                 VAL_ERROR_PRETRAINED)
 
 # Bump when what the registered model takes or returns changes: versions of another
 # format are never reused.
@@ -113,6 +114,7 @@ def log_evaluation(tracker: Tracker, run: str, parent: str, evaluation: Any,
         TEST_ERROR_PRETRAINED: evaluation.arms["pretrained"].test_error,
         TEST_ERROR_RANDOM: evaluation.arms["random"].test_error,
         TEST_ERROR_DIFF: evaluation.error_diff,
+        VAL_ERROR_PRETRAINED: results["pretrained"].best_val_error,  # what promote selects on
     }
     tracker.log_metrics(run, metrics)
 
@@ -134,6 +136,7 @@ def log_evaluation(tracker: Tracker, run: str, parent: str, evaluation: Any,
         version = register_classifier(
             tracker, run, model, raw_test_inputs(config.data)[:5], model_name,
             {**identity, "layerwise.run_id": parent,
+             "val_error": repr(metrics[VAL_ERROR_PRETRAINED]),
              "test_error": repr(metrics[TEST_ERROR_PRETRAINED])},
             description=model_description(config, data, metrics[TEST_ERROR_PRETRAINED]),
         )

@@ -14,5 +14,12 @@ KINDS = ("pipeline", "ablation")
 #: The parent run's test metrics (``test/error_diff`` = pretrained - random).
 TEST_ERROR_PRETRAINED, TEST_ERROR_RANDOM = "test/error_pretrained", "test/error_random"
 TEST_ERROR_DIFF = "test/error_diff"
+#: The pretrained arm's best validation error: what ``layerwise promote`` selects on.
+VAL_ERROR_PRETRAINED = "valid/error_pretrained"
 TEST_METRICS = {"test_error_pretrained": TEST_ERROR_PRETRAINED,
                 "test_error_random": TEST_ERROR_RANDOM}
+#: The reconstruct objective's parent metrics, one per method (pretrained | random | pca):
+#: squared error per test image (pixels in [0,1]), the fine-tuning loss, k-NN accuracy.
+RECON_ERROR, RECON_LOSS = "test/recon_error_{}", "test/recon_loss_{}"
+KNN_ACCURACY = "test/knn_accuracy_{}"
+RECON_ERROR_DIFF = "test/recon_error_diff"  # pretrained − random
