@@ -3,6 +3,7 @@ inside the commands, so ``layerwise --help`` answers in well under a second."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Optional
 
@@ -11,6 +12,8 @@ import typer
 from cli.common import fail, guarded_call, guarded_work, prepare_environment
 from cli.options import (ConfigArgs, ExperimentOpt, ModelNameOpt, TrackingUriOpt,
                          config_options)
+
+DEFAULT_MODEL = "layerwise-classifier"  # the --model-name default, the classifier's
 
 app = typer.Typer(
     add_completion=False,
@@ -36,9 +39,18 @@ def run(
     experiment: str = ExperimentOpt,
     model_name: str = ModelNameOpt,
     fresh: bool = typer.Option(False, "--fresh", help="Ignore cached stage results."),
+    objective: Optional[str] = typer.Option(
+        None, "--objective", help="classify | reconstruct: fine-tune a classifier, or the "
+        "unrolled deep autoencoder against PCA (registered as layerwise-autoencoder and "
+        "layerwise-encoder). Default: the preset's (classify; ae-small and hinton2006: "
+        "reconstruct)."),
 ) -> None:
     """Run the pipeline: data, pretrain each layer, fine-tune both twins, evaluate."""
+    if objective is not None:
+        args = dataclasses.replace(args, sets=[*args.sets, f"objective={objective}"])
     config = _resolve(args)
+    if config.objective == "reconstruct" and model_name == DEFAULT_MODEL:
+        model_name = "layerwise-autoencoder"
     from preflight.checks import preflight_run
     from tracking.tracker import default_tracking_uri
 
@@ -46,8 +58,9 @@ def run(
     guarded_call(preflight_run, config, uri, experiment=experiment, model_name=model_name,
                  code=2)
     prepare_environment()
-    typer.echo(f"layerwise: preset {args.preset}, {config.model.n_layers} layers "
-               f"{config.model.hidden_sizes}, seed {config.runtime.seed}")
+    typer.echo(f"layerwise: preset {args.preset}, objective {config.objective}, "
+               f"{config.model.n_layers} layers {config.model.hidden_sizes}, "
+               f"seed {config.runtime.seed}")
     with guarded_work("Rerun the same command to resume after the last finished stage.",
                       f"MLflow experiment {experiment!r} at {uri}"):
         from flows.pipeline import run_pipeline
@@ -55,7 +68,21 @@ def run(
         result = run_pipeline(config, preset=args.preset, tracking_uri=uri,
                               experiment=experiment, registered_model_name=model_name,
                               fresh=fresh)
-    _print_result(result)
+    if config.objective == "reconstruct":
+        _print_reconstruct(result)
+    else:
+        _print_result(result)
+
+
+def _print_reconstruct(result) -> None:
+    typer.echo("")
+    typer.echo(f"{'method':<12}{'sq. error/image':>16}{'k-NN acc.':>11}")
+    for method, error in result.recon_error.items():
+        typer.echo(f"{method:<12}{error:>16.3f}{100 * result.knn_accuracy[method]:>10.2f}%")
+    typer.echo(f"{'difference':<12}{result.recon_error_diff:>+16.3f}  (pretrained − random)")
+    typer.echo("")
+    typer.echo(f"MLflow run {result.run_id} (experiment {result.experiment_id}); models "
+               + ", ".join(f"{n} v{v}" for n, v in result.model_versions.items()))
 
 
 def _print_result(result) -> None:

@@ -48,6 +48,42 @@ PRESETS: dict[str, dict[str, Any]] = {
             "optimizer": {"name": "sgd", "lr": 0.1},
         },
     },
+    # The deep autoencoder (objective 'reconstruct') for demos, tests and the README's table:
+    # 5k examples, 784-256-64-2 with a linear 2-D code (the code map is drawn), Adam.
+    "ae-small": {
+        "objective": "reconstruct",
+        "data": {"n_train": 5000},
+        "model": {"hidden_sizes": [256, 64, 2]},
+        "pretrain": {
+            "epochs": 5, "batch_size": 20, "corruption_levels": [0.1, 0.2, 0.0],
+            "optimizer": {"name": "sgd", "lr": 0.05},
+        },
+        "finetune": {
+            "max_epochs": 30, "batch_size": 20, "early_stopping": "patience",
+            "patience_epochs": 5, "optimizer": {"name": "adam", "lr": 0.001},
+        },
+        "autoencoder": {"code_activation": "linear", "tied_decoder": False,
+                        "loss": "cross_entropy"},
+    },
+    # Hinton & Salakhutdinov 2006's MNIST autoencoder: 784-1000-500-250-30, linear code,
+    # untied decoder fine-tuned on cross-entropy, minibatches of 100. What differs
+    # (docs/autoencoder.md): denoising autoencoders instead of RBMs for pretraining (20
+    # epochs per layer, not 50), Adam instead of conjugate gradients, early stopping on
+    # the validation error (the paper fine-tunes 200 epochs on all 60k images).
+    "hinton2006": {
+        "objective": "reconstruct",
+        "model": {"hidden_sizes": [1000, 500, 250, 30], "activation": "sigmoid"},
+        "pretrain": {
+            "epochs": 20, "batch_size": 100, "corruption_levels": [0.1, 0.2, 0.2, 0.0],
+            "optimizer": {"name": "sgd", "lr": 0.05},
+        },
+        "finetune": {
+            "max_epochs": 200, "batch_size": 100, "early_stopping": "patience",
+            "patience_epochs": 10, "optimizer": {"name": "adam", "lr": 0.001},
+        },
+        "autoencoder": {"code_activation": "linear", "tied_decoder": False,
+                        "loss": "cross_entropy"},
+    },
 }
 
 

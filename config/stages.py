@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from config.autoencoder import AutoencoderConfig, Objective, check_reconstruct
 from config.sizes import MNIST_TRAIN_POOL, MNIST_VALID_SIZE, plan_split, size_problems
 from models.corruption import NOISE_NAMES, check_level
 
@@ -223,10 +224,13 @@ class RuntimeConfig(StageConfig):
 class PipelineConfig(StageConfig):
     """The whole main job: one config, made of one config per stage."""
 
+    objective: Objective = Field("classify", description="'classify' (fine-tune a classifier)"
+                                 " or 'reconstruct' (the deep autoencoder, section autoencoder).")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @model_validator(mode="after")
@@ -250,6 +254,7 @@ class PipelineConfig(StageConfig):
                     f"model.activation={self.model.activation!r}: use 'sigmoid' or "
                     "loss='squared_error'"
                 )
+        check_reconstruct(self)  # the rules of objective='reconstruct'
         if self.data.is_named:  # sizes known without reading a file
             plan = plan_split(self.data, MNIST_TRAIN_POOL, None)
             problems = size_problems(self.data, plan, batch_sizes(self))

@@ -90,6 +90,37 @@ def _run_task(task: Any, name: str, fresh: bool, info: dict[str, Any], *args: An
     return state.result()
 
 
+def data_and_pretraining(config: PipelineConfig, tracker: Tracker, parent: str,
+                         stages: StageRecorder, fresh: bool) -> tuple[Any, list[Any]]:
+    """The stages both objectives share: load the data, then pretrain layer by layer (each
+    a cached task, so a reconstruct run reuses a classifier run's layers and vice versa).
+
+    Returns:
+        The ``DataBundle`` and the ``LayerResult`` of every layer, bottom first.
+    """
+    with stages.stage("load-data") as (run, info):
+        data = _run_task(load_data_task, "load-data", fresh, info, config.data)
+        info["artifacts_from"] = log_data(tracker, run, data)
+    tracker.log_inputs(parent, dataset_inputs(data, str(
+        config.data.data_dir / "MNIST" / "raw" if config.data.is_mnist
+        else config.data.dataset)))
+    tracker.log_params(parent, {"data.digest": data.digest})
+    try:
+        check_train_size(config, len(data.x_train) if config.data.n_train is None
+                         else config.data.n_train)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+    stack = []
+    for k in range(config.model.n_layers):
+        name = f"pretrain-layer-{k + 1}"
+        with stages.stage(name) as (run, info):
+            layer = _run_task(pretrain_layer_task, name, fresh, info, k, config, data, stack)
+            info["artifacts_from"] = log_layer(tracker, run, layer)
+        stack.append(layer)
+    return data, stack
+
+
 def _flow_run_name() -> str:
     """The Prefect flow run's name: the MLflow parent run's, ``<preset>-seed<seed>-<UTC>``."""
     from prefect.runtime import flow_run
@@ -133,6 +164,9 @@ def pipeline(
     install()  # the project's own errors are logged without tracebacks (also when served)
     echo = print
     config, preset, overrides = resolve_flow_config(config, preset, overrides or [])
+    if config.objective != "classify":
+        raise ConfigError("objective='reconstruct' runs in the flow layerwise-reconstruct "
+                          "(flows/reconstruct.py; `layerwise run` picks it by itself)")
     tracker = Tracker(tracking_uri, experiment, source_name="flows/pipeline.py")
     device = str(eval_device(config.runtime))
     name = flow_run.name or run_name(preset, config.runtime.seed)
@@ -142,26 +176,7 @@ def pipeline(
                                     "overrides": overrides, **environment_params(device)})
         stages = StageRecorder(tracker, parent, echo)
 
-        with stages.stage("load-data") as (run, info):
-            data = _run_task(load_data_task, "load-data", fresh, info, config.data)
-            info["artifacts_from"] = log_data(tracker, run, data)
-        tracker.log_inputs(parent, dataset_inputs(data, str(
-            config.data.data_dir / "MNIST" / "raw" if config.data.is_mnist
-            else config.data.dataset)))
-        tracker.log_params(parent, {"data.digest": data.digest})
-        try:
-            check_train_size(config, len(data.x_train) if config.data.n_train is None
-                             else config.data.n_train)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
-
-        stack = []
-        for k in range(config.model.n_layers):
-            name = f"pretrain-layer-{k + 1}"
-            with stages.stage(name) as (run, info):
-                layer = _run_task(pretrain_layer_task, name, fresh, info, k, config, data, stack)
-                info["artifacts_from"] = log_layer(tracker, run, layer)
-            stack.append(layer)
+        data, stack = data_and_pretraining(config, tracker, parent, stages, fresh)
 
         # The twins fine-tune as one population of two (one pass over the data, the same
         # data order by construction) in the first arm's stage; each arm keeps its own run.
@@ -199,8 +214,9 @@ def pipeline(
     return result
 
 
-def run_pipeline(config: PipelineConfig, **kwargs: Any) -> PipelineResult:
-    """Run the flow with its cached task results stored beside the checkpoints they point
+def run_pipeline(config: PipelineConfig, **kwargs: Any) -> Any:
+    """Run the flow of ``config.objective`` (this module's ``pipeline``, or
+    ``flows.reconstruct.reconstruct``, which returns a ``ReconstructResult``) with its cached task results stored beside the checkpoints they point
     to, under ``$LAYERWISE_HOME/prefect-results`` (the flow reads the setting at start)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
@@ -221,8 +237,12 @@ def run_pipeline(config: PipelineConfig, **kwargs: Any) -> PipelineResult:
     import mlflow.pytorch  # noqa: F401
 
     ready()
+    if config.objective == "reconstruct":
+        from flows.reconstruct import reconstruct as flow_fn
+    else:
+        flow_fn = pipeline
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: layerwise_home() / "prefect-results"}):
-        return pipeline(config=complete(config), **kwargs)
+        return flow_fn(config=complete(config), **kwargs)
 
 
 def summary_markdown(result: PipelineResult, per_class: Any) -> str:

@@ -20,7 +20,10 @@ LEAKY_SLOPE = 0.01
 
 
 def activate(a: torch.Tensor, activation: str) -> torch.Tensor:
-    """s(a) for the named hidden-unit non-linearity."""
+    """s(a) for the named hidden-unit non-linearity; ``linear`` (s(a) = a) is the code
+    layer of a deep autoencoder (Hinton & Salakhutdinov 2006)."""
+    if activation == "linear":
+        return a
     if activation == "sigmoid":
         return torch.sigmoid(a)
     if activation == "tanh":

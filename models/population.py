@@ -98,6 +98,8 @@ def _activation_slope(y: torch.Tensor, activation: str) -> torch.Tensor:
     """s'(pre) from the output y = s(pre), as autograd takes it (0 at pre = 0 for relu)."""
     if activation == "sigmoid":
         return y * (1 - y)
+    if activation == "linear":
+        return torch.ones_like(y)
     if activation == "tanh":
         return 1 - y * y
     if activation == "relu":

@@ -1,4 +1,6 @@
-"""The classifier as a user calls it: raw pixels in, class probabilities out.
+"""The registered models as a user calls them: raw pixels in; class probabilities out
+(the classifier), the reconstruction in the input's own scale (the autoencoder) or the code
+(the encoder).
 
 The pipeline trains on normalised inputs (``unit``: x / 255; ``standardize``: per-pixel
 z-scores; ``zca``: whitened). A registered model that expected those would need the
@@ -22,25 +24,26 @@ INPUT_DESCRIPTION = (
     "flattened row-major to 784 values in 0-255 (not scaled to [0,1])"
 )
 OUTPUT_DESCRIPTION = "float32 (N, {k}) class probabilities (rows sum to 1); argmax is the label"
+AE_OUTPUT_DESCRIPTION = ("float32 (N, {n}) reconstructed pixels in the input's own scale "
+                         "(MNIST: 0-255)")
+CODE_DESCRIPTION = "float32 (N, {c}) codes (the autoencoder's code layer)"
 
 
-class RawPixelClassifier(nn.Module):
-    """normalise(x) -> classifier -> softmax.
+class RawPixels(nn.Module):
+    """The run's normalisation as a module: raw (N, D) pixels -> the network's inputs.
 
     Args:
-        classifier: The fine-tuned network mapping normalised (N, D) inputs to logits (N, K).
         normalization: ``unit``, ``standardize`` or ``zca``, as the run's data stage used.
         stats: That stage's statistics (``tasks.data.DataBundle.norm_stats``): ``low``,
             ``high`` for ``unit``/``zca``; ``mean``, ``std`` (D,) for ``standardize``;
             plus ``mean`` (D,) and ``zca_matrix`` (D, D) for ``zca``.
     """
 
-    def __init__(self, classifier: nn.Module, normalization: str,
-                 stats: Mapping[str, torch.Tensor]):
+    def __init__(self, normalization: str, stats: Mapping[str, torch.Tensor]):
         super().__init__()
         if normalization not in ("unit", "standardize", "zca"):
             raise ValueError(f"unknown normalization {normalization!r}")
-        self.classifier, self.normalization = classifier, normalization
+        self.normalization = normalization
         f32 = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in stats.items()}
         if normalization == "standardize":
             # tasks.data.normalize: (x - mean) * (1 / std), both rounded to float32
@@ -63,6 +66,44 @@ class RawPixelClassifier(nn.Module):
             x = (x - self.mean) @ self.zca_matrix  # (N, D) @ (D, D) -> (N, D)
         return x
 
+
+class RawPixelClassifier(RawPixels):
+    """normalise(x) -> classifier -> softmax.
+
+    Args:
+        classifier: The fine-tuned network mapping normalised (N, D) inputs to logits (N, K).
+        normalization, stats: As ``RawPixels``.
+    """
+
+    def __init__(self, classifier: nn.Module, normalization: str,
+                 stats: Mapping[str, torch.Tensor]):
+        super().__init__(normalization, stats)
+        self.classifier = classifier
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw pixels (N, D) -> class probabilities (N, K)."""
         return torch.softmax(self.classifier(self.normalize(x)), dim=1)
+
+
+class RawPixelAutoencoder(RawPixels):
+    """normalise(x) -> encode -> decode -> the input's scale: z · (high − low) + low; or,
+    with ``code=True``, normalise(x) -> encode (the code). ``unit`` normalisation only, the
+    reconstruct objective's (its outputs are pixels in [0,1]).
+
+    Args:
+        autoencoder: A fine-tuned ``models.autoencoder.AutoencoderPopulation`` of one member.
+        stats: The data stage's ``low`` and ``high``.
+        code: Return the code instead of the reconstruction (the registered encoder).
+    """
+
+    def __init__(self, autoencoder: nn.Module, stats: Mapping[str, torch.Tensor],
+                 code: bool = False):
+        super().__init__("unit", stats)
+        self.autoencoder, self.code = autoencoder, code
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw pixels (N, D) -> reconstruction (N, D) in their scale, or code (N, c)."""
+        h = self.autoencoder.encode(self.normalize(x).unsqueeze(0))  # (1, N, c): one member
+        if self.code:
+            return h[0]
+        return self.autoencoder.decode(h)[0] * self.span + self.low  # (N, D)

@@ -12,6 +12,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from pydantic import BaseModel
 
 from runtime.checkpoints import Checkpoint, load_state, save_state, tensor_sha256
+from config.autoencoder import layer_activation
 from config.stages import PipelineConfig
 from runtime.errors import DivergenceError
 from runtime.environment import (Seed, derive_seed, eval_device, fit, make_trainer, stage_dir,
@@ -92,7 +93,7 @@ def build_dae(k: int, config: PipelineConfig, n_visible: int,
     return DenoisingAutoencoder(
         n_visible=n_visible,
         n_hidden=m.hidden_sizes[k],
-        activation=m.activation,
+        activation=layer_activation(config, k),  # a linear code layer for reconstruct
         init=m.init,
         tied=m.tied_weights,
         noise=p.noise,
@@ -256,7 +257,8 @@ def pretrain_cache_key(k: int, config: PipelineConfig, data_digest: str,
         f"pretrain-layer-{k + 1}",
         kind="pretrain",
         data=data_digest,
-        model={"hidden_sizes": m.hidden_sizes[: k + 1], "activation": m.activation,
+        model={"hidden_sizes": m.hidden_sizes[: k + 1],
+               "activation": layer_activation(config, k),
                "tied_weights": m.tied_weights, "init": m.init},
         pretrain={**p.model_dump(mode="json", exclude={"corruption_levels"}),
                   "corruption_level": p.corruption_levels[k]},

@@ -25,7 +25,8 @@ def find_model_version(tracker: Tracker, name: str, tags: dict[str, str]) -> Opt
 
 
 def register_classifier(tracker: Tracker, run_id: str, model: Any, input_example: Any,
-                        name: str, tags: dict[str, str], description: str) -> str:
+                        name: str, tags: dict[str, str], description: str,
+                        artifact: str = "model") -> str:
     """Log ``model`` in run ``run_id`` as an MLflow model (pt2: no pickle) with signature and
     input example, register it as a version of ``name``, tag and describe the version (and
     the registered model, while it has no description). Returns the version number.
@@ -38,6 +39,7 @@ def register_classifier(tracker: Tracker, run_id: str, model: Any, input_example
         name: Registered model name.
         tags: Version tags.
         description: The version's description.
+        artifact: The logged model's name within the run (a run may log several).
     """
     import mlflow
     import mlflow.pytorch
@@ -51,7 +53,7 @@ def register_classifier(tracker: Tracker, run_id: str, model: Any, input_example
     def log() -> Any:
         with mlflow.start_run(run_id=run_id):
             return mlflow.pytorch.log_model(
-                model, name="model", input_example=input_example, signature=signature,
+                model, name=artifact, input_example=input_example, signature=signature,
                 serialization_format="pt2", registered_model_name=name,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )

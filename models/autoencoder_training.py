@@ -1,0 +1,156 @@
+"""The engine's third stage kind: ``AutoencoderSystem`` fine-tunes P deep autoencoders
+(``models.autoencoder``) on reconstruction, each member with its own early stopping on the
+validation squared error per image; ``train_autoencoder_population`` fits it.
+
+The pretrained and the random-init autoencoders of one seed are a population of two: they
+read the same data order (``order_seeds`` equal), for the same budget and stopping rule.
+The steps go through autograd and ``torch.optim`` (no fused step for this kind).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from models.autoencoder import AutoencoderPopulation, squared_error
+from models.early_stopping import RULES, EarlyStopping
+from models.engine import PopulationSystem
+from models.population_eval import _sub_chunks
+from models.population_training import PopulationResult, _check_seeds, _cpu_state, _fit, Fit
+
+
+@torch.no_grad()
+def autoencoder_valid(pop: AutoencoderPopulation, x: torch.Tensor,
+                      chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and squared error per image of every member (P,), on clean inputs x (N, D),
+    batch-weighted means over chunks of ``chunk`` examples."""
+    was_training = pop.training
+    pop.eval()
+    width = max(w.shape[-1] for w in pop.enc_w)
+    loss_sum = torch.zeros(pop.P, dtype=x.dtype, device=x.device)
+    sq_sum = torch.zeros_like(loss_sum)
+    for start in range(0, len(x), chunk):
+        for s, e in _sub_chunks(start, min(start + chunk, len(x)), pop.P, width):
+            a = pop.decoder_logits(pop.encode(x[s:e]))  # (P, rows, D)
+            loss_sum += pop.reconstruction_loss(x[s:e], a) * (e - s)
+            sq_sum += squared_error(x[s:e], pop.output(a)) * (e - s)
+    pop.train(was_training)
+    return loss_sum / len(x), sq_sum / len(x)
+
+
+class AutoencoderSystem(PopulationSystem):
+    """Fine-tunes P autoencoders on shared inputs; member p stops on its own
+    ``EarlyStopping`` over ``val_sq_error_per_image``, is dropped from the batch and ends
+    with its best validation weights. Logs per member and epoch ``train_loss``,
+    ``train_sq_error_per_image``, ``val_loss`` and ``val_sq_error_per_image``.
+    """
+
+    def __init__(self, population: AutoencoderPopulation, x_train: torch.Tensor,
+                 x_valid: torch.Tensor, *, order_seeds: Sequence[int], batch_size: int,
+                 optimizer: Mapping[str, Any], stopping: Callable[[int], EarlyStopping],
+                 eval_batch_size: int = 4096, stage: str = "autoencoder population",
+                 names: Optional[Sequence[str]] = None):
+        _check_seeds(population.P, order_seeds=order_seeds)
+        super().__init__(n=len(x_train), order_seeds=order_seeds, batch_size=batch_size,
+                         optimizer=optimizer, fused=False, stage=stage, names=names)
+        self.population = population
+        self.x_train, self.x_valid, self.eval_batch_size = x_train, x_valid, eval_batch_size
+        steps_per_epoch = -(-len(x_train) // batch_size)
+        self.stopping = [stopping(steps_per_epoch) for _ in range(population.P)]
+        self.best_state: list[Optional[dict[str, torch.Tensor]]] = [None] * population.P
+        self.final_state: list[Optional[dict[str, torch.Tensor]]] = [None] * population.P
+
+    def batch_step(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.x_train[idx]  # (Pa, b, D)
+        a = self.population.decoder_logits(self.population.encode(x))  # (Pa, b, D)
+        loss = self.population.reconstruction_loss(x, a)  # (Pa,)
+        self.autograd_step(loss)
+        with torch.no_grad():
+            error = squared_error(x, self.population.output(a))  # (Pa,)
+            return torch.stack([loss.detach(), error], dim=1) * idx.shape[1]  # (Pa, 2)
+
+    def end_epoch(self, means: torch.Tensor) -> None:
+        val_loss, val_sq = autoencoder_valid(self.population, self.x_valid, self.eval_batch_size)
+        self.record([{"train_loss": tl, "train_sq_error_per_image": te, "val_loss": vl,
+                      "val_sq_error_per_image": ve}
+                     for (tl, te), vl, ve in zip(means.tolist(), val_loss.tolist(),
+                                                 val_sq.tolist())])
+        keep = []
+        for i, (m, ve) in enumerate(zip(self.members, val_sq.tolist())):
+            best, stop = self.stopping[m].update(ve, step=self.steps, epoch=self.current_epoch)
+            if best:
+                self.best_state[m] = _cpu_state(self.population, i)
+            if stop:
+                self.final_state[m] = self.best_state[m]
+            else:
+                keep.append(i)
+        if not keep:
+            self.members = []
+            self.trainer.should_stop = True
+        elif len(keep) < len(self.members):  # drop the stopped members from the batch
+            self.keep_members(keep)
+
+    def result(self) -> PopulationResult:
+        for i, m in enumerate(self.members):  # ran out of epochs: the best weights
+            self.final_state[m] = self.best_state[m] or _cpu_state(self.population, i)
+        summaries = [s.summary() for s in self.stopping]
+        return PopulationResult(
+            states=list(self.final_state), histories=self.histories,
+            best_val_error=[s["best_val_error"] for s in summaries],
+            best_epoch=[s["best_epoch"] for s in summaries],
+            stopped_early=[s["stopped_early"] for s in summaries], seconds=self.seconds)
+
+
+def train_autoencoder_population(
+    population: AutoencoderPopulation,
+    x_train: torch.Tensor,
+    x_valid: torch.Tensor,
+    *,
+    order_seeds: Sequence[int],
+    max_epochs: int,
+    batch_size: int,
+    optimizer: Mapping[str, Any],
+    early_stopping: str = "patience",
+    patience_batches: int = 10,
+    patience_increase: float = 2.0,
+    improvement_threshold: float = 0.995,
+    patience_epochs: int = 10,
+    eval_batch_size: int = 4096,
+    stage: str = "autoencoder population",
+    names: Optional[Sequence[str]] = None,
+    trainer: Optional[Any] = None,
+    fit: Optional[Fit] = None,
+) -> PopulationResult:
+    """Fine-tune P autoencoders at once, each with its own ``EarlyStopping``.
+
+    Args:
+        population: The members (pretrained or random), on the training device.
+        x_train, x_valid: Shared inputs (N, D) in [0,1], on the training device.
+        order_seeds: Seed of member p's data order (the two arms of a seed share theirs).
+        max_epochs: Epoch budget.
+        batch_size: Minibatch size.
+        optimizer: ``models.optim.build_optimizer`` settings.
+        early_stopping, patience_batches, patience_increase, improvement_threshold,
+            patience_epochs: The rule and its settings (``models.early_stopping``), on the
+            validation squared error per image.
+        eval_batch_size: Validation chunk size.
+        stage, names: Name the stage and member p in a divergence error.
+        trainer: A Lightning trainer of ``max_epochs`` epochs (None: ``make_trainer``'s).
+        fit: How to run it (None: ``trainer.fit``).
+    """
+    if early_stopping not in RULES:
+        raise ValueError(f"unknown early-stopping rule {early_stopping!r}; choose one of {RULES}")
+
+    def stopping(steps_per_epoch: int) -> EarlyStopping:
+        return EarlyStopping(early_stopping, steps_per_epoch=steps_per_epoch,
+                             patience_batches=patience_batches,
+                             patience_increase=patience_increase,
+                             improvement_threshold=improvement_threshold,
+                             patience_epochs=patience_epochs)
+
+    system = AutoencoderSystem(population, x_train, x_valid, order_seeds=order_seeds,
+                               batch_size=batch_size, optimizer=optimizer, stopping=stopping,
+                               eval_batch_size=eval_batch_size, stage=stage, names=names)
+    _fit(system, max_epochs, x_train.device, trainer, fit)
+    return system.result()
