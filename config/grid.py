@@ -94,6 +94,8 @@ def _cell_tree(tree: dict[str, Any], values: dict[str, Any]) -> tuple[dict[str, 
         model["activation"] = values["activation"]
     if "n_train" in values:
         tree.setdefault("data", {})["n_train"] = values["n_train"]
+    if "objective" in values:
+        tree["objective"] = values["objective"]
     init = values["init"]
     if init in RANDOM_SCHEMES:
         model["init"] = init
@@ -101,10 +103,14 @@ def _cell_tree(tree: dict[str, Any], values: dict[str, Any]) -> tuple[dict[str, 
     return tree, "pretrained" if init == "pretrained" else "random"
 
 
-def describe(config: PipelineConfig, arm: str, variant: Optional[str]) -> dict[str, Any]:
-    """The factor columns of a cell, read back from its resolved config."""
+def describe(config: PipelineConfig, arm: str, variant: Optional[str],
+             objective: bool = False) -> dict[str, Any]:
+    """The factor columns of a cell, read back from its resolved config (``objective``:
+    with the objective column, for grids that reconstruct)."""
     sizes, levels = config.model.hidden_sizes, config.pretrain.corruption_levels
     row = {"variant": variant} if variant is not None else {}
+    if objective:
+        row["objective"] = config.objective
     return row | {
         "depth": len(sizes),
         "width": sizes[0] if len(set(sizes)) == 1 else None,
@@ -138,6 +144,9 @@ def expand(grid: Grid) -> list[Cell]:
     names = [n for n in f.listed() if n != "variant"]
     axes = [(f.seeds if n == "seed" else getattr(f, n)) for n in names]
     variants = f.variant or [None]
+    # Any reconstruct cell: every row names its objective (its error is in other units).
+    with_objective = f.objective is not None or tree.get("objective") == "reconstruct" or any(
+        (v.overrides.get("objective") == "reconstruct") for v in variants if v)
     cells, problems, seen, npz_checked = [], {}, {}, set()
     for variant in variants:
         vtree = merge(tree, variant.overrides) if variant else tree
@@ -168,7 +177,8 @@ def expand(grid: Grid) -> list[Cell]:
                                   "listed); drop one of the values")
             seen[identity] = cell_id
             cells.append(Cell(id=cell_id, arm=arm, config=config,
-                              factors=describe(config, arm, variant.name if variant else None)))
+                              factors=describe(config, arm, variant.name if variant else None,
+                                               with_objective)))
     if problems:
         n_bad = sum(len(v) for v in problems.values())
         lines = [f"invalid grid {grid.name}: {n_bad} of {n_bad + len(cells)} cells give an "

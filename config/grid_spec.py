@@ -19,6 +19,7 @@ How a factor value reaches the cell's config:
 | factor | sets |
 | --- | --- |
 | ``variant`` | named bundles of overrides (``{name, overrides}``), applied after ``base`` |
+| ``objective`` | ``objective``: ``classify`` (test error, a fraction) or ``reconstruct`` (the deep autoencoder: test squared error per image) |
 | ``depth`` | ``model.hidden_sizes = [width] * depth`` (width: the factor, else the base's first layer) |
 | ``width`` | ``model.hidden_sizes = [width] * depth`` (depth: the factor, else the base's) |
 | ``noise`` | ``pretrain.noise`` |
@@ -39,12 +40,13 @@ from typing import Any, Literal, Optional, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.corruption import check_level
+from config.autoencoder import Objective
 from config.stages import Activation, InitScheme, NoiseType, PipelineConfig
 
 RANDOM_SCHEMES = get_args(InitScheme)  # the config's init schemes, declared there only
 InitValue = Literal[("pretrained", "random", *RANDOM_SCHEMES)]
 #: Columns of the results table that describe a cell, in order (``variant`` only when used).
-FACTOR_COLUMNS = ("variant", "depth", "width", "noise", "corruption_level", "n_train",
+FACTOR_COLUMNS = ("variant", "objective", "depth", "width", "noise", "corruption_level", "n_train",
                   "activation", "init", "seed")
 #: The factors a summary groups by: everything but the seed and the init it compares.
 GROUPING = tuple(c for c in FACTOR_COLUMNS if c not in ("init", "seed"))
@@ -84,6 +86,7 @@ class Factors(_Strict):
     """The factors of the ablation; each one, when given, is a non-empty list of values."""
 
     variant: Optional[list[Variant]] = Field(None, min_length=1)
+    objective: Optional[list[Objective]] = Field(None, min_length=1)
     depth: Optional[list[int]] = Field(None, min_length=1, description="Hidden layers.")
     width: Optional[list[int]] = Field(None, min_length=1, description="Units per layer.")
     noise: Optional[list[NoiseType]] = Field(None, min_length=1)

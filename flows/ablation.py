@@ -148,7 +148,7 @@ def record_table(tracker: Tracker, parent: str, grid: Grid, rows: list[dict[str,
     from reports.stats import summarize
 
     table = pd.DataFrame(rows)
-    by = [c for c in GROUPING if c in grid.factors.listed()]
+    by = [c for c in GROUPING if c in grid.factors.listed() or (c == "objective" and c in table)]
     summary = summarize(table, by, resamples=grid.bootstrap.resamples,
                         level=grid.bootstrap.level, seed=grid.bootstrap.seed)
     files = write_outputs(out_dir, grid, table, summary, by)

@@ -101,13 +101,16 @@ def run_cell(cell: Cell, stack: list[LayerOutcome], home: str,
 
 def single_cell(cell: Cell, stack: list[LayerOutcome], data: Any, started: float
                 ) -> CellOutcome:
-    """One cell through the pipeline's cached ``finetune_task``, scored on the test split."""
+    """One cell through the pipeline's cached ``finetune_task`` (the reconstruct objective:
+    ``finetune_autoencoder_task``), scored on the test split."""
     from tasks.finetune import finetune_task
+    from tasks.reconstruct import finetune_autoencoder_task
 
     config = cell.config
     encoders = [o.layer for o in stack] if cell.arm == "pretrained" else None
+    fine_tune = finetune_autoencoder_task if config.objective == "reconstruct" else finetune_task
     try:
-        state = finetune_task.with_options(task_run_name=f"finetune-{cell.arm}")(
+        state = fine_tune.with_options(task_run_name=f"finetune-{cell.arm}")(
             cell.arm, config, data, encoders, return_state=True)
         result = state.result()
     except DivergenceError as exc:
@@ -120,15 +123,25 @@ def score_cell(config: PipelineConfig, data: Any, result: Any,
                stack: Optional[list[LayerOutcome]], started: float, cached: bool
                ) -> CellOutcome:
     """A fine-tuned cell's outcome: its test error (the classifier's checkpoint, read back
-    and verified) and how training went; ``stack`` is its pretraining (None: random)."""
+    and verified; for the reconstruct objective the autoencoder's squared error per test
+    image) and how training went; ``stack`` is its pretraining (None: random)."""
     from tasks.evaluate import load_classifier, predict
     from runtime.environment import eval_device
 
-    model = load_classifier(result.checkpoint, config, data.n_features, data.n_classes)
-    y_pred = predict(model, data.x_test, config.runtime.eval_batch_size, eval_device(config.runtime))
+    device = eval_device(config.runtime)
+    if config.objective == "reconstruct":
+        from runtime.checkpoints import load_state
+        from tasks.reconstruct_eval import codes_and_outputs, scores
+
+        z = codes_and_outputs(load_state(result.checkpoint), config, data.x_test, device)[1]
+        test_error = scores(data.x_test, z, config.autoencoder.loss)[0]
+    else:
+        model = load_classifier(result.checkpoint, config, data.n_features, data.n_classes)
+        y_pred = predict(model, data.x_test, config.runtime.eval_batch_size, device)
+        test_error = int((y_pred != data.y_test).sum()) / len(data.y_test)
     return CellOutcome(
         status="ok",
-        test_error=int((y_pred != data.y_test).sum()) / len(data.y_test),
+        test_error=test_error,
         val_error=result.best_val_error,
         train_loss=result.history[-1]["train_loss"] if result.history else None,
         epochs_run=result.epochs_run,

@@ -189,7 +189,11 @@ def run_population_cells(cells: list[Cell], inputs: list[list[LayerOutcome]],
     arm = cells[0].arm
     stack_of = _members(inputs, tuple(tuple(s) for s in stacks))
     outcomes, ok = _pass_over_broken(stack_of, CellOutcome)
-    if ok:
+    if ok and cells[0].config.objective == "reconstruct":  # autoencoders: one cell at a time
+        data = worker_data(cells[0].config.data, home, threads)
+        for i in ok:
+            outcomes[i] = single_cell(cells[i], stack_of[i], data, time.perf_counter())
+    elif ok:
         data = worker_data(cells[0].config.data, home, threads)
         encoders = ([[o.layer for o in stack_of[i]] for i in ok] if arm == "pretrained"
                     else None)

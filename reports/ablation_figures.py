@@ -37,6 +37,14 @@ def _name(init: str) -> str:
     return init if init == "pretrained" else f"random ({init} init)"
 
 
+def _unit(frame: pd.DataFrame) -> tuple[float, str]:
+    """(scale, axis label) of the errors in ``frame``: percent, or for reconstruct cells
+    (the deep autoencoder) the squared error per test image as it is."""
+    if "objective" in frame and (frame["objective"] == "reconstruct").all() and len(frame):
+        return 1.0, "squared error per test image"
+    return 100.0, "test error (%)"
+
+
 def _inits(frame: pd.DataFrame) -> list[str]:
     return sorted(frame["init"].unique(), key=lambda s: (s != "pretrained", s))
 
@@ -55,17 +63,19 @@ def histograms(table: pd.DataFrame, by: Sequence[str], path: Path) -> Path:
         for c, depth in enumerate(depths):
             ax = axes[r][c]
             panel = frame[frame["depth"] == depth] if depth is not None else frame
-            errors = 100 * panel["test_error"].to_numpy(dtype=float)
+            scale, unit = _unit(panel)
+            errors = scale * panel["test_error"].to_numpy(dtype=float)
             bins = np.histogram_bin_edges(errors, bins=min(20, max(5, len(errors) // 4))) \
                 if errors.size else 10
             for init in _inits(panel):
-                e = 100 * panel.loc[panel["init"] == init, "test_error"].to_numpy(dtype=float)
+                e = scale * panel.loc[panel["init"] == init, "test_error"].to_numpy(dtype=float)
                 ax.hist(e, bins=bins, histtype="stepfilled", alpha=0.45,
                         color=COLORS.get(init, "gray"), edgecolor=COLORS.get(init, "gray"),
-                        label=f"{_name(init)} (mean {e.mean():.2f}%, n={e.size})")
+                        label=f"{_name(init)} (mean {e.mean():.2f}{'%' if scale == 100 else ''}"
+                              f", n={e.size})")
             title = f"depth {depth}" + (f"\n{_label(others, values)}" if others else "")
             ax.set_title(title, fontsize=9)
-            ax.set_xlabel("test error (%)")
+            ax.set_xlabel(unit)
             if c == 0:
                 ax.set_ylabel("seeds")
             ax.legend(fontsize=7)
@@ -84,8 +94,11 @@ def error_against(summary: pd.DataFrame, x: str, by: Sequence[str], path: Path,
     groups = _groups(summary, others)
     n_lines = sum(frame["init"].nunique() for _, frame in groups)
     fig, ax = plt.subplots(figsize=(6.4 + (3.6 if n_lines > 6 else 0), 4.2))
+    units = set()
     for i, (values, frame) in enumerate(groups):
         style = LINESTYLES[i % len(LINESTYLES)]
+        scale, unit = _unit(frame)
+        units.add(unit)
         for init in _inits(frame):
             line = frame[(frame["init"] == init) & (frame["n"] > 0)].sort_values(x)
             if line.empty:
@@ -93,15 +106,15 @@ def error_against(summary: pd.DataFrame, x: str, by: Sequence[str], path: Path,
             xs = line[x].to_numpy(dtype=float)
             color = COLORS.get(init, "gray")
             label = _name(init) + (f"; {_label(others, values)}" if others else "")
-            ax.plot(xs, 100 * line["mean"], style, marker="o", color=color, label=label)
-            ax.fill_between(xs, 100 * line["ci_low"], 100 * line["ci_high"], color=color,
+            ax.plot(xs, scale * line["mean"], style, marker="o", color=color, label=label)
+            ax.fill_between(xs, scale * line["ci_low"], scale * line["ci_high"], color=color,
                             alpha=0.15, linewidth=0)
     if log_x:
         ax.set_xscale("log")
     else:
         ax.set_xticks(sorted(summary[x].dropna().unique()))
     ax.set_xlabel(x.replace("_", " "))
-    ax.set_ylabel("test error (%), mean and CI")
+    ax.set_ylabel(" | ".join(sorted(units)) + ", mean and CI")
     ax.set_title(f"Test error against {x.replace('_', ' ')}")
     ax.grid(alpha=0.3)
     if n_lines > 6:  # many lines: the legend goes beside the axes, not over them

@@ -29,9 +29,19 @@ def cell_row(cell: Cell, outcome: Optional[CellOutcome], status: Status,
             "error": error}
 
 
+def reconstructs(row: Any) -> bool:
+    """Whether a row (cell or summary) is of the reconstruct objective, whose error is the
+    squared error per test image, not a fraction."""
+    return row.get("objective") == "reconstruct"
+
+
 def progress_line(i: int, n: int, row: dict[str, Any]) -> str:
-    result = (f"test {100 * row['test_error']:6.2f} %" if row["status"] == "ok"
-              else row["error"].splitlines()[0][:80])
+    if row["status"] != "ok":
+        result = row["error"].splitlines()[0][:80]
+    elif reconstructs(row):
+        result = f"test {row['test_error']:8.3f} sq. error/image"
+    else:
+        result = f"test {100 * row['test_error']:6.2f} %"
     cached = "  (from cache)" if row["cached"] else ""
     return f"  [{i:>{len(str(n))}}/{n}] {row['status']:<8} {row['cell']}  {result}{cached}"
 
@@ -89,20 +99,28 @@ def record(tracker: Tracker, parent: str, table: Any, files: dict[str, Path]) ->
 
 
 def format_summary(summary: Any, by: list[str], level: float) -> str:
-    """The summary as a plain-text table, errors in percent."""
+    """The summary as a plain-text table: errors in percent (Δ in points), or for the
+    reconstruct objective as squared error per test image (``unit`` column)."""
     import pandas as pd
 
-    pct = lambda v: "" if pd.isna(v) else f"{100 * v:.2f}"  # noqa: E731
+    sq = [reconstructs(row) for _, row in summary.iterrows()]
+
+    def fmt(values: Any) -> list[str]:
+        return ["" if pd.isna(v) else f"{v:.3f}" if r else f"{100 * v:.2f}"
+                for v, r in zip(values, sq)]
+
+    def ci(lows: Any, highs: Any) -> list[str]:
+        return [f"[{lo}, {hi}]" if lo else "" for lo, hi in zip(fmt(lows), fmt(highs))]
+
     sig = lambda v: "" if pd.isna(v) else f"{v:.3g}"  # noqa: E731
     view = pd.DataFrame({
         **{c: summary[c] for c in by}, "init": summary["init"], "n": summary["n"],
-        "failed": summary["n_failed"], "mean %": summary["mean"].map(pct),
-        "std %": summary["std"].map(pct), "median %": summary["median"].map(pct),
-        f"{100 * level:g}% CI": [f"[{pct(lo)}, {pct(hi)}]" if not pd.isna(lo) else ""
-                                 for lo, hi in zip(summary.ci_low, summary.ci_high)],
-        "Δ pre−rnd pp": summary["diff_mean"].map(pct),
-        "Δ CI": [f"[{pct(lo)}, {pct(hi)}]" if not pd.isna(lo) else ""
-                 for lo, hi in zip(summary.diff_ci_low, summary.diff_ci_high)],
+        "failed": summary["n_failed"], "unit": ["sq/img" if r else "%" for r in sq],
+        "mean": fmt(summary["mean"]), "std": fmt(summary["std"]),
+        "median": fmt(summary["median"]),
+        f"{100 * level:g}% CI": ci(summary.ci_low, summary.ci_high),
+        "Δ pre−rnd": fmt(summary["diff_mean"]),
+        "Δ CI": ci(summary.diff_ci_low, summary.diff_ci_high),
         "pairs": summary["n_pairs"].map(lambda v: "" if pd.isna(v) else str(int(v))),
         "p Wilcoxon": summary["p_wilcoxon"].map(sig), "p Welch": summary["p_welch"].map(sig),
     })

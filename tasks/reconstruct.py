@@ -5,7 +5,7 @@ architecture, data order, budget and stopping rule; only the initial weights dif
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from prefect import task
@@ -62,47 +62,67 @@ def encoder_digests(state: dict[str, torch.Tensor], n_layers: int) -> list[str]:
                            "linear.bias": state[f"encoder.{l}.bias"]}) for l in range(n_layers)]
 
 
-def finetune_autoencoders(config: PipelineConfig, data: Any, encoders: Sequence[LayerResult],
-                          out_dir: Path) -> AutoencoderTwins:
-    """Both arms of one seed as one population of two: one pass over the data, the same
-    data order (``Seed.FINETUNE_ORDER`` of the one seed) by construction.
+def autoencoder_members(arms: Sequence[Arm], configs: Sequence[PipelineConfig], data: Any,
+                        dae_stacks: Sequence[Sequence[dict[str, torch.Tensor]]],
+                        paths: Sequence[Path]) -> list[AutoencoderResult]:
+    """Fine-tune P >= 1 autoencoders as one population: the two arms of one seed, or one
+    arm of several seeds (the ablation). Member p reads the data order of its seed
+    (``Seed.FINETUNE_ORDER``): the arms of a seed share it by construction.
 
+    Args:
+        arms: Member p's arm.
+        configs: Member p's config; they differ in ``runtime.seed`` only.
+        data: The shared ``DataBundle``.
+        dae_stacks: Member p's pretrained dA states (ignored for the random arm).
+        paths: Where member p's safetensors go.
     Raises:
-        DivergenceError: an arm's loss became NaN/inf (the message names it).
+        DivergenceError: a member's loss became NaN/inf (the message names it).
     """
     from models.autoencoder import AutoencoderPopulation
     from models.autoencoder_training import train_autoencoder_population
+    from tasks.pretrain import seedless
 
-    f, rt = config.finetune, config.runtime
+    if not len(arms) == len(configs) == len(dae_stacks) == len(paths) > 0:
+        raise ValueError("give one arm, config, dA stack and path per member")
+    if any(seedless(c) != seedless(configs[0]) for c in configs):
+        raise ValueError("members must differ in runtime.seed only")
+    f, rt = configs[0].finetune, configs[0].runtime
+    seeds = [c.runtime.seed for c in configs]
+    states = [initial_state(a, c, data.n_features, s)
+              for a, c, s in zip(arms, configs, dae_stacks)]
+    initial = [encoder_digests(s, configs[0].model.n_layers) for s in states]
+    population = AutoencoderPopulation(states, activations(configs[0]),
+                                       configs[0].autoencoder.loss)
     device = eval_device(rt)
-    dae_states = load_stack(encoders)
-    states = [initial_state(arm, config, data.n_features, dae_states) for arm in ARMS]
-    initial = [encoder_digests(s, config.model.n_layers) for s in states]
-    population = AutoencoderPopulation(states, activations(config), config.autoencoder.loss)
-    order = derive_seed(rt.seed, Seed.FINETUNE_ORDER)
     try:
         result = train_autoencoder_population(
             population.to(device), data.x_train.to(device), data.x_valid.to(device),
-            order_seeds=[order] * len(ARMS), max_epochs=f.max_epochs,
-            batch_size=f.batch_size, optimizer=f.optimizer.model_dump(),
-            early_stopping=f.early_stopping, patience_batches=f.patience_batches,
-            patience_increase=f.patience_increase,
+            order_seeds=[derive_seed(s, Seed.FINETUNE_ORDER) for s in seeds],
+            max_epochs=f.max_epochs, batch_size=f.batch_size,
+            optimizer=f.optimizer.model_dump(), early_stopping=f.early_stopping,
+            patience_batches=f.patience_batches, patience_increase=f.patience_increase,
             improvement_threshold=f.improvement_threshold, patience_epochs=f.patience_epochs,
             eval_batch_size=rt.eval_batch_size, stage="autoencoder fine-tuning",
-            names=[f"autoencoder/{a} (seed {rt.seed})" for a in ARMS],
+            names=[f"autoencoder/{a} (seed {s})" for a, s in zip(arms, seeds)],
             trainer=make_trainer(rt, f.max_epochs), fit=fit)
     except FloatingPointError as exc:
         raise DivergenceError(f"{exc}. Lower finetune.optimizer.lr.") from exc
-    arms = {}
-    for i, (arm, state) in enumerate(zip(ARMS, result.states)):
-        checkpoint = save_state(state, out_dir / f"autoencoder_{arm}.safetensors",
-                                {"arm": arm, "seed": str(rt.seed)})
-        arms[arm] = AutoencoderResult(
-            arm=arm, checkpoint=checkpoint, initial_hidden_sha256=initial[i],
-            history=result.histories[i], best_val_error=result.best_val_error[i],
-            best_epoch=result.best_epoch[i], epochs_run=len(result.histories[i]),
-            stopped_early=result.stopped_early[i], train_seconds=result.seconds / len(ARMS))
-    return AutoencoderTwins(arms=arms)
+    return [AutoencoderResult(
+        arm=arm, checkpoint=save_state(state, path, {"arm": arm, "seed": str(seed)}),
+        initial_hidden_sha256=initial[i], history=result.histories[i],
+        best_val_error=result.best_val_error[i], best_epoch=result.best_epoch[i],
+        epochs_run=len(result.histories[i]), stopped_early=result.stopped_early[i],
+        train_seconds=result.seconds / len(arms))
+        for i, (arm, seed, state, path) in enumerate(zip(arms, seeds, result.states, paths))]
+
+
+def finetune_autoencoders(config: PipelineConfig, data: Any, encoders: Sequence[LayerResult],
+                          out_dir: Path) -> AutoencoderTwins:
+    """Both arms of one seed as one population of two, in one pass over the data."""
+    stack = load_stack(encoders)
+    results = autoencoder_members(ARMS, [config, config], data, [stack, []],
+                                  [out_dir / f"autoencoder_{arm}.safetensors" for arm in ARMS])
+    return AutoencoderTwins(arms=dict(zip(ARMS, results)))
 
 
 def autoencoders_cache_key(config: PipelineConfig, data_digest: str,
@@ -129,3 +149,32 @@ def finetune_autoencoders_task(config: PipelineConfig, data: Any,
     """Prefect task: fine-tune the pretrained and random-init autoencoders together."""
     key = autoencoders_cache_key(config, data.digest, encoders)
     return finetune_autoencoders(config, data, encoders, stage_dir("finetune-autoencoders", key))
+
+
+def autoencoder_cache_key(arm: Arm, config: PipelineConfig, data_digest: str,
+                          encoders: Optional[Sequence[LayerResult]]) -> str:
+    """One arm's key (the ablation's cells): the random arm reads no pretraining."""
+    return stage_key(
+        f"finetune-autoencoder-{arm}", kind="reconstruct", data=data_digest,
+        model=config.model.model_dump(mode="json"),
+        autoencoder=config.autoencoder.model_dump(mode="json", exclude={"knn_k"}),
+        finetune=config.finetune.model_dump(mode="json"),
+        runtime=config.runtime.model_dump(mode="json", exclude={"eval_batch_size"}),
+        encoders=[r.checkpoint.sha256 for r in encoders or []] if arm == "pretrained" else [])
+
+
+def _arm_key(ctx: Any, params: dict[str, Any]) -> str:
+    return autoencoder_cache_key(params["arm"], params["config"], params["data"].digest,
+                                 params.get("encoders"))
+
+
+@task(name="finetune-autoencoder", cache_policy=CacheKeyFnPolicy(cache_key_fn=_arm_key),
+      persist_result=True, result_serializer="json")
+def finetune_autoencoder_task(arm: Arm, config: PipelineConfig, data: Any,
+                              encoders: Optional[list[LayerResult]] = None
+                              ) -> AutoencoderResult:
+    """Prefect task: fine-tune one arm's autoencoder (P = 1), as an ablation cell does."""
+    key = autoencoder_cache_key(arm, config, data.digest, encoders)
+    stack = load_stack(encoders) if arm == "pretrained" else []
+    return autoencoder_members([arm], [config], data, [stack], [stage_dir(
+        f"finetune-autoencoder-{arm}", key) / f"autoencoder_{arm}.safetensors"])[0]

@@ -209,3 +209,64 @@ def test_tiny_reconstruct_run_end_to_end(shared_data_dir, prefect_harness, layer
                                        "tags.`layerwise.stage` = 'evaluate'")][0].info.run_id,
         "evaluation")}
     assert {"reconstructions.png", "learning_curves.png"} <= figures
+
+
+def test_objective_is_a_grid_factor():
+    """ae-tiny: {classify, reconstruct} × {pretrained, random} × 2 seeds; each cell's config
+    has its objective, every row names it, and the reconstruct cells keep a linear code."""
+    from config.grid import GRIDS_DIR, expand, load_grid
+
+    cells = expand(load_grid(GRIDS_DIR / "ae-tiny.yaml"))
+    assert len(cells) == 8
+    by_objective = {o: [c for c in cells if c.config.objective == o]
+                    for o in ("classify", "reconstruct")}
+    assert all(len(v) == 4 for v in by_objective.values())
+    assert all(c.factors["objective"] == c.config.objective for c in cells)
+    assert {activations(c.config)[-1] for c in by_objective["reconstruct"]} == {"linear"}
+    assert {activations(c.config)[-1] for c in by_objective["classify"]} == {"sigmoid"}
+    depth = expand(load_grid(GRIDS_DIR / "ae-depth.yaml"))
+    assert {tuple(c.config.model.hidden_sizes) for c in depth} == {(128, 2), (256, 64, 2)}
+    assert {c.factors["objective"] for c in depth} == {"reconstruct"}
+
+
+def test_summary_shows_reconstruct_errors_in_their_own_units():
+    """A reconstruct row's 12.5 stays 12.500; a classify row's 0.125 is 12.50 %."""
+    import pandas as pd
+
+    from reports.ablation_outputs import format_summary, progress_line
+
+    nan = float("nan")
+    summary = pd.DataFrame({
+        "objective": ["classify", "reconstruct"], "init": ["pretrained"] * 2, "n": [2, 2],
+        "n_failed": [0, 0], "mean": [0.125, 12.5], "std": [0.01, 1.0], "median": [0.125, 12.5],
+        "ci_low": [0.1, 12.0], "ci_high": [0.15, 13.0], "diff_mean": [-0.01, -3.25],
+        "diff_ci_low": [nan, -4.0], "diff_ci_high": [nan, -2.5], "n_pairs": [2, 2],
+        "p_wilcoxon": [0.5, 0.5], "p_welch": [0.5, 0.5]})
+    text = format_summary(summary, ["objective"], 0.95)
+    classify, reconstruct = text.splitlines()[1:3]
+    assert "12.50" in classify and " % " in f" {classify} " and "-1.00" in classify
+    assert "12.500" in reconstruct and "sq/img" in reconstruct and "[-4.000, -2.500]" in reconstruct
+    row = {"status": "ok", "objective": "reconstruct", "test_error": 12.5, "cached": False,
+           "cell": "c"}
+    assert "12.500 sq. error/image" in progress_line(1, 1, row)
+
+
+@pytest.mark.slow
+def test_ae_tiny_ablation_runs_both_objectives(shared_data_dir, prefect_harness, tmp_path,
+                                               monkeypatch):
+    """The ae-tiny grid end to end: every cell finishes; the reconstruct cells' errors are
+    squared errors per image (tens), the classify cells' fractions."""
+    import pandas as pd
+
+    from config.grid import GRIDS_DIR, customise, load_grid
+    from flows.ablation import run_ablation
+
+    monkeypatch.setenv("LAYERWISE_HOME", str(tmp_path / "home"))
+    grid = customise(load_grid(GRIDS_DIR / "ae-tiny.yaml"), data_dir=shared_data_dir)
+    result = run_ablation(grid, out_dir=tmp_path / "out", verbose=False,
+                          tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="ae-tiny")
+    table = pd.read_parquet(result.out_dir / "cells.parquet")
+    assert result.n_ok == 8 and set(table.objective) == {"classify", "reconstruct"}
+    errors = table.set_index("objective").test_error
+    assert (errors["classify"] < 1).all() and (errors["reconstruct"] > 5).all()
+    assert "sq/img" in result.summary_text
