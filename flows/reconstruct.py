@@ -13,8 +13,8 @@ from pydantic import BaseModel
 
 from config.parameters import resolve_flow_config
 from config.stages import PipelineConfig, flatten
-from flows.pipeline import (StageRecorder, StageReport, _flow_run_name, _run_task,
-                            data_and_pretraining)
+from flows.stages import (StageRecorder, StageReport, data_and_pretraining, flow_run_name,
+                          run_task)
 from runtime.environment import eval_device
 from runtime.errors import ConfigError
 from tasks.finetune import ARMS
@@ -45,7 +45,7 @@ class ReconstructResult(BaseModel):
     stages: list[StageReport]
 
 
-@flow(name="layerwise-reconstruct", validate_parameters=True, flow_run_name=_flow_run_name)
+@flow(name="layerwise-reconstruct", validate_parameters=True, flow_run_name=flow_run_name)
 def reconstruct(
     config: Optional[PipelineConfig] = None,
     preset: Optional[str] = None,
@@ -88,7 +88,7 @@ def reconstruct(
             "pipeline", preset, config)}) as parent:
         tracker.log_params(parent, {**flatten(config), "preset": preset,
                                     "overrides": overrides, **environment_params(device)})
-        stages = StageRecorder(tracker, parent, echo)
+        stages = StageRecorder(tracker, parent, echo, config.objective)
         data, stack = data_and_pretraining(config, tracker, parent, stages, fresh)
 
         # Both arms fine-tune as one population of two in the first arm's stage (one pass
@@ -97,7 +97,7 @@ def reconstruct(
         for arm in ARMS:
             with stages.stage(f"finetune-{arm}") as (run, info):
                 if twins is None:
-                    twins = _run_task(finetune_autoencoders_task, "finetune-autoencoders",
+                    twins = run_task(finetune_autoencoders_task, "finetune-autoencoders",
                                       fresh, info, config, data, stack)
                     cached = info["cached"]
                 info["cached"] = cached
@@ -105,7 +105,7 @@ def reconstruct(
                 info["artifacts_from"] = log_classifier_run(tracker, run, results[arm])
 
         with stages.stage("evaluate") as (run, info):
-            evaluation = _run_task(evaluate_reconstruction_task, "evaluate", fresh, info,
+            evaluation = run_task(evaluate_reconstruction_task, "evaluate", fresh, info,
                                    config, data, results)
             names = {"autoencoder": registered_model_name, "encoder": encoder_model_name}
             metrics, versions, reused, info["artifacts_from"] = log_reconstruction(

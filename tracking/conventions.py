@@ -62,14 +62,22 @@ def run_name(preset: str, seed: int, when: Optional[datetime] = None) -> str:
 def run_description(kind: str, preset: str, config: Any) -> str:
     """One paragraph for the run's description field."""
     m = config.model
-    return (f"layerwise {kind}, preset '{preset}', seed {config.runtime.seed}: hidden layers "
-            f"{m.hidden_sizes} ({m.activation}), data {config.data.dataset}, "
+    what = (" (objective reconstruct: the deep autoencoder against PCA)"
+            if getattr(config, "objective", "classify") == "reconstruct" else "")
+    return (f"layerwise {kind}{what}, preset '{preset}', seed {config.runtime.seed}: hidden "
+            f"layers {m.hidden_sizes} ({m.activation}), data {config.data.dataset}, "
             f"normalisation '{config.data.normalization}'. Pretrained and random-init arms "
             "are the child runs finetune-pretrained and finetune-random.")
 
 
-def stage_description(stage: str) -> str:
+def stage_description(stage: str, objective: str = "classify") -> str:
     """One line for a stage run's description field."""
+    if objective == "reconstruct" and stage.startswith("finetune-"):
+        return (f"Fine-tuning of the unrolled autoencoder, {stage.split('-', 1)[1]}-init arm, on "
+                "reconstruction; its metrics are finetune/*, the same keys as the other arm's.")
+    if objective == "reconstruct" and stage == "evaluate":
+        return ("Squared error per test image, loss and k-NN accuracy of both arms and PCA; "
+                "reconstructions, code map, learning curves; the registered models.")
     if stage.startswith("pretrain-layer-"):
         k = stage.rsplit("-", 1)[1]
         return (f"Greedy pretraining of layer {k}: a denoising autoencoder on the clean codes "

@@ -1,0 +1,117 @@
+"""What both pipeline flows (``flows.pipeline``: classify, ``flows.reconstruct``: the deep
+autoencoder) share: one nested MLflow run per stage with its report line, running a task
+under a readable name with its cache state, the flow run's name, and the data and
+pretraining stages themselves."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Callable, Iterator, Optional
+
+from pydantic import BaseModel
+
+from config.parameters import resolve_flow_config
+from config.stages import PipelineConfig, check_train_size
+from runtime.errors import ConfigError
+from tasks.data import load_data_task
+from tasks.pretrain import pretrain_layer_task
+from tracking.conventions import dataset_inputs, run_name, stage_description
+from tracking.records import log_data, log_layer
+from tracking.tracker import Tracker
+from tracking.vocabulary import CACHED_TAG, NOTE_TAG, STAGE_TAG
+
+
+class StageReport(BaseModel):
+    name: str
+    seconds: float
+    cached: bool
+    mlflow_run_id: str
+    artifacts_from: Optional[str] = None  # the earlier run holding identical artifacts
+
+
+
+class StageRecorder:
+    """Opens one nested MLflow run per stage and prints one line when the stage finishes."""
+
+    def __init__(self, tracker: Tracker, parent_id: str, echo: Callable[[str], None],
+                 objective: str = "classify"):
+        self.tracker, self.parent_id, self.echo = tracker, parent_id, echo
+        self.objective = objective
+        self.reports: list[StageReport] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        started, info = time.perf_counter(), {"cached": False, "artifacts_from": None}
+        tags = {STAGE_TAG: name, NOTE_TAG: stage_description(name, self.objective)}
+        with self.tracker.run(name, tags, self.parent_id) as run_id:
+            yield run_id, info
+            self.tracker.set_tags(run_id, {CACHED_TAG: str(info["cached"]).lower()})
+        seconds = time.perf_counter() - started
+        self.reports.append(StageReport(name=name, seconds=seconds, cached=info["cached"],
+                                        mlflow_run_id=run_id,
+                                        artifacts_from=info["artifacts_from"]))
+        notes = [*(["artifacts reused"] if info["artifacts_from"] else []),
+                 *(["from cache"] if info["cached"] else [])]
+        self.echo(f"  done  {name:<22} {seconds:8.1f} s" + "".join(f"  ({n})" for n in notes))
+
+    def reused_note(self, model: str, version: str, model_reused: bool) -> Optional[str]:
+        """One line saying what this run reused from earlier runs, or None."""
+        parts = [f"model {model} v{version} (same weights and data)"] if model_reused else []
+        stages = [r.name for r in self.reports if r.artifacts_from]
+        if stages:
+            parts.append(f"the artifacts of {', '.join(stages)} (identical files)")
+        return "; ".join(parts) or None
+
+
+def run_task(task: Any, name: str, fresh: bool, info: dict[str, Any], *args: Any) -> Any:
+    """Run a Prefect task under a readable task-run name; note whether it came from cache."""
+    state = task.with_options(task_run_name=name, refresh_cache=fresh or None)(
+        *args, return_state=True
+    )
+    info["cached"] = state.name == "Cached"
+    return state.result()
+
+
+def data_and_pretraining(config: PipelineConfig, tracker: Tracker, parent: str,
+                         stages: StageRecorder, fresh: bool) -> tuple[Any, list[Any]]:
+    """The stages both objectives share: load the data, then pretrain layer by layer (each
+    a cached task, so a reconstruct run reuses a classifier run's layers and vice versa).
+
+    Returns:
+        The ``DataBundle`` and the ``LayerResult`` of every layer, bottom first.
+    """
+    with stages.stage("load-data") as (run, info):
+        data = run_task(load_data_task, "load-data", fresh, info, config.data)
+        info["artifacts_from"] = log_data(tracker, run, data)
+    tracker.log_inputs(parent, dataset_inputs(data, str(
+        config.data.data_dir / "MNIST" / "raw" if config.data.is_mnist
+        else config.data.dataset)))
+    tracker.log_params(parent, {"data.digest": data.digest})
+    try:
+        check_train_size(config, len(data.x_train) if config.data.n_train is None
+                         else config.data.n_train)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+    stack = []
+    for k in range(config.model.n_layers):
+        name = f"pretrain-layer-{k + 1}"
+        with stages.stage(name) as (run, info):
+            layer = run_task(pretrain_layer_task, name, fresh, info, k, config, data, stack)
+            info["artifacts_from"] = log_layer(tracker, run, layer)
+        stack.append(layer)
+    return data, stack
+
+
+def flow_run_name() -> str:
+    """The Prefect flow run's name: the MLflow parent run's, ``<preset>-seed<seed>-<UTC>``."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    try:
+        config, preset, _ = resolve_flow_config(params.get("config"), params.get("preset"),
+                                                params.get("overrides") or [])
+    except (ConfigError, ValueError, TypeError):  # the flow itself reports the mistake
+        return run_name(str(params.get("preset") or "invalid"), 0)
+    return run_name(preset, config.runtime.seed)
