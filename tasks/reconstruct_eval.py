@@ -145,7 +145,8 @@ def evaluate_reconstruction(config: PipelineConfig, data: Any, results: dict[str
     shape = data.image_shape or (28, 28)
     files = {
         "reconstructions": figs.save_reconstructions(
-            data.x_test[:N_EXAMPLES], {m: recons[m][:N_EXAMPLES] for m in METHODS},
+            data.x_test[:N_EXAMPLES],
+            {m: recons[m][:N_EXAMPLES] for m in ("pca", "random", "pretrained")},
             out_dir / "reconstructions.png", shape),
         "learning_curves": figs.save_autoencoder_curves(
             {arm: results[arm].history for arm in ARMS}, out_dir / "learning_curves.png"),
