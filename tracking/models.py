@@ -112,7 +112,8 @@ def promote(client: Any, name: str = DEFAULT_MODEL, version: Optional[int] = Non
     row = chosen.iloc[0]
     call(client.set_registered_model_alias, name, alias, str(int(row["version"])))
     return {"name": name, "alias": alias, "version": int(row["version"]),
-            "val_error": float(row["val_error"]), "test_error": float(row["test_error"]), "data_digest": row["data_digest"],
+            "val_error": float(row["val_error"]), "test_error": float(row["test_error"]),
+            "data_digest": row["data_digest"],
             "run_id": row["run_id"], "previous": previous,
             "changed": previous != int(row["version"]),
             "candidates": sorted(int(v) for v in candidates["version"]),
