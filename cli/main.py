@@ -10,7 +10,7 @@ import typer
 
 from cli.common import fail, guarded_call, guarded_work, prepare_environment
 from cli.options import (ConfigArgs, ExperimentOpt, ModelNameOpt, TrackingUriOpt,
-                         config_options)
+                         VerboseOpt, config_options)
 
 app = typer.Typer(
     add_completion=False,
@@ -36,8 +36,12 @@ def run(
     experiment: str = ExperimentOpt,
     model_name: str = ModelNameOpt,
     fresh: bool = typer.Option(False, "--fresh", help="Ignore cached stage results."),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Run the pipeline: data, pretrain each layer, fine-tune both twins, evaluate."""
+    from runtime.console import set_verbosity
+
+    set_verbosity(verbose)  # before MLflow and Prefect are imported
     config = _resolve(args)
     from preflight.checks import preflight_run
     from tracking.tracker import default_tracking_uri

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from config.parameters import complete, resolve_flow_config
 from config.stages import PipelineConfig, check_train_size, flatten
+from runtime.console import announce
 from runtime.environment import eval_device, layerwise_home
 from runtime.errors import ConfigError
 from tasks.data import load_data_task
@@ -20,6 +21,7 @@ from tasks.evaluate import ARMS, evaluate_task, per_class_table
 from tasks.finetune import finetune_twins_task
 from tasks.pretrain import pretrain_layer_task
 from tracking.conventions import dataset_inputs, run_description, run_name, stage_description
+from tracking.links import run_link
 from tracking.records import log_classifier_run, log_data, log_evaluation, log_layer
 from tracking.tracker import Tracker, environment_params
 from tracking.vocabulary import (CACHED_TAG, KIND_TAG, NOTE_TAG, STAGE_TAG, TEST_ERROR_DIFF,
@@ -131,13 +133,15 @@ def pipeline(
     from runtime.expected_errors import install
 
     install()  # the project's own errors are logged without tracebacks (also when served)
-    echo = print
+    echo = announce  # printed, and in the flow run's logs in the Prefect UI
     config, preset, overrides = resolve_flow_config(config, preset, overrides or [])
     tracker = Tracker(tracking_uri, experiment, source_name="flows/pipeline.py")
     device = str(eval_device(config.runtime))
     name = flow_run.name or run_name(preset, config.runtime.seed)
     with tracker.run(name, {KIND_TAG: "pipeline", NOTE_TAG: run_description(
             "pipeline", preset, config)}) as parent:
+        link = run_link(tracker.uri, tracker.experiment_id, parent)
+        echo(f"MLflow run: {link}", console=False)
         tracker.log_params(parent, {**flatten(config), "preset": preset,
                                     "overrides": overrides, **environment_params(device)})
         stages = StageRecorder(tracker, parent, echo)
@@ -187,6 +191,9 @@ def pipeline(
                                   **({"layerwise.reused": reused} if reused else {})})
         if reused:
             echo(f"  reused {reused}")
+        echo(f"test error: pretrained {100 * metrics[TEST_ERROR_PRETRAINED]:.2f} %, random "
+             f"{100 * metrics[TEST_ERROR_RANDOM]:.2f} %; model {registered_model_name} "
+             f"v{version}; MLflow run: {link}", console=False)
         result = PipelineResult(
             run_id=parent, experiment_id=tracker.experiment_id, tracking_uri=tracker.uri,
             test_error_pretrained=metrics[TEST_ERROR_PRETRAINED],
