@@ -1,13 +1,12 @@
 """Serve deployments from this process until Ctrl-C or SIGTERM, and end the runs in progress
-when told to stop.
+when told to stop; ``serve_environment`` sets up what the flow runs it starts need.
 
 ``prefect.serve`` leaves a flow run that is in progress behind when the serving process gets
 SIGTERM: Prefect 3.8.8's ``Runner.handle_sigterm`` calls ``stop()`` from inside the running
 event loop, where it only creates the ``astop()`` coroutine (never awaited: "coroutine
 'Runner.astop' was never awaited"), then exits. The flow run's process was never told, so the
 flow run stayed RUNNING in Prefect and its MLflow runs RUNNING (seen with
-``layerwise schedule serve`` and ``kill PID``). Ctrl-C sent to the serving process alone
-(``kill -INT PID``) left it the same way.
+``layerwise schedule serve`` and ``kill PID``).
 
 Here both signals schedule ``Runner.astop()`` on the loop: it asks every flow run in
 progress to cancel (SIGTERM to its process, which marks the stage's and the parent's MLflow
