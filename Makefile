@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 PRESET ?= default
 ARGS   ?=
 
-.PHONY: ablate install run quick test test-slow test-integration test-all bench lock ui clean deploy
+.PHONY: ablate install run quick test test-slow test-integration test-all bench lock ui clean deploy screenshots
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -40,9 +40,21 @@ ablate: $(STAMP)         ## pretraining-vs-random ablation (make ablate GRID=tin
 bench: $(STAMP)          ## measured comparisons, not tests: benchmarks/results/<machine>.json
 	$(PY) -m benchmarks $(ARGS)
 
+# The flow runs' environment (prefect.yaml's job variables), resolved now: this checkout,
+# its mlruns/ and data/ unless set; MLFLOW_TRACKING_URI and PREFECT_API_URL must be set.
+# The pool is created when missing; a worker that created it meanwhile is no failure.
+deploy: export LAYERWISE_APP_DIR ?= $(CURDIR)
+deploy: export LAYERWISE_HOME ?= $(CURDIR)/mlruns
+deploy: export LAYERWISE_DATA_DIR ?= $(CURDIR)/data
 deploy: $(STAMP)         ## register prefect.yaml on $$PREFECT_API_URL, creating the work pool if missing
-	$(VENV)/bin/prefect work-pool inspect layerwise > /dev/null 2>&1 || $(VENV)/bin/prefect work-pool create layerwise --type process
+	@test -n "$$PREFECT_API_URL" || { echo "error: set PREFECT_API_URL (the Prefect server's API, e.g. http://127.0.0.1:4200/api)" >&2; exit 2; }
+	@test -n "$$MLFLOW_TRACKING_URI" || { echo "error: set MLFLOW_TRACKING_URI (the MLflow server the flow runs record to, e.g. http://127.0.0.1:5000)" >&2; exit 2; }
+	$(VENV)/bin/prefect work-pool inspect layerwise > /dev/null 2>&1 || $(VENV)/bin/prefect work-pool create layerwise --type process || $(VENV)/bin/prefect work-pool inspect layerwise > /dev/null
 	$(VENV)/bin/prefect --no-prompt deploy --all
+
+OUT ?= screenshots
+screenshots: $(STAMP)    ## MLflow and Prefect UI pages of one small run, in headless Chromium (OUT=folder)
+	$(PY) docs/screenshots.py --out $(OUT)
 
 ui: $(STAMP)             ## browse the embedded MLflow store
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from cli.common import fail, guarded_call, guarded_work, prepare_environment
-from cli.options import DataDirOpt, DatasetOpt, ExperimentOpt, TrackingUriOpt
+from cli.options import DataDirOpt, DatasetOpt, ExperimentOpt, TrackingUriOpt, VerboseOpt
 
 
 def register(app: typer.Typer) -> None:
@@ -43,9 +43,13 @@ def ablate(
     experiment: str = ExperimentOpt,
     out: Optional[Path] = typer.Option(
         None, "--out", help="Output folder (default: mlruns/ablations/<timestamp>)."),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Pretrained vs random initialisation over a grid of factors and many seeds
     (Erhan et al. 2010): a table per cell, summary statistics and figures."""
+    from runtime.console import set_verbosity
+
+    set_verbosity(verbose)  # before MLflow and Prefect are imported
     from config.grid import customise, expand, load_grid, preset_path
     from preflight.checks import preflight_grid
     from tracking.tracker import default_tracking_uri

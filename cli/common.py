@@ -34,9 +34,9 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def prepare_environment() -> None:
     """Embedded defaults for Prefect, set before it is imported; with no Prefect API
     configured, its ephemeral server starts now, in the background, and dies with this
-    process (``runtime.ephemeral_api``)."""
+    process (``runtime.ephemeral_api``). The console's verbosity is set before this
+    (``runtime.console.set_verbosity``); Prefect's INFO records reach its API either way."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
     # Prefect's 20 s default was too short for eight runs starting their ephemeral servers
     # at once on 2 busy cores (one timed out: "Timed out while attempting to connect").

@@ -11,7 +11,7 @@ import typer
 
 from cli.common import fail, guarded_call, guarded_work, prepare_environment
 from cli.options import (ConfigArgs, ExperimentOpt, ModelNameOpt, TrackingUriOpt,
-                         config_options)
+                         VerboseOpt, config_options)
 
 DEFAULT_MODEL = "layerwise-classifier"  # the --model-name default, the classifier's
 
@@ -44,8 +44,12 @@ def run(
         "unrolled deep autoencoder against PCA (registered as layerwise-autoencoder and "
         "layerwise-encoder). Default: the preset's (classify; ae-small and hinton2006: "
         "reconstruct)."),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Run the pipeline: data, pretrain each layer, fine-tune both twins, evaluate."""
+    from runtime.console import set_verbosity
+
+    set_verbosity(verbose)  # before MLflow and Prefect are imported
     if objective is not None:
         args = dataclasses.replace(args, sets=[*args.sets, f"objective={objective}"])
     config = _resolve(args)

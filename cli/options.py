@@ -23,6 +23,8 @@ SeedOpt = typer.Option(None, "--seed", help="runtime.seed")
 ExperimentOpt = typer.Option("layerwise", "--experiment", help="MLflow experiment.")
 ModelNameOpt = typer.Option("layerwise-classifier", "--model-name",
                             help="Registered model name.")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Also show Lightning's, MLflow's "
+                          "and Prefect's own console lines (default: one line per stage).")
 TrackingUriOpt = typer.Option(None, "--tracking-uri", help="MLflow URI (default: "
                               "$MLFLOW_TRACKING_URI or sqlite:///$LAYERWISE_HOME/mlflow.db, "
                               "LAYERWISE_HOME=./mlruns).")

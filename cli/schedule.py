@@ -22,7 +22,7 @@ import typer
 
 from cli.common import fail
 from cli.options import (ConfigArgs, ExperimentOpt, ModelNameOpt, TrackingUriOpt,
-                         config_options)
+                         VerboseOpt, config_options)
 
 # name -> (module, flow object): the flows ``serve --flow`` accepts. The ablation flow goes
 # here when it exists, with its own branch in ``flow_parameters``.
@@ -83,16 +83,6 @@ def require_api_url() -> str:
             "PREFECT_API_URL is not set. Start a Prefect server (`prefect server start`, or "
             "`docker compose up`) and export PREFECT_API_URL=http://127.0.0.1:4200/api")
     return url
-
-
-def serve_environment() -> None:
-    """What ``layerwise run`` sets up, for the flow runs this process starts: persisted task
-    results beside the checkpoints under ``$LAYERWISE_HOME/prefect-results``."""
-    from runtime.environment import layerwise_home
-
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
-    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(layerwise_home() / "prefect-results"))
 
 
 def check_takeover(flow_name: str, name: str, replace: bool) -> None:
@@ -237,6 +227,7 @@ def serve(
                               "waits)."),
     replace: bool = typer.Option(False, "--replace", help="Take over a work-pool "
                                  "deployment of the same name."),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Serve a scheduled deployment of a flow from this process until Ctrl-C.
 
@@ -245,6 +236,9 @@ def serve(
     The deployment's parameters are the resolved config (JSON) and the preset.
     On Ctrl-C or SIGTERM its schedules are paused.
     """
+    from runtime.console import set_verbosity
+
+    set_verbosity(verbose)  # for this process and the flow runs it starts
     from config.overrides import resolve_config
     from preflight.checks import preflight_run
     from runtime.errors import LayerwiseError
@@ -263,14 +257,15 @@ def serve(
         check_takeover(load_flow(flow).name, name, replace)
     except (LayerwiseError, ScheduleError) as exc:
         fail(str(exc))
+    from runtime.serving import serve_environment, serve_until_signalled
+
     serve_environment()
-    from prefect import serve as prefect_serve
 
     deployment = make_deployment(flow, name, parameters, schedules, limit)
     when = "; ".join(describe_schedule(s.schedule) for s in deployment.schedules) or "on demand"
     typer.echo(f"layerwise: serving {deployment.flow_name}/{name} ({when}), preset {args.preset}, "
                f"{config.model.n_layers} layers {config.model.hidden_sizes}, at {api_url}")
-    prefect_serve(deployment, limit=limit, print_starting_message=False)
+    serve_until_signalled([deployment], limit)
 
 
 def list_command(

@@ -158,7 +158,7 @@ def expand(grid: Grid) -> list[Cell]:
             ctree, arm = _cell_tree(vtree, values)
             try:
                 config = PipelineConfig.model_validate(ctree)
-                if not config.data.is_mnist and (key := (config.data, config.pretrain.batch_size,
+                if not config.data.is_named and (key := (config.data, config.pretrain.batch_size,
                                                          config.finetune.batch_size)) \
                         not in npz_checked:
                     npz_checked.add(key)

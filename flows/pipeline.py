@@ -13,11 +13,13 @@ from config.parameters import complete, resolve_flow_config
 from config.stages import PipelineConfig, flatten
 from flows.stages import (StageRecorder, StageReport, data_and_pretraining, flow_run_name,
                           run_task)
+from runtime.console import announce
 from runtime.environment import eval_device, layerwise_home
 from runtime.errors import ConfigError
 from tasks.evaluate import ARMS, evaluate_task, per_class_table
 from tasks.finetune import finetune_twins_task
 from tracking.conventions import run_description, run_name
+from tracking.links import run_link
 from tracking.records import log_classifier_run, log_evaluation
 from tracking.tracker import Tracker, environment_params
 from tracking.vocabulary import (KIND_TAG, NOTE_TAG, TEST_ERROR_DIFF, TEST_ERROR_PRETRAINED,
@@ -68,7 +70,7 @@ def pipeline(
     from runtime.expected_errors import install
 
     install()  # the project's own errors are logged without tracebacks (also when served)
-    echo = print
+    echo = announce  # printed, and in the flow run's logs in the Prefect UI
     config, preset, overrides = resolve_flow_config(config, preset, overrides or [])
     if config.objective != "classify":
         raise ConfigError("objective='reconstruct' runs in the flow layerwise-reconstruct "
@@ -78,6 +80,8 @@ def pipeline(
     name = flow_run.name or run_name(preset, config.runtime.seed)
     with tracker.run(name, {KIND_TAG: "pipeline", NOTE_TAG: run_description(
             "pipeline", preset, config)}) as parent:
+        link = run_link(tracker.uri, tracker.experiment_id, parent)
+        echo(f"MLflow run: {link}", console=False)
         tracker.log_params(parent, {**flatten(config), "preset": preset,
                                     "overrides": overrides, **environment_params(device)})
         stages = StageRecorder(tracker, parent, echo)
@@ -108,6 +112,9 @@ def pipeline(
                                   **({"layerwise.reused": reused} if reused else {})})
         if reused:
             echo(f"  reused {reused}")
+        echo(f"test error: pretrained {100 * metrics[TEST_ERROR_PRETRAINED]:.2f} %, random "
+             f"{100 * metrics[TEST_ERROR_RANDOM]:.2f} %; model {registered_model_name} "
+             f"v{version}; MLflow run: {link}", console=False)
         result = PipelineResult(
             run_id=parent, experiment_id=tracker.experiment_id, tracking_uri=tracker.uri,
             test_error_pretrained=metrics[TEST_ERROR_PRETRAINED],

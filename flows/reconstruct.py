@@ -15,6 +15,7 @@ from config.parameters import resolve_flow_config
 from config.stages import PipelineConfig, flatten
 from flows.stages import (StageRecorder, StageReport, data_and_pretraining, flow_run_name,
                           run_task)
+from runtime.console import announce
 from runtime.environment import eval_device
 from runtime.errors import ConfigError
 from tasks.finetune import ARMS
@@ -75,7 +76,7 @@ def reconstruct(
     from runtime.expected_errors import install
 
     install()
-    echo = print
+    echo = announce  # printed, and in the flow run's logs in the Prefect UI
     config, preset, overrides = resolve_flow_config(config, preset or "ae-small",
                                                     overrides or [])
     if config.objective != "reconstruct":

@@ -149,7 +149,7 @@ def _slice_optimizer(old_params, new_params, optimizer, settings, keep):
 
 def make_trainer(max_epochs: int, *, accelerator: str = "cpu", precision: str = "32-true",
                  deterministic: bool = False, progress: bool = False,
-                 callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+                 callbacks: Sequence[L.Callback] = (), quiet: bool = True) -> L.Trainer:
     """The engine's Lightning trainer: one device, no logger or checkpoints of its own (the
     stage records its history and writes safetensors), no validation loop (the systems
     validate every member at the end of each epoch).
@@ -159,12 +159,16 @@ def make_trainer(max_epochs: int, *, accelerator: str = "cpu", precision: str = 
         accelerator, precision, deterministic: As ``lightning.Trainer``'s.
         progress: Show a progress bar.
         callbacks: Extra callbacks.
+        quiet: Keep Lightning's INFO lines (device summary, tips, "fit stopped") off the
+            console. Its rank-zero logger is ``pytorch_lightning``'s once MLflow has
+            imported that package, ``lightning.pytorch``'s before.
     """
     import logging
     import warnings
 
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+                 "pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
     # Lightning 2.6 + torch 2.14: a deprecation inside Lightning's own pytree helper.
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
     warnings.filterwarnings("ignore", message=".*configure_optimizers.*returned `None`")

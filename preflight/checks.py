@@ -29,9 +29,9 @@ import numpy as np
 from config.stages import NAMED_DATASETS
 from preflight.memory import (FLOAT, Shape, available_bytes, classifier_params,
                               dae_params, memory_problem)
-from runtime.errors import PreflightError
+from runtime.errors import LayerwiseError, PreflightError
 from tasks.data_files import npy_header
-from tracking.uri import check_tracking_uri, sqlite_path, writable_dir_problem
+from tracking.uri import check_reachable, check_tracking_uri, sqlite_path, writable_dir_problem
 
 MNIST_SHAPE = Shape(n_rows=70_000, n_features=784, n_classes=10)
 MAX_EXPERIMENT_NAME = 500  # mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH
@@ -113,7 +113,7 @@ def home_problems(config: Any, uri: str, cells: int = 1) -> list[str]:
                                        "make it writable or set LAYERWISE_HOME elsewhere")
         if problem:
             return [problem]
-    shape = MNIST_SHAPE if config.data.is_mnist else data_shape(config.data.dataset)[0]
+    shape = MNIST_SHAPE if config.data.is_named else data_shape(config.data.dataset)[0]
     if shape is None:
         return []
     widths = [shape.n_features, *config.model.hidden_sizes]
@@ -181,6 +181,20 @@ def _raise(problems: list[str]) -> None:
         raise PreflightError(unique)
 
 
+def prefect_api_problems() -> list[str]:
+    """A Prefect server named by ``PREFECT_API_URL`` answers ``/health`` (unset: the run
+    starts its own ephemeral API, nothing to check)."""
+    api = os.environ.get("PREFECT_API_URL", "").strip()
+    if not api:
+        return []
+    try:
+        check_reachable(api.rstrip("/") + "/health", "the Prefect API (PREFECT_API_URL)",
+                        "Start the server, or unset PREFECT_API_URL to run without one.")
+    except LayerwiseError as exc:
+        return [str(exc)]
+    return []
+
+
 def preflight_run(config: Any, uri: str, *, experiment: str, model_name: Optional[str],
                   population: int = 2) -> None:
     """Check one pipeline run before anything starts.
@@ -196,6 +210,7 @@ def preflight_run(config: Any, uri: str, *, experiment: str, model_name: Optiona
         PreflightError: listing every problem found.
     """
     problems = name_problems(experiment, model_name) + check_tracking_uri(uri)
+    problems += prefect_api_problems()
     problems += home_problems(config, uri) + config_problems(config, population)
     _raise(problems)
 
@@ -213,7 +228,7 @@ def preflight_grid(cells: list[Any], uri: str, *, experiment: str, population: i
     Raises:
         PreflightError: listing every problem found.
     """
-    problems = name_problems(experiment, None) + check_tracking_uri(uri)
+    problems = name_problems(experiment, None) + check_tracking_uri(uri) + prefect_api_problems()
     if cells:
         problems += home_problems(cells[0].config, uri, cells=len(cells))
     by_problem: dict[str, list[str]] = {}

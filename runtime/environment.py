@@ -107,11 +107,12 @@ def make_trainer(runtime: RuntimeConfig, max_epochs: int, callbacks: Sequence[An
     accelerator, precision and determinism of ``runtime``, a progress bar in a terminal, and
     the callback that re-raises a swallowed interrupt."""
     from models.engine import make_trainer as engine_trainer
+    from runtime.console import verbose
 
     return engine_trainer(max_epochs, accelerator=runtime.accelerator,
                           precision=runtime.precision, deterministic=runtime.deterministic,
                           progress=progress_bar_enabled(),
-                          callbacks=[*callbacks, _interrupt_callback()])
+                          callbacks=[*callbacks, _interrupt_callback()], quiet=not verbose())
 
 
 def fit(trainer: Any, system: Any, datamodule: Any = None) -> None:

@@ -23,6 +23,8 @@ import logging
 import re
 from typing import Optional
 
+from runtime.console import PRINTED
+
 ENGINE_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
 _MARK = "layerwise_expected"
 #: Prefect's closing line of a failed run: "Finished in state Failed('Task run encountered
@@ -77,10 +79,11 @@ class ExpectedErrorFilter(logging.Filter):
 
 
 class DropMarked(logging.Filter):
-    """On console handlers: leave out what the CLI prints itself."""
+    """On console handlers: leave out what the CLI prints itself (the expected errors, and
+    the stage lines that ``runtime.console.announce`` printed before logging them)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(record, _MARK, False)
+        return not (getattr(record, _MARK, False) or getattr(record, PRINTED, False))
 
 
 def install() -> None:

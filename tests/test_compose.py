@@ -292,17 +292,40 @@ def test_worker_reserves_the_gpus_only_in_the_gpu_profile(services):
     port = cpu["environment"]["PREFECT_WORKER_WEBSERVER_PORT"]
     assert f"127.0.0.1:{port}/health" in " ".join(cpu["healthcheck"]["test"])
     assert cpu["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
-    assert cpu["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert read_env_file(ENV_EXAMPLE)["COMPOSE_PROFILES"] in ("cpu", "gpu")
 
 
-def test_worker_stores_live_on_volumes(services):
-    env, mounts = services["worker"]["environment"], services["worker"]["volumes"]
+def dockerfile_env() -> dict[str, str]:
+    """The image's ENV variables (one ``ENV`` instruction of ``KEY=VALUE`` items)."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("ENV ")]
+    return dict(item.split("=", 1) for item in shlex.split(line[4:]))
+
+
+def flow_run_env(services: dict[str, Any]) -> dict[str, str]:
+    """prefect.yaml's job-variable ``env`` as the compose ``deployments`` service registers
+    it: ``{{ $VAR }}`` filled in from the image's ENV and the service's environment."""
+    doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (deployment,) = doc["deployments"]
+    values = {**dockerfile_env(), **services["deployments"]["environment"]}
+    return {k: re.sub(r"\{\{ \$(\w+) \}\}", lambda m: values.get(m[1], m[0]), v)
+            for k, v in deployment["work_pool"]["job_variables"]["env"].items()}
+
+
+def test_flow_runs_get_their_environment_from_the_deployment(services):
+    """Whatever worker runs it, a flow run gets the stores, data and MLflow server from
+    prefect.yaml's job variables; in the stack, the paths are the worker's volumes."""
+    env, mounts = flow_run_env(services), services["worker"]["volumes"]
+    assert not [v for v in env.values() if "{{" in v], env  # every variable is set
     targets = {v.split(":", 1)[1] for v in mounts}
     for key in ("LAYERWISE_HOME", "LAYERWISE_DATA_DIR"):
         assert env[key] in targets, key
     assert env["PREFECT_LOCAL_STORAGE_PATH"].startswith(env["LAYERWISE_HOME"] + "/")
     assert env["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] == "true"
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert env["LAYERWISE_APP_DIR"] == "/app"
+    # the worker itself sets none of them: one place, the same values for every worker
+    assert not set(env) & set(services["worker"]["environment"])
 
 
 def _url_parts(url: str) -> tuple[str, str, int, str]:
@@ -546,8 +569,10 @@ def test_make_deploy_runs_the_deployments_service_command(services):
     """`make deploy` from a checkout does what the compose `deployments` service does (and
     tests/test_servers.py runs against a fresh server): create the work pool only when it is
     missing, then register prefect.yaml."""
-    recipe = (ROOT / "Makefile").read_text().split("\ndeploy:", 1)[1].split("\n\n", 1)[0]
-    lines = [ln.strip().replace("$(VENV)/bin/", "") for ln in recipe.splitlines()[1:]]
+    recipe = (ROOT / "Makefile").read_text().split("\ndeploy: $(STAMP)", 1)[1]
+    recipe = recipe.split("\n\n", 1)[0]
+    lines = [ln.strip().replace("$(VENV)/bin/", "") for ln in recipe.splitlines()[1:]
+             if not ln.strip().startswith("@test -n")]  # the checks of its environment
     (script,) = [a for a in argv(services["deployments"]["command"]) if "deploy --all" in a]
     steps = [s.strip().removeprefix("exec ") for s in script.split(";")]
     assert lines == [steps[0].replace("\n", " "), steps[1]]

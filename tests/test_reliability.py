@@ -163,9 +163,11 @@ def test_unreachable_prefect_server_fails_before_any_work(tmp_path, shared_data_
     proc = subprocess.run([sys.executable, "-m", "cli.main", "run", "--preset", "quick",
                            "--data-dir", str(shared_data_dir)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert api in proc.stderr and "Prefect API" in proc.stderr
-    assert not (tmp_path / "stages").exists()
+    # a preflight problem (exit 2), found before the MLflow store exists
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert api in proc.stderr and "PREFECT_API_URL" in proc.stderr
+    assert "Traceback" not in proc.stderr and "unset PREFECT_API_URL" in proc.stderr
+    assert not (tmp_path / "stages").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 @pytest.mark.slow

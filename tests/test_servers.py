@@ -286,37 +286,75 @@ def python_cli(module: str) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------- background processes
 
+def documented_worker_commands() -> tuple[set[str], list[str], list[str]]:
+    """docs/service.md's block that registers prefect.yaml and starts a worker: the names
+    it exports, the `make deploy` command and the worker command."""
+    text = (ROOT / "docs" / "service.md").read_text()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "make deploy" in b]
+    lines = [ln.split("#", 1)[0].strip() for ln in block.strip().splitlines()]
+    (export,) = [ln for ln in lines if ln.startswith("export ")]
+    (deploy,) = [ln.split() for ln in lines if ln.startswith("make ")]
+    (worker,) = [ln.split() for ln in lines if " worker start " in ln]
+    return {item.split("=", 1)[0] for item in export.split()[1:]}, deploy, worker
+
+
+def flow_run_logs(stack: dict[str, Any], flow_run_id: Any) -> str:
+    """The flow run's log lines as the Prefect UI shows them."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with prefect_api(stack) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(log.message for log in logs)
+
+
+def assert_stage_lines_and_link(stack: dict[str, Any], flow_run_id: Any, run_id: str) -> None:
+    """Each stage's line with its seconds, and the MLflow run's UI link, in the flow run's
+    logs. A finished run's process sends its last lines as it exits: wait for them."""
+    link = re.compile(rf"MLflow run: {re.escape(stack['mlflow'])}/#/experiments/\d+/runs/"
+                      f"{run_id}")
+    deadline, logs = time.monotonic() + 30, ""
+    while time.monotonic() < deadline:
+        logs = flow_run_logs(stack, flow_run_id)
+        missing = [s for s in STAGES if not re.search(rf"^done  {s} +\d+\.\d s", logs, re.M)]
+        if not missing and link.search(logs):
+            return
+        time.sleep(1)
+    pytest.fail(f"stage lines {missing} or the MLflow link missing from the logs:\n{logs}")
+
+
 @pytest.fixture(scope="module")
 def background(stack) -> Iterator[dict[str, Any]]:
     """Started before the ``layerwise run`` below, so that their start-up overlaps its
-    training: ``layerwise schedule serve`` of the tiny config, and the compose
-    ``deployments`` command (creates the work pool, ``prefect deploy --all``)."""
+    training: ``layerwise schedule serve --verbose`` of the tiny config and ``make deploy``
+    (creates the work pool, ``prefect deploy --all``), as docs/service.md starts them; the
+    worker is started after ``make deploy`` (``start_worker``)."""
     name = f"nightly-{secrets.token_hex(3)}"
     sets = [a for s in TINY for a in ("--set", s)]
     env = client_env(stack)
     serve = Process("schedule serve", [
         *python_cli("cli.schedule"), "schedule", "serve", "--cron", "0 3 * * *",
         "--name", name, "--preset", "quick", *sets, "--data-dir", str(stack["data"]),
-        "--tracking-uri", stack["mlflow"], "--experiment", "scheduled"],
+        "--tracking-uri", stack["mlflow"], "--experiment", "scheduled", "--verbose"],
         env, stack["tmp"] / "serve.log")
-    deploy_cmd = argv(compose(stack["env"])["services"]["deployments"]["command"])
-    assert deploy_cmd[:2] == ["sh", "-c"]
-    deploy = Process("compose deployments command", deploy_cmd,
-                     {**env, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"},
-                     stack["tmp"] / "deploy.log")
-    # The worker service: its command and environment with this machine's servers and paths
-    # (its /health on a free port); it creates the pool itself if `deployments` has not yet.
-    svc = compose(stack["env"])["services"]["worker"]
-    health_port = free_port()
-    worker_env = {**env, **svc["environment"], "PREFECT_API_URL": stack["api"],
-                  "MLFLOW_TRACKING_URI": stack["mlflow"], "LAYERWISE_APP_DIR": str(ROOT),
-                  "LAYERWISE_HOME": str(stack["home"]),
-                  "LAYERWISE_DATA_DIR": str(stack["data"]),
-                  "PREFECT_LOCAL_STORAGE_PATH": str(stack["home"] / "prefect-results"),
-                  "PREFECT_WORKER_WEBSERVER_PORT": str(health_port),
-                  "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1"}
-    worker = Process("worker", native(argv(svc["command"])), worker_env,
-                     stack["tmp"] / "worker.log", cwd=stack["tmp"])
+    # docs/service.md's worker from a checkout: `make deploy` (the data root given, as the
+    # docs say to for an offline machine), then the worker with PREFECT_API_URL only, in
+    # another directory.
+    exports, make_deploy, worker_cmd = documented_worker_commands()
+    assert exports == {"PREFECT_API_URL", "MLFLOW_TRACKING_URI"}
+    venv = Path(sys.executable).parent.parent
+    deploy = Process("make deploy", [
+        "make", "-o", str(venv / ".installed"), *make_deploy[1:], f"VENV={venv}"],
+        {**env, "MLFLOW_TRACKING_URI": stack["mlflow"], "LAYERWISE_DATA_DIR": str(stack["data"])},
+        stack["tmp"] / "deploy.log")  # -o: never reinstall the shared environment
+    worker_cmd[0] = str(BIN / Path(worker_cmd[0]).name)
+    workers: list[Process] = []
+
+    def start_worker() -> Process:  # after make deploy: a worker creates a missing pool too
+        workers.append(Process("worker", worker_cmd, {**base_env(stack["tmp"]),
+                                                      "PREFECT_API_URL": stack["api"]},
+                               stack["tmp"] / "worker.log", cwd=stack["tmp"]))
+        return workers[-1]
+
     # The MLflow service again, with MLFLOW_AUTH_ARGS="--app-name basic-auth", on the
     # (already migrated) backend database of the running one.
     auth_port = free_port()
@@ -334,12 +372,12 @@ def background(stack) -> Iterator[dict[str, Any]]:
          "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini(auth_tmp))},
         auth_tmp / "auth.log", cwd=auth_tmp)
     try:
-        yield {"serve": serve, "name": name, "deploy": deploy, "worker": worker,
-               "worker_health": f"http://127.0.0.1:{health_port}/health", "auth": auth,
+        yield {"serve": serve, "name": name, "deploy": deploy, "start_worker": start_worker,
+               "auth": auth,
                "auth_url": f"http://127.0.0.1:{auth_port}", "auth_env": auth_env,
                "auth_args": cmd}
     finally:
-        stop_all([worker, deploy, serve, auth])
+        stop_all([*workers, deploy, serve, auth])
 
 
 # ---------------------------------------------------------------- layerwise run
@@ -355,7 +393,8 @@ def cli_run(stack, background) -> dict[str, Any]:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_id = re.search(r"MLflow run ([0-9a-f]{32})", result.stdout).group(1)
     version = re.search(r"model servers-classifier v(\d+)", result.stdout).group(1)
-    return {"run_id": run_id, "version": version, "stdout": result.stdout}
+    return {"run_id": run_id, "version": version, "stdout": result.stdout,
+            "stderr": result.stderr}
 
 
 def test_cli_run_is_recorded_in_the_mlflow_server(stack, cli_run):
@@ -413,6 +452,26 @@ def test_flow_and_task_runs_are_in_the_prefect_server(stack, cli_run):
         task_names = {t.name for t in client.read_task_runs() if t.flow_run_id == flow_run.id}
     # the twins fine-tune as one task; each arm keeps its own MLflow run
     assert STAGES - {"finetune-pretrained", "finetune-random"} | {"finetune-twins"} <= task_names
+    assert_stage_lines_and_link(stack, flow_run.id, cli_run["run_id"])
+
+
+#: Lines of Lightning, MLflow and Prefect that the console shows only with --verbose.
+CHATTER = re.compile(r"GPU available|TPU available|Tip:|Trainer.fit. stopped|View run|"
+                     r"View experiment|Successfully registered|Created version|"
+                     r"INFO mlflow|\| INFO ")
+
+
+def test_console_is_one_line_per_stage_plus_the_result(cli_run):
+    """A server run printed ~50 lines, a third of them the libraries' chatter; quiet by
+    default (--verbose brings it back: the served run of `schedule serve --verbose`, in
+    test_schedule_serve_runs_the_deployment_and_lists_it)."""
+    lines = cli_run["stdout"].splitlines()
+    stage_lines = [ln for ln in lines if ln.startswith("  done  ")]
+    assert sorted(ln.split()[1] for ln in stage_lines) == sorted(STAGES)
+    assert not CHATTER.search(cli_run["stdout"] + cli_run["stderr"]), \
+        cli_run["stdout"] + cli_run["stderr"]
+    assert cli_run["stderr"].strip() == "", cli_run["stderr"]
+    assert len([ln for ln in lines if ln.strip()]) <= len(STAGES) + 7, lines
 
 
 def test_registry_cli_reads_the_servers_runs_and_models(stack, cli_run):
@@ -424,6 +483,15 @@ def test_registry_cli_reads_the_servers_runs_and_models(stack, cli_run):
     out = run([*cli, "show", cli_run["run_id"], *uri], env, 120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "test/error_pretrained" in out.stdout and "evaluate" in out.stdout
+    # a stage's child run: its artifacts, in subdirectories, through the artifact proxy
+    (evaluate,) = mlflow_client(stack).search_runs(
+        [mlflow_client(stack).get_run(cli_run["run_id"]).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{cli_run['run_id']}' and tags.`layerwise.stage` = "
+        "'evaluate'")
+    out = run([*cli, "show", evaluate.info.run_id, *uri], env, 120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    listed = out.stdout.split("\nartifacts:", 1)[1]
+    assert "evaluation/confusion_pretrained.csv" in listed and "MLmodel" in listed, out.stdout
     out = run([*cli, "models", "--name", "servers-classifier", "--format", "json", *uri],
               env, 120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -448,6 +516,9 @@ def _next_3am(now: datetime) -> datetime:
 
 
 def test_schedule_serve_runs_the_deployment_and_lists_it(stack, background, cli_run):
+    """...and SIGTERM to `serve` while a run is in progress ends that run: Prefect
+    CANCELLED or CRASHED, MLflow KILLED."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -473,6 +544,9 @@ def test_schedule_serve_runs_the_deployment_and_lists_it(stack, background, cli_
         (parent,) = client.search_runs([experiment.experiment_id],
                                        "tags.`layerwise.kind` = 'pipeline'")
         assert parent.info.status == "FINISHED" and parent.data.params["preset"] == "quick"
+        assert_stage_lines_and_link(stack, flow_run.id, parent.info.run_id)
+        chatter = serve.tail(10 ** 6)  # served with --verbose (its stages come from cache:
+        assert "View run" in chatter and "Created version" in chatter, chatter[-3000:]  # no fit)
 
         # The server's scheduler turns the cron schedule into scheduled runs within seconds.
         listed: dict[str, Any] = {}
@@ -493,29 +567,63 @@ def test_schedule_serve_runs_the_deployment_and_lists_it(stack, background, cli_
         table = run([*python_cli("cli.schedule"), "schedule", "list"], client_env(stack), 120)
         assert re.search(rf"layerwise-pipeline/{name}\s+quick\s+cron 0 3 \* \* \* \(UTC\)",
                          table.stdout), table.stdout
+        killed = _sigterm_during_a_served_run(stack, serve, deployment.id)
     finally:
-        serve.signal(signal.SIGTERM)
-        try:
-            serve.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
         serve.stop()
     with prefect_api(stack) as client:  # SIGTERM paused the schedule on the way out
         (deployment,) = [d for d in client.read_deployments() if d.name == name]
         assert deployment.paused
+        (after,) = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[killed.id])))
+    # the run in progress ended, in both stores
+    assert after.state.type.value in ("CANCELLED", "CRASHED"), (after.state, serve.tail())
+    experiment = mlflow_client(stack).get_experiment_by_name("sigterm")
+    statuses = {r.info.run_name: r.info.status
+                for r in mlflow_client(stack).search_runs([experiment.experiment_id])}
+    assert statuses[after.name] == "KILLED" and statuses["pretrain-layer-1"] == "KILLED"
+    assert set(statuses.values()) <= {"KILLED", "FINISHED"}, statuses
+
+
+def _sigterm_during_a_served_run(stack: dict[str, Any], serve: Process, deployment_id: Any
+                                 ) -> Any:
+    """Trigger a run of the served deployment that trains for a while; once its first
+    layer trains, SIGTERM to `schedule serve` alone (as `kill PID` does, not its group).
+    Prefect 3.8.8's own handler left that run RUNNING in both stores."""
+    slow = ["data.n_train=2000", "model.hidden_sizes=[64,32]", "pretrain.epochs=30",
+            "finetune.max_epochs=1", f"data.data_dir={stack['data']}"]
+    with prefect_api(stack) as client:
+        flow_run = client.create_flow_run_from_deployment(
+            deployment_id, parameters={"config": None, "overrides": slow,
+                                       "experiment": "sigterm"})
+    mlflow = mlflow_client(stack)
+
+    def training() -> bool:
+        experiment = mlflow.get_experiment_by_name("sigterm")
+        return experiment is not None and any(
+            r.data.tags.get("layerwise.stage") == "pretrain-layer-1"
+            for r in mlflow.search_runs([experiment.experiment_id]))
+
+    serve.wait_for(training, 180, "the served run's first pretraining stage")
+    os.kill(serve.proc.pid, signal.SIGTERM)
+    serve.proc.wait(90)
+    return flow_run
 
 
 # ---------------------------------------------------------------- prefect.yaml + worker
 
-def test_prefect_yaml_is_deployed_and_run_by_the_compose_worker(stack, background, cli_run):
+def test_make_deploy_on_a_fresh_server_and_a_worker_that_needs_only_the_api_url(
+        stack, background, cli_run):
+    """docs/service.md's commands: `make deploy` on a fresh server (no work pool yet)
+    registers prefect.yaml with the flow runs' environment; a worker started with
+    PREFECT_API_URL alone, in another directory, runs it offline into the MLflow server,
+    with the stage lines and the MLflow link in the flow run's Prefect logs."""
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    # The `deployments` service's command (started in the background) created the work pool
-    # and registered prefect.yaml.
     deploy = background["deploy"]
-    deploy.wait_for(lambda: deploy.proc.poll() is not None, 300, "the end of prefect deploy")
+    deploy.wait_for(lambda: deploy.proc.poll() is not None, 300, "the end of make deploy")
     assert deploy.proc.returncode == 0, deploy.tail()
+    assert "Created work pool 'layerwise'" in deploy.tail(20000), deploy.tail()  # none before
     with prefect_api(stack) as client:
         deployment = client.read_deployment_by_name("layerwise-pipeline/nightly")
         pool = client.read_work_pool("layerwise")
@@ -524,28 +632,35 @@ def test_prefect_yaml_is_deployed_and_run_by_the_compose_worker(stack, backgroun
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
     assert deployment.parameters["preset"] == "default"
     assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory":
-                                      {"directory": "{{ $LAYERWISE_APP_DIR }}"}}]
+                                      {"directory": str(ROOT)}}]  # filled in by make deploy
+    env = deployment.job_variables["env"]
+    # LAYERWISE_HOME is the shell's (client_env), the rest make's defaults and the exports
+    assert env == {"LAYERWISE_APP_DIR": str(ROOT), "LAYERWISE_HOME": str(stack["home"]),
+                   "LAYERWISE_DATA_DIR": str(stack["data"]),
+                   "MLFLOW_TRACKING_URI": stack["mlflow"],
+                   "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+                   "PREFECT_LOCAL_STORAGE_PATH": f"{stack['home']}/prefect-results"}
 
-    worker = background["worker"]
+    worker = background["start_worker"]()
     try:
-        worker.wait_for(lambda: http_status(background["worker_health"]) == 200, 120,
-                        "a healthy worker /health")
-        # preset + overrides, as `layerwise run --preset quick --set ...`; the data
-        # directory is the worker's $LAYERWISE_DATA_DIR
+        # preset + overrides, as `layerwise run --preset quick --set ...`
         with temporary_settings(updates={PREFECT_API_URL: stack["api"]}):
             flow_run = run_deployment(
                 "layerwise-pipeline/nightly", timeout=300, poll_interval=1,
                 parameters={"preset": "quick", "overrides": TINY, "experiment": "worker"})
         assert flow_run.state.is_completed(), f"{flow_run.state}\n{worker.tail()}"
+        client = mlflow_client(stack)
+        experiment = client.get_experiment_by_name("worker")
+        (parent,) = client.search_runs([experiment.experiment_id],
+                                       "tags.`layerwise.kind` = 'pipeline'")
+        # before stopping the worker: its flow run's process sends its last lines on exit
+        assert_stage_lines_and_link(stack, flow_run.id, parent.info.run_id)
     finally:
         worker.stop()
-    client = mlflow_client(stack)
-    experiment = client.get_experiment_by_name("worker")
-    (parent,) = client.search_runs([experiment.experiment_id],
-                                   "tags.`layerwise.kind` = 'pipeline'")
     assert parent.info.status == "FINISHED" and parent.data.params["preset"] == "quick"
     assert json.loads(parent.data.params["overrides"]) == TINY
     assert parent.data.params["pretrain.epochs"] == "1"
+    assert parent.data.params["data.data_dir"] == str(stack["data"])  # offline: no download
     assert parent.info.run_name == flow_run.name and parent.info.run_name.startswith(
         "quick-seed0-")  # the same name in both UIs
 
@@ -580,3 +695,4 @@ def test_mlflow_basic_auth_switch_requires_logins(background):
     assert http_status(api, timeout=60) == 401
     assert http_status(api, (admin[0], "wrong-password"), timeout=60) == 401
     assert http_status(api, admin, timeout=60) == 200
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from runtime.console import mlflow_prints_quiet
 from tracking.tracker import Tracker, quote_filter, with_retries
 
 MODEL_DESCRIPTION = (
@@ -51,7 +52,7 @@ def register_classifier(tracker: Tracker, run_id: str, model: Any, input_example
     signature = infer_signature(input_example, output)
 
     def log() -> Any:
-        with mlflow.start_run(run_id=run_id):
+        with mlflow_prints_quiet(), mlflow.start_run(run_id=run_id):
             return mlflow.pytorch.log_model(
                 model, name=artifact, input_example=input_example, signature=signature,
                 serialization_format="pt2", registered_model_name=name,

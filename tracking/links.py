@@ -1,0 +1,20 @@
+"""Where a user opens an MLflow run: its page in the tracking server's UI, or, for an
+embedded store, its id and the command that opens that store."""
+
+from __future__ import annotations
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's UI URL when the tracking URI is a server (http/https), else its id, the
+    store's URI and how to open it.
+
+    Args:
+        tracking_uri: The MLflow tracking URI the run was written to.
+        experiment_id: The run's experiment.
+        run_id: The run.
+    """
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    how = (f"; open it with `mlflow ui --backend-store-uri {tracking_uri}`"
+           if tracking_uri.startswith("sqlite:") else "")
+    return f"run {run_id} in {tracking_uri}{how}"
