@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from config.parameters import complete, resolve_flow_config
 from config.stages import PipelineConfig, check_train_size, flatten
-from runtime.environment import eval_device, layerwise_home
+from runtime.environment import eval_device, layerwise_home, precision_used
 from runtime.errors import ConfigError
 from tasks.data import load_data_task
 from tasks.evaluate import ARMS, evaluate_task, per_class_table
@@ -139,7 +139,8 @@ def pipeline(
     with tracker.run(name, {KIND_TAG: "pipeline", NOTE_TAG: run_description(
             "pipeline", preset, config)}) as parent:
         tracker.log_params(parent, {**flatten(config), "preset": preset,
-                                    "overrides": overrides, **environment_params(device)})
+                                    "overrides": overrides,
+                                    **environment_params(device, precision_used(config.runtime))})
         stages = StageRecorder(tracker, parent, echo)
 
         with stages.stage("load-data") as (run, info):
