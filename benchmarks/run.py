@@ -1,7 +1,7 @@
 """``python -m benchmarks``: run the benchmarks, print a table and the targets, write
 ``benchmarks/results/<machine>.json``.
 
-    python -m benchmarks                      # everything (about 5 minutes on 2 CPU cores)
+    python -m benchmarks                      # everything (about 15 minutes on 2 CPU cores)
     python -m benchmarks --only training      # or population, twins, startup (others kept)
     python -m benchmarks --threads 1          # intra-op threads (default: torch's)
 """
