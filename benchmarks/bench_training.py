@@ -96,11 +96,12 @@ def flops(shapes: list[tuple[int, int, int]]) -> float:
     return float(sum(2 * m * k * n for m, k, n in shapes))
 
 
-def matmul_rate(shapes: list[tuple[int, int, int]], dev: torch.device) -> float:
-    """GFLOP/s of ``torch.mm`` over exactly these shapes, timed alone."""
+def matmul_rate(shapes: list[tuple[int, int, int]], dev: torch.device,
+                dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of ``torch.mm`` over exactly these shapes in ``dtype``, timed alone."""
     g = torch.Generator().manual_seed(0)
-    pairs = [(torch.rand(m, k, generator=g).to(dev), torch.rand(k, n, generator=g).to(dev))
-             for m, k, n in shapes]
+    pairs = [(torch.rand(m, k, generator=g).to(dev, dtype),
+              torch.rand(k, n, generator=g).to(dev, dtype)) for m, k, n in shapes]
 
     def step():
         for a, b in pairs:
@@ -120,7 +121,8 @@ def dae_init(spec: DAESpec, seed: int) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in dae.state_dict().items()}
 
 
-def project_pretrain(spec: DAESpec, init, x, x_valid, B: int, seed: int) -> bare.Run:
+def project_pretrain(spec: DAESpec, init, x, x_valid, B: int, seed: int,
+                     precision: str = "32-true") -> bare.Run:
     """``tasks.pretrain.pretrain_layer``'s training, as it runs it."""
     started = time.perf_counter()
     dae = DenoisingAutoencoder(spec.n_visible, spec.n_hidden, corruption_level=spec.level)
@@ -129,7 +131,8 @@ def project_pretrain(spec: DAESpec, init, x, x_valid, B: int, seed: int) -> bare
     result = train_dae_population(
         [dae], x, x_valid, noise_seeds=[seed], order_seeds=[seed], epochs=1, batch_size=B,
         optimizer={"name": "sgd", "lr": spec.lr},
-        trainer=make_trainer(RuntimeConfig(accelerator="auto"), 1, [timer]))
+        trainer=make_trainer(RuntimeConfig(accelerator="auto", precision=precision), 1,
+                             [timer]))
     return bare.Run(timer.loop_s, timer.loop_cpu_s, time.perf_counter() - started,
                     result.states[0], result.histories[0])
 
@@ -147,7 +150,8 @@ def classifier_init(spec: ClassifierSpec, seed: int) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in clf.state_dict().items()}
 
 
-def project_finetune(spec: ClassifierSpec, init, data: Data, B: int, seed: int) -> bare.Run:
+def project_finetune(spec: ClassifierSpec, init, data: Data, B: int, seed: int,
+                     precision: str = "32-true") -> bare.Run:
     """``tasks.finetune.finetune``'s training, as it runs it."""
     started = time.perf_counter()
     clf = DeepClassifier.random_init(spec.sizes[0], list(spec.sizes[1:]), spec.n_classes)
@@ -156,7 +160,8 @@ def project_finetune(spec: ClassifierSpec, init, data: Data, B: int, seed: int) 
     result = train_classifier_population(
         [clf], data.x_train, data.y_train, data.x_valid, data.y_valid, order_seeds=[seed],
         max_epochs=1, batch_size=B, optimizer={"name": "sgd", "lr": spec.lr},
-        trainer=make_trainer(RuntimeConfig(accelerator="auto"), 1, [timer]))
+        trainer=make_trainer(RuntimeConfig(accelerator="auto", precision=precision), 1,
+                             [timer]))
     return bare.Run(timer.loop_s, timer.loop_cpu_s, time.perf_counter() - started,
                     result.states[0], result.histories[0])
 
@@ -170,14 +175,22 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def compare(stage: str, B: int, project: Callable[[], bare.Run], floor: Callable[[], bare.Run],
+def compare(stage: str, B: int, project: Callable[..., bare.Run], floor: Callable[[], bare.Run],
             shapes: list[tuple[int, int, int]], repeats: int, dev: torch.device,
             log: Callable[[str], None]) -> dict[str, Any]:
+    """(a) ``project()`` against (b) ``floor()``, and, where bf16 is native
+    (``runtime.precision.native_bf16``), (a) in ``bf16-mixed``: each loop's matmul GFLOP/s
+    beside ``torch.mm``'s at the same shapes and dtype, and their fraction."""
+    from runtime.precision import native_bf16
+
     steps = STEPS[B]
-    runs_a, runs_b = [], []
+    bf16 = native_bf16(dev.type)
+    runs_a, runs_b, runs_h = [], [], []
     for _ in range(repeats):  # interleaved, so that load changes hit both alike
         runs_a.append(project())
         runs_b.append(floor())
+        if bf16:
+            runs_h.append(project("bf16-mixed"))
     a = min(runs_a, key=lambda r: r.loop_s)
     b = min(runs_b, key=lambda r: r.loop_s)
     a_cpu = min(r.loop_cpu_s for r in runs_a)
@@ -198,16 +211,33 @@ def compare(stage: str, B: int, project: Callable[[], bare.Run], floor: Callable
         "gflops": round(per_step * steps / a.loop_s / 1e9, 2),
         "bare_gflops": round(per_step * steps / b.loop_s / 1e9, 2),
         "matmul_gflops": round(rate, 2),
+        # the loop's share of the machine's matmul rate (issue 17: >= 0.6 at B=20, 0.85 at 256)
+        "matmul_fraction": round(per_step * steps / a.loop_s / 1e9 / rate, 3),
         "project_fixed_s": round(a.total_s - a.loop_s, 3),
         "bare_fixed_s": round(b.total_s - b.loop_s, 3),
         "max_weight_diff": _max_diff(a.state, b.state),
     }
+    if runs_h:
+        h = min(runs_h, key=lambda r: r.loop_s)
+        rate_h = matmul_rate(shapes, dev, torch.bfloat16)
+        row.update({
+            "bf16_gflops": round(per_step * steps / h.loop_s / 1e9, 2),
+            "matmul_gflops_bf16": round(rate_h, 2),
+            "bf16_matmul_fraction": round(per_step * steps / h.loop_s / 1e9 / rate_h, 3),
+            "bf16_speedup": round(a.loop_s / h.loop_s, 3),
+            "bf16_max_weight_diff": _max_diff(h.state, a.state),
+        })
     log(f"  {stage:<8} B={B:<4} project {row['project_examples_per_s']:>9.0f} ex/s  "
         f"bare {row['bare_examples_per_s']:>9.0f} ex/s  ratio {row['ratio']:.3f}  "
         f"overhead {row['overhead_us_per_step']:>7.1f} µs/step  "
         f"(cpu ratio {row['cpu_ratio']:.3f}, {row['cpu_overhead_us_per_step']:.0f} µs)  "
         f"{row['gflops']:.1f}/{row['matmul_gflops']:.1f} GFLOP/s  "
+        f"= {row['matmul_fraction']:.2f} of torch.mm  "
         f"(same weights: max diff {row['max_weight_diff']:.1e})")
+    if runs_h:
+        log(f"  {'':<8} bf16-mixed: {row['bf16_gflops']:.1f}/{row['matmul_gflops_bf16']:.1f} "
+            f"GFLOP/s = {row['bf16_matmul_fraction']:.2f} of torch.mm in bf16, "
+            f"{row['bf16_speedup']:.2f}x the float32 loop")
     return row
 
 
@@ -225,14 +255,15 @@ def run(data: Data, repeats: int, batch_sizes=(1, 20, 256), log=print,
         project_pretrain(dae, init, warm.x_train, warm.x_valid, B, seed)  # warm-up
         bare_pretrain(dae, init, warm.x_train, warm.x_valid, B, seed)
         rows.append(compare(
-            "pretrain", B, lambda: project_pretrain(dae, init, sub.x_train, x_valid, B, seed),
+            "pretrain", B,
+            lambda p="32-true": project_pretrain(dae, init, sub.x_train, x_valid, B, seed, p),
             lambda: bare_pretrain(dae, init, sub.x_train, x_valid, B, seed),
             dae_shapes(B, dae.n_visible, dae.n_hidden), repeats, dev, log))
         init = classifier_init(clf, seed)
         project_finetune(clf, init, warm, B, seed)
         bare_finetune(clf, init, warm, B, seed)
         rows.append(compare(
-            "finetune", B, lambda: project_finetune(clf, init, sub, B, seed),
+            "finetune", B, lambda p="32-true": project_finetune(clf, init, sub, B, seed, p),
             lambda: bare_finetune(clf, init, sub, B, seed),
             classifier_shapes(B, list(clf.sizes), clf.n_classes), repeats, dev, log))
     return rows

@@ -1,7 +1,7 @@
 """``python -m benchmarks``: run the benchmarks, print a table and the targets, write
 ``benchmarks/results/<machine>.json``.
 
-    python -m benchmarks                      # everything (about 5 minutes on 2 CPU cores)
+    python -m benchmarks                      # everything (about 15 minutes on 2 CPU cores)
     python -m benchmarks --only training      # or population, twins, startup (others kept)
     python -m benchmarks --threads 1          # intra-op threads (default: torch's)
 """
@@ -17,10 +17,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-PARTS = ("training", "population", "twins", "startup")
+PARTS = ("training", "population", "twins", "startup", "precision")
 #: On CPU, at batch >= 20, the project's path must reach this share of the bare loop's speed.
 MIN_RATIO = 0.9
 MAX_HELP_S = 1.0
+#: Issue 17: the training loop's share of torch.mm's rate at the same shapes, per batch size.
+MIN_MATMUL_FRACTION = {20: 0.6, 256: 0.85}
 
 
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -36,6 +38,9 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--cold", action="store_true",
                    help="also time a first-ever quick run (fresh PREFECT_HOME)")
+    p.add_argument("--precision-table", type=Path, default=None,
+                   help="cells.csv of an earlier `layerwise ablate --preset precision` run "
+                        "(default: run the grid, about 10 minutes on 2 CPU cores)")
     p.add_argument("--out", type=Path, default=None, help="results file")
     return p.parse_args(argv)
 
@@ -51,6 +56,22 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "value": row["ratio"], "pass": row["ratio"] >= MIN_RATIO,
                 "note": f"CPU-time ratio {row['cpu_ratio']}",
             })
+    for row in result.get("training", []):
+        need = MIN_MATMUL_FRACTION.get(row["batch_size"])
+        for prefix, label in (("", "float32"), ("bf16_", "bf16-mixed")):
+            value = row.get(f"{prefix}matmul_fraction")
+            if on_cpu and need and value is not None:
+                out.append({"target": f"{row['stage']} B={row['batch_size']} {label}: ≥ {need} "
+                                      "of torch.mm's rate", "value": value,
+                            "pass": value >= need, "note": ""})
+    prec = result.get("precision")
+    if prec:
+        pooled = prec["rows"][-1]
+        out.append({"target": "bf16-mixed test error = float32's (paired CI of the difference "
+                              "contains 0)", "value": pooled["diff_mean"],
+                    "pass": pooled["diff_ci_low"] <= 0 <= pooled["diff_ci_high"],
+                    "note": f"95% CI [{pooled['diff_ci_low']}, {pooled['diff_ci_high']}], "
+                            f"{pooled['n_pairs']} pairs, paired t p={pooled['p_paired_t']}"})
     pop = result.get("population")
     if pop:
         out.append({"target": f"population P={pop['P']} not slower than {pop['P']} sequential "
@@ -63,6 +84,16 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                         "value": row["speedup"], "pass": row["speedup"] >= 1.0,
                         "note": f"CPU time {row['cpu_speedup']}×, vs the project's path "
                                 f"{row['speedup_vs_project']}×"})
+    quick = result.get("quick_run") or {}
+    if quick.get("outside_training_s") is not None:
+        from benchmarks.bench_startup import MAX_OUTSIDE_S
+
+        out.append({"target": f"quick run: ≤ {MAX_OUTSIDE_S} s outside its training loops",
+                    "value": quick["outside_training_s"],
+                    "pass": quick["outside_training_s"] <= MAX_OUTSIDE_S,
+                    "note": f"{quick['before_parent_s']} s before the parent run, "
+                            f"{quick['inside_other_s']} s inside it besides training, "
+                            f"{quick['after_parent_s']} s after it"})
     if "help_s" in result:
         out.append({"target": f"layerwise --help < {MAX_HELP_S} s", "value": result["help_s"],
                     "pass": result["help_s"] < MAX_HELP_S, "note": ""})
@@ -81,7 +112,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     import lightning
     import torch
 
-    from benchmarks import bench_population, bench_startup, bench_training, bench_twins
+    from benchmarks import (bench_population, bench_precision, bench_startup, bench_training,
+                            bench_twins)
     from benchmarks.common import REPO, describe, device, load, load_avg, machine_name
 
     if args.threads:
@@ -126,6 +158,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                      repeats=min(args.repeats, 3))
         else:
             print(f"  no MNIST under {data_dir}: the quick pipeline run is skipped")
+    if "precision" in parts:
+        from benchmarks.common import DEFAULT_DATA_DIR
+
+        print("precision: float32 against bf16-mixed, paired by seed (config/grids/precision.yaml)")
+        data_dir = args.data_dir or Path(os.environ.get("LAYERWISE_DATA_DIR", DEFAULT_DATA_DIR))
+        result["precision"] = bench_precision.run(data_dir, table=args.precision_table,
+                                                  threads=args.threads)
     result["load_avg_end"] = load_avg()
     result["targets"] = targets(result)
     print("targets:")

@@ -47,6 +47,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "patience_batches": 10, "patience_increase": 2.0, "improvement_threshold": 0.995,
             "optimizer": {"name": "sgd", "lr": 0.1},
         },
+        # float32 whatever the hardware: the reference's arithmetic (runtime/precision.py)
+        "runtime": {"precision": "32-true"},
     },
     # The deep autoencoder (objective 'reconstruct') for demos, tests and the README's table:
     # 5k examples, 784-256-64-2 with a linear 2-D code (the code map is drawn), Adam.

@@ -68,7 +68,7 @@ def ablation(
         tracker.log_params(parent, {**grid_params(grid), "preset": grid.name,
                                     "n_cells": len(cells), "n_pretrain_layers": len(nodes),
                                     "population": population,
-                                    **environment_params(_device(cells))})
+                                    **environment_params(_device(cells), _precision(cells))})
         echo(f"ablation {grid.name}: {len(cells)} cells, {len(nodes)} distinct pretraining "
              f"layers, {grid.retries} retries per task")
         # 2-3. Layers, each once on the layers below it; cells on their stacks.
@@ -216,6 +216,13 @@ def describe(exc: BaseException) -> str:
         parts.append(f"{type(exc).__name__}: {exc}")
         exc = exc.__cause__ or exc.__context__
     return " <- caused by ".join(parts)
+
+
+def _precision(cells: list[Cell]) -> str:
+    """The precisions the cells train in (``runtime.precision`` resolved), comma-separated."""
+    from runtime.environment import precision_used
+
+    return ",".join(sorted({precision_used(c.config.runtime) for c in cells})) or "32-true"
 
 
 def _device(cells: list[Cell]) -> str:

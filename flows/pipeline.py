@@ -14,7 +14,7 @@ from config.stages import PipelineConfig, flatten
 from flows.stages import (StageRecorder, StageReport, data_and_pretraining, flow_run_name,
                           run_task)
 from runtime.console import announce
-from runtime.environment import eval_device, layerwise_home
+from runtime.environment import eval_device, layerwise_home, precision_used
 from runtime.errors import ConfigError
 from tasks.evaluate import ARMS, evaluate_task, per_class_table
 from tasks.finetune import finetune_twins_task
@@ -83,7 +83,8 @@ def pipeline(
         link = run_link(tracker.uri, tracker.experiment_id, parent)
         echo(f"MLflow run: {link}", console=False)
         tracker.log_params(parent, {**flatten(config), "preset": preset,
-                                    "overrides": overrides, **environment_params(device)})
+                                    "overrides": overrides,
+                                    **environment_params(device, precision_used(config.runtime))})
         stages = StageRecorder(tracker, parent, echo)
 
         data, stack = data_and_pretraining(config, tracker, parent, stages, fresh)

@@ -16,7 +16,7 @@ from config.stages import PipelineConfig, flatten
 from flows.stages import (StageRecorder, StageReport, data_and_pretraining, flow_run_name,
                           run_task)
 from runtime.console import announce
-from runtime.environment import eval_device
+from runtime.environment import eval_device, precision_used
 from runtime.errors import ConfigError
 from tasks.finetune import ARMS
 from tasks.reconstruct import finetune_autoencoders_task
@@ -87,8 +87,8 @@ def reconstruct(
     name = flow_run.name or run_name(preset, config.runtime.seed)
     with tracker.run(name, {KIND_TAG: "pipeline", NOTE_TAG: run_description(
             "pipeline", preset, config)}) as parent:
-        tracker.log_params(parent, {**flatten(config), "preset": preset,
-                                    "overrides": overrides, **environment_params(device)})
+        tracker.log_params(parent, {**flatten(config), "preset": preset, "overrides": overrides,
+                                    **environment_params(device, precision_used(config.runtime))})
         stages = StageRecorder(tracker, parent, echo, config.objective)
         data, stack = data_and_pretraining(config, tracker, parent, stages, fresh)
 

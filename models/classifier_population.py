@@ -14,7 +14,8 @@ from torch import nn
 
 from models.classifier import DeepClassifier
 from models.layers import activate
-from models.population import _activation_slope, _linear, _same, _stack
+from models.population import (_activation_slope, _linear, _same, _stack, batch_sum, descend,
+                               wide)
 
 
 class ClassifierPopulation(nn.Module):
@@ -110,12 +111,12 @@ class ClassifierPopulation(nn.Module):
         logits = _linear(h, self.out_weight, self.out_bias)  # (P, B, C)
         B = logits.shape[1]
         log_p = torch.log_softmax(logits, dim=2)
-        loss = -log_p.gather(2, y.unsqueeze(2)).squeeze(2).mean(dim=1)  # (P,)
+        loss = -log_p.gather(2, y.unsqueeze(2)).squeeze(2).mean(dim=1, dtype=wide(log_p.dtype))
         d = log_p.exp_().scatter_add_(2, y.unsqueeze(2), torch.full_like(log_p[..., :1], -1.0))
         d.div_(B)  # ∂L/∂o, (P, B, C)
         dh = torch.bmm(d, self.out_weight)  # (P, B, C) @ (P, C, H_L) -> (P, B, H_L)
-        self.out_bias.sub_(d.sum(dim=1), alpha=lr)
-        self.out_weight.baddbmm_(d.transpose(1, 2), h, alpha=-lr)
+        self.out_bias.sub_(batch_sum(d, self.out_bias), alpha=lr)
+        descend(self.out_weight, d.transpose(1, 2), h, lr)
         for l in reversed(range(len(self.weights))):
             weight, bias = self.weights[l], self.biases[l]
             if drop:
@@ -123,8 +124,8 @@ class ClassifierPopulation(nn.Module):
             dpre = dh.mul_(_activation_slope(outputs[l], self.activation))  # (P, B, n_out)
             if l > 0:
                 dh = torch.bmm(dpre, weight)  # (P, B, n_out) @ (P, n_out, n_in) -> (P, B, n_in)
-            bias.sub_(dpre.sum(dim=1), alpha=lr)
-            weight.baddbmm_(dpre.transpose(1, 2), inputs[l], alpha=-lr)
+            bias.sub_(batch_sum(dpre, bias), alpha=lr)
+            descend(weight, dpre.transpose(1, 2), inputs[l], lr)
         return loss, logits
 
     def member_state(self, p: int) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ import torch
 
 from models.batches import EpochChunks
 from models.optim import build_optimizer
-from models.population import History, plain_sgd
+from models.population import History, plain_sgd, wide
 
 
 class PopulationSystem(L.LightningModule):
@@ -79,9 +79,14 @@ class PopulationSystem(L.LightningModule):
         self.seconds = time.perf_counter() - self._started
 
     def training_step(self, chunk: list[torch.Tensor], batch_idx: int) -> None:
-        """One optimiser step per (P, b) index batch of the chunk."""
+        """One optimiser step per (P, b) index batch of the chunk.
+
+        Under ``bf16-mixed`` the whole chunk runs in one ``torch.autocast`` region; Lightning
+        opens it with ``cache_enabled=False``, so each step casts the weights it has just
+        changed (a cached bf16 copy would be the chunk's first weights)."""
         for idx in chunk:
             sums = self.batch_step(idx)  # (P, k) Σ_b metric_b · |b|
+            sums = sums.to(wide(sums.dtype))  # bf16 under autocast: summed in float32
             self._sums = sums if self._sums is None else self._sums + sums
             self.steps += 1
 

@@ -120,7 +120,36 @@ def _cross_entropy_from_sigmoid(x: torch.Tensor, a: torch.Tensor,
     and the same to rounding (1e-7 relative in float32, 1e-15 in float64).
     """
     per_pixel = torch.maximum(z, 1 - z).log_().neg_().add_(a.clamp(min=0))
-    return per_pixel.sum(dim=-1).mean(dim=-1) - torch.linalg.vecdot(x, a).mean(dim=-1)
+    acc = wide(a.dtype)  # under autocast a and z are bf16 (3 significant digits per term)
+    return (per_pixel.sum(dim=-1, dtype=acc).mean(dim=-1)
+            - torch.linalg.vecdot(x.to(acc), a.to(acc)).mean(dim=-1))
+
+
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums are kept in: float32 for bf16/fp16 terms, else ``dtype`` (float64 stays)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def descend(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, lr: float) -> None:
+    """W ← W − lr · left @ right, in place: one SGD update from a gradient that is the
+    batched product of (P, m, k) ``left`` and (P, k, n) ``right``.
+
+    In float32 it is one ``baddbmm_`` (no gradient materialised). Under ``torch.autocast``
+    (``bf16-mixed``) an in-place matmul is not autocast (it would mix float32 weights with
+    bfloat16 operands and fail), so the product runs in bfloat16 through ``bmm``, as
+    autograd's weight gradient does under autocast, and is subtracted from the float32
+    master weights.
+    """
+    if torch.is_autocast_enabled(weight.device.type):
+        weight.sub_(torch.bmm(left, right), alpha=lr)  # (P, m, n) in bf16 -> fp32 weights
+    else:
+        weight.baddbmm_(left, right, alpha=-lr)
+
+
+def batch_sum(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Σ_B of a (P, B, n) gradient in ``like``'s dtype (float32 sums of bf16 terms under
+    autocast): the bias update."""
+    return g.sum(dim=1, dtype=like.dtype)
 
 
 def plain_sgd(settings: Mapping[str, Any]) -> bool:
@@ -220,14 +249,14 @@ class DAEPopulation(nn.Module):
             da = (a - x).mul_(2 / B)
         # (P, B, V) @ (P, V, H) -> (P, B, H), computed before W changes
         dpre = torch.bmm(da, W_dec.transpose(1, 2)).mul_(_activation_slope(y, self.activation))
-        self.b_prime.sub_(da.sum(dim=1), alpha=lr)
-        self.b.sub_(dpre.sum(dim=1), alpha=lr)
+        self.b_prime.sub_(batch_sum(da, self.b_prime), alpha=lr)
+        self.b.sub_(batch_sum(dpre, self.b), alpha=lr)
         if self.W_prime is None:  # ∂L/∂preᵀ x̃ + (∂L/∂aᵀ y)ᵀ as one (P, H, 2B) @ (P, 2B, V)
-            self.W.baddbmm_(torch.cat([dpre, y], dim=1).transpose(1, 2),
-                            torch.cat([x_tilde, da], dim=1), alpha=-lr)
+            descend(self.W, torch.cat([dpre, y], dim=1).transpose(1, 2),
+                    torch.cat([x_tilde.to(da.dtype), da], dim=1), lr)
         else:
-            self.W.baddbmm_(dpre.transpose(1, 2), x_tilde, alpha=-lr)  # encoder: ∂L/∂preᵀ x̃
-            self.W_prime.baddbmm_(da.transpose(1, 2), y, alpha=-lr)  # decoder: ∂L/∂aᵀ y
+            descend(self.W, dpre.transpose(1, 2), x_tilde, lr)  # encoder: ∂L/∂preᵀ x̃
+            descend(self.W_prime, da.transpose(1, 2), y, lr)  # decoder: ∂L/∂aᵀ y
         return loss
 
     def member_state(self, p: int) -> dict[str, torch.Tensor]:

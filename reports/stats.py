@@ -77,6 +77,19 @@ def welch_t(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float
     return float(res.statistic), float(res.df), float(res.pvalue)
 
 
+def paired_t(differences: Sequence[float]) -> tuple[float, float]:
+    """Paired t-test of mean difference 0 (``scipy.stats.ttest_1samp`` on the differences,
+    the same as ``ttest_rel``): t = d̄ / (s_d / sqrt(n)), n − 1 degrees of freedom. Returns
+    (t, two-sided p); nan for n < 2 or differences all equal."""
+    from scipy.stats import ttest_1samp
+
+    d = np.asarray(differences, dtype=float)
+    if d.size < 2 or np.all(d == d[0]):
+        return float("nan"), float("nan")
+    res = ttest_1samp(d, 0.0)
+    return float(res.statistic), float(res.pvalue)
+
+
 def paired_differences(first: pd.Series, second: pd.Series) -> pd.Series:
     """``first - second`` on the index values (seeds) both have, sorted by seed."""
     shared = first.index.intersection(second.index).sort_values()

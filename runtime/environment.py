@@ -54,6 +54,14 @@ def stage_key(stage: str, *, kind: str, **parts: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def runtime_key(runtime: RuntimeConfig) -> dict[str, Any]:
+    """The runtime settings of a stage's cache key: ``auto`` precision resolved (a result
+    trained in bf16 on one machine is not a float32 result on another), the evaluation
+    batch size left out (it changes no result)."""
+    return {**runtime.model_dump(mode="json", exclude={"eval_batch_size"}),
+            "precision": precision_used(runtime)}
+
+
 def layerwise_home() -> Path:
     """Where the embedded stores live: ``$LAYERWISE_HOME`` or ``./mlruns``."""
     return Path(os.environ.get("LAYERWISE_HOME", "mlruns")).resolve()
@@ -110,9 +118,19 @@ def make_trainer(runtime: RuntimeConfig, max_epochs: int, callbacks: Sequence[An
     from runtime.console import verbose
 
     return engine_trainer(max_epochs, accelerator=runtime.accelerator,
-                          precision=runtime.precision, deterministic=runtime.deterministic,
+                          precision=precision_used(runtime),
+                          deterministic=runtime.deterministic,
                           progress=progress_bar_enabled(),
                           callbacks=[*callbacks, _interrupt_callback()], quiet=not verbose())
+
+
+def precision_used(runtime: RuntimeConfig) -> str:
+    """The Lightning precision the stages train in: ``runtime.precision``, with ``auto``
+    resolved for the training device (``runtime.precision.resolve_precision``)."""
+    from runtime.precision import resolve_precision
+
+    device_type = "mps" if runtime.accelerator == "mps" else eval_device(runtime).type
+    return resolve_precision(runtime.precision, device_type)
 
 
 def fit(trainer: Any, system: Any, datamodule: Any = None) -> None:

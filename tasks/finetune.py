@@ -16,8 +16,8 @@ from runtime.checkpoints import Checkpoint, save_state, tensor_sha256
 from config.stages import PipelineConfig
 from runtime.errors import DivergenceError
 from tasks.pretrain import LayerResult, layer_states
-from runtime.environment import (Seed, derive_seed, eval_device, fit, make_trainer, stage_dir,
-                                 stage_key)
+from runtime.environment import (Seed, derive_seed, eval_device, fit, make_trainer,
+                                 runtime_key, stage_dir, stage_key)
 
 Arm = Literal["pretrained", "random"]
 #: The twins, in the order the pipeline fine-tunes, evaluates and reports them.
@@ -150,7 +150,7 @@ def finetune_cache_key(arm: Arm, config: PipelineConfig, data_digest: str,
         data=data_digest,
         model=config.model.model_dump(mode="json"),
         finetune=config.finetune.model_dump(mode="json"),
-        runtime=config.runtime.model_dump(mode="json", exclude={"eval_batch_size"}),
+        runtime=runtime_key(config.runtime),
         encoders=[r.checkpoint.sha256 for r in encoders or []],
     )
 

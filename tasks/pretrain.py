@@ -15,8 +15,8 @@ from runtime.checkpoints import Checkpoint, load_state, save_state, tensor_sha25
 from config.autoencoder import layer_activation
 from config.stages import PipelineConfig
 from runtime.errors import DivergenceError
-from runtime.environment import (Seed, derive_seed, eval_device, fit, make_trainer, stage_dir,
-                                 stage_key)
+from runtime.environment import (Seed, derive_seed, eval_device, fit, make_trainer,
+                                 runtime_key, stage_dir, stage_key)
 
 N_EXAMPLES = 10  # images per row in the corrupted-input and reconstruction figures
 
@@ -262,7 +262,7 @@ def pretrain_cache_key(k: int, config: PipelineConfig, data_digest: str,
                "tied_weights": m.tied_weights, "init": m.init},
         pretrain={**p.model_dump(mode="json", exclude={"corruption_levels"}),
                   "corruption_level": p.corruption_levels[k]},
-        runtime=rt.model_dump(mode="json", exclude={"eval_batch_size"}),
+        runtime=runtime_key(rt),
         lower=[r.checkpoint.sha256 for r in lower],
     )
 

@@ -66,6 +66,9 @@ def test_params_record_config_data_and_environment(quick_run, client):
                 "version.mlflow", "device"):
         assert params[key] not in ("", None)
     assert params["version.torch"] == torch.__version__
+    # the precision asked for and the one trained in (auto resolved for this machine)
+    assert params["runtime.precision"] == config.runtime.precision
+    assert params["runtime.precision_used"] == config.runtime.precision  # not auto here
 
 
 def test_metrics_are_fractions_and_consistent(quick_run, client):

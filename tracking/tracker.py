@@ -61,8 +61,15 @@ def git_commit() -> str:
         return "unknown"
 
 
-def environment_params(device: str) -> dict[str, str]:
-    """Versions, commit and device: what it takes to repeat a run."""
+def environment_params(device: str, precision: str) -> dict[str, str]:
+    """Versions, commit, device and the precision trained in: what it takes to repeat a run.
+
+    Args:
+        device: The training device, e.g. ``cpu``.
+        precision: The Lightning precision used (``runtime.environment.precision_used``:
+            ``runtime.precision = auto`` resolved for this machine), recorded as
+            ``runtime.precision_used``.
+    """
     import lightning
     import mlflow
     import prefect
@@ -76,6 +83,7 @@ def environment_params(device: str) -> dict[str, str]:
         "version.mlflow": mlflow.__version__,
         "version.python": platform.python_version(),
         "device": device,
+        "runtime.precision_used": precision,
     }
 
 
