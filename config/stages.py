@@ -1,9 +1,7 @@
 """Typed, validated configuration: one pydantic model per stage, each owning its defaults.
 
 A flow takes one :class:`PipelineConfig`. Every field is documented, validated before any
-work starts, flattened into MLflow params, and used somewhere: no knob is declared and then
-ignored (the reference tutorial's unused ``corruption_levels`` argument is the cautionary
-tale, docs/design.md §4).
+work starts, flattened into MLflow params, and used somewhere (docs/design.md §4).
 """
 
 from __future__ import annotations
