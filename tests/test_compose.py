@@ -526,8 +526,8 @@ def test_flow_parameters_resolve_like_layerwise_run(tmp_path):
     assert resolve_flow_config(complete(resolve_config("quick")), "quick", [])[2] == []
 
     partial = PipelineConfig.model_validate({"pretrain": {"epochs": 2}})
-    with pytest.raises(ConfigError, match=r"lacks data, model, pretrain\.batch_size, .* and "
-                                          r"3 more.*layerwise config --format json"):
+    with pytest.raises(ConfigError, match=r"lacks objective, data, model, pretrain\.batch_size, .* and "
+                                          r"5 more.*layerwise config --format json"):
         resolve_flow_config(partial, "quick", [])
     with pytest.raises(ConfigError, match="pretrain.epochs = 0"):
         resolve_flow_config(None, "quick", ["pretrain.epochs=0"])
