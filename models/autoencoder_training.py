@@ -15,9 +15,9 @@ import torch
 
 from models.autoencoder import AutoencoderPopulation, squared_error
 from models.early_stopping import RULES, EarlyStopping
-from models.engine import PopulationSystem
+from models.early_stopped import EarlyStoppedSystem, PopulationResult
 from models.population_eval import _sub_chunks
-from models.population_training import PopulationResult, _check_seeds, _cpu_state, _fit, Fit
+from models.population_training import _check_seeds, _fit, Fit
 
 
 @torch.no_grad()
@@ -39,7 +39,7 @@ def autoencoder_valid(pop: AutoencoderPopulation, x: torch.Tensor,
     return loss_sum / len(x), sq_sum / len(x)
 
 
-class AutoencoderSystem(PopulationSystem):
+class AutoencoderSystem(EarlyStoppedSystem):
     """Fine-tunes P autoencoders on shared inputs; member p stops on its own
     ``EarlyStopping`` over ``val_sq_error_per_image``, is dropped from the batch and ends
     with its best validation weights. Logs per member and epoch ``train_loss``,
@@ -56,10 +56,7 @@ class AutoencoderSystem(PopulationSystem):
                          optimizer=optimizer, fused=False, stage=stage, names=names)
         self.population = population
         self.x_train, self.x_valid, self.eval_batch_size = x_train, x_valid, eval_batch_size
-        steps_per_epoch = -(-len(x_train) // batch_size)
-        self.stopping = [stopping(steps_per_epoch) for _ in range(population.P)]
-        self.best_state: list[Optional[dict[str, torch.Tensor]]] = [None] * population.P
-        self.final_state: list[Optional[dict[str, torch.Tensor]]] = [None] * population.P
+        self.init_stopping(population.P, stopping, len(x_train), batch_size)
 
     def batch_step(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.x_train[idx]  # (Pa, b, D)
@@ -76,30 +73,7 @@ class AutoencoderSystem(PopulationSystem):
                       "val_sq_error_per_image": ve}
                      for (tl, te), vl, ve in zip(means.tolist(), val_loss.tolist(),
                                                  val_sq.tolist())])
-        keep = []
-        for i, (m, ve) in enumerate(zip(self.members, val_sq.tolist())):
-            best, stop = self.stopping[m].update(ve, step=self.steps, epoch=self.current_epoch)
-            if best:
-                self.best_state[m] = _cpu_state(self.population, i)
-            if stop:
-                self.final_state[m] = self.best_state[m]
-            else:
-                keep.append(i)
-        if not keep:
-            self.members = []
-            self.trainer.should_stop = True
-        elif len(keep) < len(self.members):  # drop the stopped members from the batch
-            self.keep_members(keep)
-
-    def result(self) -> PopulationResult:
-        for i, m in enumerate(self.members):  # ran out of epochs: the best weights
-            self.final_state[m] = self.best_state[m] or _cpu_state(self.population, i)
-        summaries = [s.summary() for s in self.stopping]
-        return PopulationResult(
-            states=list(self.final_state), histories=self.histories,
-            best_val_error=[s["best_val_error"] for s in summaries],
-            best_epoch=[s["best_epoch"] for s in summaries],
-            stopped_early=[s["stopped_early"] for s in summaries], seconds=self.seconds)
+        self.apply_stopping(val_sq.tolist())
 
 
 def train_autoencoder_population(

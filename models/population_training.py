@@ -6,7 +6,6 @@ P = 1; member p of P equals its run at P = 1 up to rounding (``models.population
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -16,34 +15,14 @@ from models.classifier import DeepClassifier
 from models.classifier_population import ClassifierPopulation
 from models.dae import DenoisingAutoencoder
 from models.early_stopping import RULES, EarlyStopping
+from models.early_stopped import EarlyStoppedSystem, PopulationResult, _cpu_state
 from models.engine import PopulationSystem, make_trainer
-from models.population import DAEPopulation, History, _gather
+from models.population import DAEPopulation, _gather
 from models.population_eval import classifier_valid, dae_valid_loss
 
 #: ``fit(trainer, system)``: how a stage runs Lightning (``runtime.environment.fit`` adds the
 #: interrupt handling of the CLI); the default is ``trainer.fit(system)``.
 Fit = Callable[[Any, Any], None]
-
-
-@dataclass
-class PopulationResult:
-    """Per-member outcome of a population run, in the single-model formats.
-
-    Attributes:
-        states: Member p's final weights as a ``DenoisingAutoencoder`` / ``DeepClassifier``
-            state dict on the CPU (the best validation weights for classifiers).
-        histories: Member p's per-epoch rows: ``epoch``, ``step`` and the system's metrics.
-        best_val_error, best_epoch, stopped_early: ``EarlyStopping.summary()`` per member
-            (classifiers only).
-        seconds: Wall time of the training loop.
-    """
-
-    states: list[dict[str, torch.Tensor]]
-    histories: list[History]
-    best_val_error: list[float] = field(default_factory=list)
-    best_epoch: list[int] = field(default_factory=list)
-    stopped_early: list[bool] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 def _generators(seeds: Optional[Sequence[int]], device: torch.device) -> list[torch.Generator]:
@@ -54,10 +33,6 @@ def _check_seeds(P: int, **seeds: Optional[Sequence[int]]) -> None:
     for name, values in seeds.items():
         if values is not None and len(values) != P:
             raise ValueError(f"{name} has {len(values)} seeds for {P} members")
-
-
-def _cpu_state(pop: Any, i: int) -> dict[str, torch.Tensor]:
-    return {k: v.cpu() for k, v in pop.member_state(i).items()}
 
 
 def _fit(system: PopulationSystem, max_epochs: int, device: torch.device,
@@ -155,7 +130,7 @@ def train_dae_population(
     return system.result()
 
 
-class ClassifierSystem(PopulationSystem):
+class ClassifierSystem(EarlyStoppedSystem):
     """Fine-tunes P classifiers on shared data; member p stops on its own ``EarlyStopping``,
     is dropped from the batch, and ends with its best validation weights. Logs per member
     and epoch ``train_loss``, ``train_error``, ``val_loss`` and ``val_error``.
@@ -178,10 +153,7 @@ class ClassifierSystem(PopulationSystem):
         self.x_train, self.y_train = x_train, y_train
         self.x_valid, self.y_valid, self.eval_batch_size = x_valid, y_valid, eval_batch_size
         self.dropout_seeds = list(dropout_seeds or [])
-        steps_per_epoch = -(-len(x_train) // batch_size)
-        self.stopping = [stopping(steps_per_epoch) for _ in range(P)]
-        self.best_state: list[Optional[dict[str, torch.Tensor]]] = [None] * P
-        self.final_state: list[Optional[dict[str, torch.Tensor]]] = [None] * P
+        self.init_stopping(P, stopping, len(x_train), batch_size)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -208,32 +180,12 @@ class ClassifierSystem(PopulationSystem):
         self.record([{"train_loss": tl, "train_error": te, "val_loss": vl, "val_error": ve}
                      for (tl, te), vl, ve in zip(means.tolist(), val_loss.tolist(),
                                                  val_error.tolist())])
-        keep = []
-        for i, (m, ve) in enumerate(zip(self.members, val_error.tolist())):
-            best, stop = self.stopping[m].update(ve, step=self.steps, epoch=self.current_epoch)
-            if best:
-                self.best_state[m] = _cpu_state(self.population, i)
-            if stop:
-                self.final_state[m] = self.best_state[m]
-            else:
-                keep.append(i)
-        if not keep:
-            self.members = []
-            self.trainer.should_stop = True
-        elif len(keep) < len(self.members):  # drop the stopped members from the batch
-            if self.dropout is not None:
-                self.dropout = [self.dropout[i] for i in keep]
-            self.keep_members(keep)
+        self.apply_stopping(val_error.tolist())
 
-    def result(self) -> PopulationResult:
-        for i, m in enumerate(self.members):  # ran out of epochs: the best weights
-            self.final_state[m] = self.best_state[m] or _cpu_state(self.population, i)
-        summaries = [s.summary() for s in self.stopping]
-        return PopulationResult(
-            states=list(self.final_state), histories=self.histories,
-            best_val_error=[s["best_val_error"] for s in summaries],
-            best_epoch=[s["best_epoch"] for s in summaries],
-            stopped_early=[s["stopped_early"] for s in summaries], seconds=self.seconds)
+    def keep_members(self, keep: Sequence[int]) -> None:
+        if self.dropout is not None:  # the stopped members' dropout streams go with them
+            self.dropout = [self.dropout[i] for i in keep]
+        super().keep_members(keep)
 
 
 def train_classifier_population(

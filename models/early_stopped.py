@@ -1,0 +1,82 @@
+"""What the engine's early-stopped stage kinds share (``ClassifierSystem``,
+``AutoencoderSystem``): one ``EarlyStopping`` per member over a validation score, each
+member's best weights kept on the CPU, a stopped member dropped from the batch, and the
+per-member outcome as a ``PopulationResult``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from models.early_stopping import EarlyStopping
+from models.engine import PopulationSystem
+from models.population import History
+
+
+@dataclass
+class PopulationResult:
+    """Per-member outcome of a population run, in the single-model formats.
+
+    Attributes:
+        states: Member p's final weights as a ``DenoisingAutoencoder`` / ``DeepClassifier``
+            state dict on the CPU (the best validation weights for early-stopped kinds).
+        histories: Member p's per-epoch rows: ``epoch``, ``step`` and the system's metrics.
+        best_val_error, best_epoch, stopped_early: ``EarlyStopping.summary()`` per member
+            (early-stopped kinds only).
+        seconds: Wall time of the training loop.
+    """
+
+    states: list[dict[str, torch.Tensor]]
+    histories: list[History]
+    best_val_error: list[float] = field(default_factory=list)
+    best_epoch: list[int] = field(default_factory=list)
+    stopped_early: list[bool] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _cpu_state(pop: Any, i: int) -> dict[str, torch.Tensor]:
+    return {k: v.cpu() for k, v in pop.member_state(i).items()}
+
+
+class EarlyStoppedSystem(PopulationSystem):
+    """A ``PopulationSystem`` whose members stop on their own validation score. Subclasses
+    set ``self.population`` and call ``init_stopping`` in ``__init__`` and ``apply_stopping``
+    at the end of each epoch."""
+
+    def init_stopping(self, P: int, stopping: Callable[[int], EarlyStopping],
+                      n_train: int, batch_size: int) -> None:
+        steps_per_epoch = -(-n_train // batch_size)
+        self.stopping = [stopping(steps_per_epoch) for _ in range(P)]
+        self.best_state: list[Optional[dict[str, torch.Tensor]]] = [None] * P
+        self.final_state: list[Optional[dict[str, torch.Tensor]]] = [None] * P
+
+    def apply_stopping(self, scores: Sequence[float]) -> None:
+        """Update each active member's rule with its score (lower is better); keep its best
+        weights; drop the members that stop; stop the fit when none is left."""
+        keep = []
+        for i, (m, score) in enumerate(zip(self.members, scores)):
+            best, stop = self.stopping[m].update(score, step=self.steps, epoch=self.current_epoch)
+            if best:
+                self.best_state[m] = _cpu_state(self.population, i)
+            if stop:
+                self.final_state[m] = self.best_state[m]
+            else:
+                keep.append(i)
+        if not keep:
+            self.members = []
+            self.trainer.should_stop = True
+        elif len(keep) < len(self.members):  # drop the stopped members from the batch
+            self.keep_members(keep)
+
+    def result(self) -> PopulationResult:
+        for i, m in enumerate(self.members):  # ran out of epochs: the best weights
+            self.final_state[m] = self.best_state[m] or _cpu_state(self.population, i)
+        summaries = [s.summary() for s in self.stopping]
+        return PopulationResult(
+            states=list(self.final_state), histories=self.histories,
+            best_val_error=[s["best_val_error"] for s in summaries],
+            best_epoch=[s["best_epoch"] for s in summaries],
+            stopped_early=[s["stopped_early"] for s in summaries], seconds=self.seconds)
