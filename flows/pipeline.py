@@ -130,8 +130,9 @@ def pipeline(
 
 def run_pipeline(config: PipelineConfig, **kwargs: Any) -> Any:
     """Run the flow of ``config.objective`` (this module's ``pipeline``, or
-    ``flows.reconstruct.reconstruct``, which returns a ``ReconstructResult``) with its cached task results stored beside the checkpoints they point
-    to, under ``$LAYERWISE_HOME/prefect-results`` (the flow reads the setting at start)."""
+    ``flows.reconstruct.reconstruct``, which returns a ``ReconstructResult``) with its cached
+    task results stored beside the checkpoints they point to, under
+    ``$LAYERWISE_HOME/prefect-results`` (the flow reads the setting at start)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     from tracking.tracker import default_tracking_uri

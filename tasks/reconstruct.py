@@ -16,7 +16,7 @@ from config.autoencoder import layer_activation
 from config.stages import PipelineConfig
 from runtime.checkpoints import save_state, tensor_sha256
 from runtime.environment import (Seed, derive_seed, eval_device, fit, make_trainer, stage_dir,
-                                 stage_key)
+                                 runtime_key, stage_key)
 from runtime.errors import DivergenceError
 from tasks.finetune import ARMS, Arm, ClassifierResult
 from tasks.pretrain import LayerResult, load_stack
@@ -134,7 +134,7 @@ def autoencoders_cache_key(config: PipelineConfig, data_digest: str,
         model=config.model.model_dump(mode="json"),
         autoencoder=config.autoencoder.model_dump(mode="json", exclude={"knn_k"}),
         finetune=config.finetune.model_dump(mode="json"),
-        runtime=config.runtime.model_dump(mode="json", exclude={"eval_batch_size"}),
+        runtime=runtime_key(config.runtime),
         encoders=[r.checkpoint.sha256 for r in encoders])
 
 
@@ -159,7 +159,7 @@ def autoencoder_cache_key(arm: Arm, config: PipelineConfig, data_digest: str,
         model=config.model.model_dump(mode="json"),
         autoencoder=config.autoencoder.model_dump(mode="json", exclude={"knn_k"}),
         finetune=config.finetune.model_dump(mode="json"),
-        runtime=config.runtime.model_dump(mode="json", exclude={"eval_batch_size"}),
+        runtime=runtime_key(config.runtime),
         encoders=[r.checkpoint.sha256 for r in encoders or []] if arm == "pretrained" else [])
 
 
