@@ -14,8 +14,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from models.autoencoder import AutoencoderPopulation, squared_error
-from models.early_stopping import RULES, EarlyStopping
-from models.early_stopped import EarlyStoppedSystem, PopulationResult
+from models.early_stopping import EarlyStopping
+from models.early_stopped import EarlyStoppedSystem, PopulationResult, stopping_rule
 from models.population_eval import _sub_chunks
 from models.population_training import _check_seeds, _fit, Fit
 
@@ -113,12 +113,7 @@ def train_autoencoder_population(
         trainer: A Lightning trainer of ``max_epochs`` epochs (None: ``make_trainer``'s).
         fit: How to run it (None: ``trainer.fit``).
     """
-    if early_stopping not in RULES:
-        raise ValueError(f"unknown early-stopping rule {early_stopping!r}; choose one of {RULES}")
-
-    def stopping(steps_per_epoch: int) -> EarlyStopping:
-        return EarlyStopping(early_stopping, steps_per_epoch=steps_per_epoch,
-                             patience_batches=patience_batches,
+    stopping = stopping_rule(early_stopping, patience_batches=patience_batches,
                              patience_increase=patience_increase,
                              improvement_threshold=improvement_threshold,
                              patience_epochs=patience_epochs)

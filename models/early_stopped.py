@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from models.early_stopping import EarlyStopping
+from models.early_stopping import RULES, EarlyStopping
 from models.engine import PopulationSystem
 from models.population import History
 
@@ -39,6 +39,15 @@ class PopulationResult:
 
 def _cpu_state(pop: Any, i: int) -> dict[str, torch.Tensor]:
     return {k: v.cpu() for k, v in pop.member_state(i).items()}
+
+
+def stopping_rule(name: str, **settings: Any) -> Callable[[int], EarlyStopping]:
+    """A factory of member p's ``EarlyStopping(name, steps_per_epoch=…, **settings)``; an
+    unknown rule is refused here, before any training."""
+    if name not in RULES:
+        raise ValueError(f"unknown early-stopping rule {name!r}; choose one of {RULES}")
+    return lambda steps_per_epoch: EarlyStopping(name, steps_per_epoch=steps_per_epoch,
+                                                 **settings)
 
 
 class EarlyStoppedSystem(PopulationSystem):

@@ -14,8 +14,8 @@ from torch.nn import functional as F
 from models.classifier import DeepClassifier
 from models.classifier_population import ClassifierPopulation
 from models.dae import DenoisingAutoencoder
-from models.early_stopping import RULES, EarlyStopping
-from models.early_stopped import EarlyStoppedSystem, PopulationResult, _cpu_state
+from models.early_stopping import EarlyStopping
+from models.early_stopped import EarlyStoppedSystem, PopulationResult, stopping_rule, _cpu_state
 from models.engine import PopulationSystem, make_trainer
 from models.population import DAEPopulation, _gather
 from models.population_eval import classifier_valid, dae_valid_loss
@@ -232,12 +232,7 @@ def train_classifier_population(
         trainer: A Lightning trainer of ``max_epochs`` epochs (None: ``make_trainer``'s).
         fit: How to run it (None: ``trainer.fit``).
     """
-    if early_stopping not in RULES:
-        raise ValueError(f"unknown early-stopping rule {early_stopping!r}; choose one of {RULES}")
-
-    def stopping(steps_per_epoch: int) -> EarlyStopping:
-        return EarlyStopping(early_stopping, steps_per_epoch=steps_per_epoch,
-                             patience_batches=patience_batches,
+    stopping = stopping_rule(early_stopping, patience_batches=patience_batches,
                              patience_increase=patience_increase,
                              improvement_threshold=improvement_threshold,
                              patience_epochs=patience_epochs)
