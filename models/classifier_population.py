@@ -14,8 +14,8 @@ from torch import nn
 
 from models.classifier import DeepClassifier
 from models.layers import activate
-from models.population import (_activation_slope, _linear, _same, _stack, batch_sum, descend,
-                               wide)
+from models.population import (_activation_slope, _linear, _same, _stack, batch_sum,
+                               compute_copy, descend, wide)
 
 
 class ClassifierPopulation(nn.Module):
@@ -100,32 +100,34 @@ class ClassifierPopulation(nn.Module):
         if drop and generators is None:
             raise ValueError("dropout needs one generator per member")
         inputs, outputs, masks = [], [], []  # h̃_{l−1}, h_l and m_l of every hidden layer
+        weights = [compute_copy(w) for w in self.weights]  # cast once per step under autocast
+        out_weight = compute_copy(self.out_weight)
         h = x
-        for weight, bias in zip(self.weights, self.biases):
+        for weight, bias in zip(weights, self.biases):
             inputs.append(h)
             h = activate(_linear(h, weight, bias), self.activation)  # (P, B, n_in) -> (P, B, n_out)
             outputs.append(h)
             if drop:
                 masks.append(self._dropout_mask(h, generators))
                 h = h * masks[-1]
-        logits = _linear(h, self.out_weight, self.out_bias)  # (P, B, C)
+        logits = _linear(h, out_weight, self.out_bias)  # (P, B, C)
         B = logits.shape[1]
         log_p = torch.log_softmax(logits, dim=2)
         loss = -log_p.gather(2, y.unsqueeze(2)).squeeze(2).mean(dim=1, dtype=wide(log_p.dtype))
         d = log_p.exp_().scatter_add_(2, y.unsqueeze(2), torch.full_like(log_p[..., :1], -1.0))
         d.div_(B)  # ∂L/∂o, (P, B, C)
-        dh = torch.bmm(d, self.out_weight)  # (P, B, C) @ (P, C, H_L) -> (P, B, H_L)
+        dh = torch.bmm(d, out_weight)  # (P, B, C) @ (P, C, H_L) -> (P, B, H_L)
         self.out_bias.sub_(batch_sum(d, self.out_bias), alpha=lr)
         descend(self.out_weight, d.transpose(1, 2), h, lr)
         for l in reversed(range(len(self.weights))):
-            weight, bias = self.weights[l], self.biases[l]
+            bias = self.biases[l]
             if drop:
                 dh = dh.mul_(masks[l])
             dpre = dh.mul_(_activation_slope(outputs[l], self.activation))  # (P, B, n_out)
-            if l > 0:
-                dh = torch.bmm(dpre, weight)  # (P, B, n_out) @ (P, n_out, n_in) -> (P, B, n_in)
+            if l > 0:  # (P, B, n_out) @ (P, n_out, n_in) -> (P, B, n_in), W_l before its update
+                dh = torch.bmm(dpre, weights[l])
             bias.sub_(batch_sum(dpre, bias), alpha=lr)
-            descend(weight, dpre.transpose(1, 2), inputs[l], lr)
+            descend(self.weights[l], dpre.transpose(1, 2), inputs[l], lr)
         return loss, logits
 
     def member_state(self, p: int) -> dict[str, torch.Tensor]:

@@ -130,6 +130,22 @@ def wide(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def compute_copy(weight: torch.Tensor) -> torch.Tensor:
+    """The weight the fused steps' matmuls use: under ``torch.autocast`` its copy in the
+    autocast dtype, made once per step, else ``weight`` itself.
+
+    Autocast casts a float32 operand at every use, and Lightning opens its region with
+    ``cache_enabled=False`` (the fused steps change the weights in place, so a cached copy
+    would go stale), so a weight used by the forward pass and again by the backward pass was
+    cast twice per step (three times for a tied autoencoder's W). The values are the same:
+    autocast's cast is this one.
+    """
+    device = weight.device.type
+    if torch.is_autocast_enabled(device):
+        return weight.to(torch.get_autocast_dtype(device))
+    return weight
+
+
 def descend(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, lr: float) -> None:
     """W ← W − lr · left @ right, in place: one SGD update from a gradient that is the
     batched product of (P, m, k) ``left`` and (P, k, n) ``right``.
@@ -138,7 +154,8 @@ def descend(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, lr: f
     (``bf16-mixed``) an in-place matmul is not autocast (it would mix float32 weights with
     bfloat16 operands and fail), so the product runs in bfloat16 through ``bmm``, as
     autograd's weight gradient does under autocast, and is subtracted from the float32
-    master weights.
+    master weights. (Widening it to float32 first gives the same bits and was no faster:
+    the pass is bound by memory traffic either way, docs/benchmarks.md.)
     """
     if torch.is_autocast_enabled(weight.device.type):
         weight.sub_(torch.bmm(left, right), alpha=lr)  # (P, m, n) in bf16 -> fp32 weights
@@ -236,8 +253,9 @@ class DAEPopulation(nn.Module):
         784→256, B = 20, P = 32). Equal to autograd + ``torch.optim.SGD`` up to rounding.
         """
         x_tilde = self.corrupt(x, generators)  # (P, B, V)
-        y = self.encode(x_tilde)  # (P, B, H)
-        W_dec = self.W if self.W_prime is None else self.W_prime.transpose(1, 2)  # (P, H, V)
+        W = compute_copy(self.W)  # cast once per step under autocast
+        y = activate(_linear(x_tilde, W, self.b), self.activation)  # (P, B, H), as encode()
+        W_dec = W if self.W_prime is None else compute_copy(self.W_prime).transpose(1, 2)
         a = torch.baddbmm(self.b_prime.unsqueeze(1), y, W_dec)  # (P, B, V) logits
         B = x.shape[1]
         if self.loss == "cross_entropy":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from config.stages import RuntimeConfig
 from models.batches import epoch_permutation
@@ -128,3 +129,60 @@ def test_bf16_mixed_classifier_steps_each_see_the_updated_weights():
     # the history's loss is a float32 mean, near float32's
     h_bf16, h_fp32 = runs["bf16-mixed"].histories[0][0], runs["32-true"].histories[0][0]
     assert h_bf16["train_loss"] == pytest.approx(h_fp32["train_loss"], rel=2e-2)
+
+
+class _CastCounter(TorchDispatchMode):
+    """Counts float32 -> bfloat16 casts of tensors of each shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.casts: dict[tuple[int, ...], int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32
+                and kwargs.get("dtype") == torch.bfloat16):
+            shape = tuple(args[0].shape)
+            self.casts[shape] = self.casts.get(shape, 0) + 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_bf16_steps_cast_each_weight_once_per_step(tied):
+    """Autocast would cast a weight at each of its uses (forward, backward: two or three per
+    step); the fused steps cast it once (``models.population.compute_copy``)."""
+    x, y = _data()
+    dae = DAEPopulation([DenoisingAutoencoder(D, H, tied=tied, corruption_level=0.2,
+                                              generator=torch.Generator().manual_seed(1))])
+    classifier = ClassifierPopulation([_classifier()])
+    weights = {(1, H, D), (1, D, H), (1, H, H), (1, C, H)}
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        with _CastCounter() as counter:
+            dae.sgd_step(x[:B].unsqueeze(0), [torch.Generator().manual_seed(3)], LR)
+        assert {s: n for s, n in counter.casts.items() if s in weights} == (
+            {(1, H, D): 1} if tied else {(1, H, D): 1, (1, D, H): 1})
+        with _CastCounter() as counter:
+            classifier.sgd_step(x[:B].unsqueeze(0), y[:B].unsqueeze(0), LR)
+        assert {s: n for s, n in counter.casts.items() if s in weights} == {
+            (1, H, D): 1, (1, H, H): 1, (1, C, H): 1}
+
+
+def test_fused_bf16_classifier_step_equals_autograd_under_autocast():
+    """One cast per step computes what autocast's cast at every use computes: the fused step
+    against autograd and ``torch.optim.SGD`` in the same autocast region."""
+    x, y = _data()
+    xb, yb = x[:B], y[:B]
+    pop = ClassifierPopulation([_classifier()]).train()
+    reference = _classifier()
+    sgd = torch.optim.SGD(reference.parameters(), lr=LR)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            pop.sgd_step(xb.unsqueeze(0), yb.unsqueeze(0), LR)
+            loss = torch.nn.functional.cross_entropy(reference(xb).float(), yb)
+        sgd.zero_grad()
+        loss.backward()
+        sgd.step()
+    torch.testing.assert_close(pop.weights[1].detach()[0], reference.hidden[1].W.detach(),
+                               rtol=0, atol=2e-3)
+    torch.testing.assert_close(pop.out_weight.detach()[0], reference.output.weight.detach(),
+                               rtol=0, atol=2e-3)
