@@ -215,7 +215,7 @@ class RuntimeConfig(StageConfig):
         "auto", description="Lightning accelerator."
     )
     precision: Literal["auto", "32-true", "bf16-mixed"] = Field(
-        "32-true", description="Training precision; auto: bf16-mixed (float32 master weights) "
+        "auto", description="Training precision; auto: bf16-mixed (float32 master weights) "
         "where the hardware computes bf16 natively, else 32-true (runtime/precision.py).")
     deterministic: bool = Field(False, description="torch deterministic algorithms.")
     eval_batch_size: int = Field(4096, ge=1, description="Batch size for codes and evaluation.")

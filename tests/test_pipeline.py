@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from config.overrides import resolve_config
+from runtime.precision import resolve_precision
 
 STAGES = {"load-data", "pretrain-layer-1", "pretrain-layer-2", "finetune-pretrained",
           "finetune-random", "evaluate"}
@@ -67,8 +68,9 @@ def test_params_record_config_data_and_environment(quick_run, client):
         assert params[key] not in ("", None)
     assert params["version.torch"] == torch.__version__
     # the precision asked for and the one trained in (auto resolved for this machine)
-    assert params["runtime.precision"] == config.runtime.precision
-    assert params["runtime.precision_used"] == config.runtime.precision  # not auto here
+    assert params["runtime.precision"] == config.runtime.precision == "auto"  # the default
+    assert params["runtime.precision_used"] == resolve_precision("auto", "cpu")
+    assert params["runtime.precision_used"] in ("bf16-mixed", "32-true")
 
 
 def test_metrics_are_fractions_and_consistent(quick_run, client):
