@@ -23,9 +23,12 @@ The fixed cost (issue 17's split) comes from the parent MLflow run's start and e
 - ``after_parent_s``: the parent run's end to the process's exit;
 - ``outside_training_s``: ``total_s − fit_s``, the target's figure (≤ ``MAX_OUTSIDE_S``).
 
-The run uses the user's ``PREFECT_HOME`` (an existing Prefect database: what every run
-pays). With ``cold=True`` a second run on a fresh ``PREFECT_HOME`` measures a first-ever
-start (Prefect creates and migrates its database), reported under ``cold``.
+The runs use the user's ``PREFECT_HOME`` (an existing Prefect database: what every run
+pays) and one private MLflow store: the first run creates it (reported under ``new_store``),
+the measured ones find it (with ``--fresh``, so they train every stage). With ``cold=True``
+a run on a fresh ``PREFECT_HOME`` measures a first-ever start (Prefect creates and migrates
+its database), reported under ``cold``. ``imports_s`` is the floor: a process that only
+imports what a run needs.
 """
 
 from __future__ import annotations
@@ -74,11 +77,22 @@ def help_seconds(repeats: int = 3) -> float:
     return round(best, 3)
 
 
+#: The latest run without a parent: the pipeline's parent run of the last ``quick`` run.
+LATEST_PARENT = ("SELECT run_uuid, start_time, end_time FROM runs WHERE run_uuid NOT IN "
+                 "(SELECT run_uuid FROM tags WHERE key = 'mlflow.parentRunId') "
+                 "ORDER BY start_time DESC LIMIT 1")
+
+
 def _train_seconds(db: Path) -> Optional[float]:
-    """Σ of the ``*/train_seconds`` metrics (pure training per stage) in the run's store."""
+    """Σ of the ``*/train_seconds`` metrics (pure training per stage) of the latest parent
+    run's stages (its child runs)."""
     try:
         with sqlite3.connect(db) as con:
-            rows = con.execute("SELECT value FROM metrics WHERE key LIKE '%/train_seconds'")
+            parent = con.execute(LATEST_PARENT).fetchone()
+            rows = con.execute(
+                "SELECT m.value FROM metrics m JOIN tags t ON t.run_uuid = m.run_uuid "
+                "WHERE t.key = 'mlflow.parentRunId' AND t.value = ? "
+                "AND m.key LIKE '%/train_seconds'", (parent[0],)) if parent else []
             values = [v for (v,) in rows]
         return round(sum(values), 2) if values else None
     except sqlite3.Error:
@@ -86,21 +100,36 @@ def _train_seconds(db: Path) -> Optional[float]:
 
 
 def _parent_times(db: Path) -> Optional[tuple[float, float]]:
-    """(start, end) of the parent run in seconds since the epoch: the run with no parent."""
+    """(start, end) of the latest parent run in seconds since the epoch."""
     try:
         with sqlite3.connect(db) as con:
-            row = con.execute(
-                "SELECT start_time, end_time FROM runs WHERE run_uuid NOT IN "
-                "(SELECT run_uuid FROM tags WHERE key = 'mlflow.parentRunId') "
-                "ORDER BY start_time LIMIT 1").fetchone()
-        return (row[0] / 1000, row[1] / 1000) if row and row[1] else None
+            row = con.execute(LATEST_PARENT).fetchone()
+        return (row[1] / 1000, row[2] / 1000) if row and row[2] else None
     except sqlite3.Error:
         return None
 
 
+#: What every run imports before its first stage (``flows.pipeline.run_pipeline``).
+IMPORTS = "import lightning, mlflow.pytorch, prefect.flows, prefect.settings"
+
+
+def import_seconds(repeats: int = 3) -> float:
+    """Best wall time of a Python process that only imports ``IMPORTS``: the floor of the
+    start-up of any run in one process on this machine (compiled bytecode cached)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", IMPORTS], check=True, capture_output=True,
+                       cwd=REPO)
+        best = min(best, time.perf_counter() - t0)
+    return round(best, 2)
+
+
 def quick_run(data_dir: Path, home: Path, cold: bool, threads: Optional[int] = None,
-              timeout: float = 1800, log=print) -> dict[str, Any]:
-    cmd = [*layerwise_command(), "run", "--preset", "quick", "--data-dir", str(data_dir)]
+              timeout: float = 1800, log=print, fresh: bool = False,
+              label: str = "usual") -> dict[str, Any]:
+    cmd = [*layerwise_command(), "run", "--preset", "quick", "--data-dir", str(data_dir),
+           *(["--fresh"] if fresh else [])]
     stages: dict[str, dict[str, float]] = {}
     t0, wall0 = time.perf_counter(), time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(home, cold, threads),
@@ -144,7 +173,7 @@ def quick_run(data_dir: Path, home: Path, cold: bool, threads: Optional[int] = N
             f"{row['fit_s']:.1f} s training loops, {row['inside_other_s']:.1f} s the rest "
             f"inside it, {row['after_parent_s']:.1f} s after it: "
             f"{row['outside_training_s']:.1f} s outside training")
-    log(f"  quick run ({'first-ever' if cold else 'usual'}): start-up {row['startup_s']:.1f} s, "
+    log(f"  quick run ({label}): start-up {row['startup_s']:.1f} s, "
         f"load-data {row['load_data_s']:.1f} s, training stages {row['train_s']:.1f} s "
         f"(fit {row['fit_s']} s), evaluate {row['evaluate_s']} s, after the last stage "
         f"{row['other_s']:.1f} s, total {row['total_s']:.1f} s")
@@ -153,17 +182,26 @@ def quick_run(data_dir: Path, home: Path, cold: bool, threads: Optional[int] = N
 
 def run(data_dir: Path, cold: bool = False, threads: Optional[int] = None, repeats: int = 1,
         log=print) -> dict[str, Any]:
-    """``repeats`` usual quick runs: the one with the fastest start-up is reported, and every
-    run's start-up and total under ``startup_s_runs`` / ``total_s_runs`` (a shared machine
-    moves them by several seconds)."""
+    """A first run in a new MLflow store, then ``repeats`` usual runs in that store
+    (``--fresh``: every stage retrained, as the first): the one with the fastest start-up is
+    reported, every run's start-up and total under ``startup_s_runs`` / ``total_s_runs`` (a
+    shared machine moves them by several seconds), the first run under ``new_store``. Also
+    ``imports_s``: the import floor (``import_seconds``)."""
     with tempfile.TemporaryDirectory(prefix="layerwise-bench-") as tmp:
-        rows = [quick_run(data_dir, Path(tmp) / f"usual-{i}", cold=False, threads=threads,
-                          log=log) for i in range(max(1, repeats))]
+        home = Path(tmp) / "usual"
+        first = quick_run(data_dir, home, cold=False, threads=threads, log=log,
+                          label="first in a new MLflow store")
+        rows = [quick_run(data_dir, home, cold=False, threads=threads, log=log, fresh=True)
+                for _ in range(max(1, repeats))]
         result = dict(min(rows, key=lambda r: r["startup_s"]))
         result["startup_s_runs"] = [r["startup_s"] for r in rows]
         result["total_s_runs"] = [r["total_s"] for r in rows]
         result["outside_training_s_runs"] = [r.get("outside_training_s") for r in rows]
+        result["new_store"] = {k: v for k, v in first.items() if k != "stages"}
         if cold:
-            first = quick_run(data_dir, Path(tmp) / "cold", cold=True, threads=threads, log=log)
+            first = quick_run(data_dir, Path(tmp) / "cold", cold=True, threads=threads, log=log,
+                              label="first-ever: new Prefect database")
             result["cold"] = {k: v for k, v in first.items() if k != "stages"}
+    result["imports_s"] = import_seconds()
+    log(f"  imports alone ({IMPORTS}): {result['imports_s']:.2f} s")
     return result

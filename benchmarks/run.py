@@ -96,7 +96,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "pass": quick["outside_training_s"] <= MAX_OUTSIDE_S,
                     "note": f"{quick['before_parent_s']} s before the parent run, "
                             f"{quick['inside_other_s']} s inside it besides training, "
-                            f"{quick['after_parent_s']} s after it"})
+                            f"{quick['after_parent_s']} s after it; importing torch, Lightning, "
+                            f"MLflow and Prefect alone takes {quick.get('imports_s')} s"})
     if "help_s" in result:
         out.append({"target": f"layerwise --help < {MAX_HELP_S} s", "value": result["help_s"],
                     "pass": result["help_s"] < MAX_HELP_S, "note": ""})

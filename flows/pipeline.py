@@ -135,15 +135,15 @@ def run_pipeline(config: PipelineConfig, **kwargs: Any) -> Any:
     ``$LAYERWISE_HOME/prefect-results`` (the flow reads the setting at start)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
+    from runtime.ephemeral_api import api_url, ready
     from tracking.tracker import default_tracking_uri
     from tracking.uri import check_reachable, preflight_mlflow
 
     preflight_mlflow(kwargs.get("tracking_uri") or default_tracking_uri())
     api = PREFECT_API_URL.value()
-    if api:  # a server: make sure it answers before any work (ephemeral mode needs none)
+    if api and api_url() is None:  # the user's server: make sure it answers before any work
         check_reachable(api.rstrip("/") + "/health", "the Prefect API",
                         "Start the server, or unset PREFECT_API_URL to run ephemeral.")
-    from runtime.ephemeral_api import ready
 
     # Every run needs these, cached or not (the stages, evaluation, the logged model);
     # imported here, their ~5 s overlap the boot of the ephemeral Prefect server that the

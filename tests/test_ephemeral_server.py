@@ -64,24 +64,44 @@ def test_the_guarded_server_lives_with_its_parent_and_dies_after_kill_9():
         parent.kill()
 
 
-def test_only_the_uvicorn_command_is_rewritten_and_install_is_idempotent(monkeypatch):
-    uvicorn = orphan_guard._GuardedPopen([sys.executable, "-m", "uvicorn", "--version"],
-                                         cwd=REPO, stdout=subprocess.PIPE, text=True)
-    out, _ = uvicorn.communicate(timeout=60)
-    assert uvicorn.args == [sys.executable, "-m", "runtime.orphan_guard", str(os.getpid()),
-                            "-m", "uvicorn", "--version"]
-    assert uvicorn.returncode == 0 and "uvicorn" in out.lower()  # the module really ran
-    other = orphan_guard._GuardedPopen([sys.executable, "-c", "pass"])
-    assert other.wait(timeout=30) == 0 and other.args == [sys.executable, "-c", "pass"]
+STARTED = """
+import json, os, sys, urllib.request
+from cli.common import prepare_environment
+prepare_environment()  # as the CLI does: started in the background, before the imports
+import lightning  # noqa: F401  the imports that overlap the server's boot
+from runtime import ephemeral_api
+ephemeral_api.ready()
+from prefect.settings import get_current_settings
+url = ephemeral_api.api_url()
+assert urllib.request.urlopen(url + "/health", timeout=5).status == 200
+pid = ephemeral_api._server.process.pid
+with open(f"/proc/{pid}/cmdline", "rb") as f:
+    cmdline = f.read().decode().split(chr(0))
+print(json.dumps({"pid": os.getpid(), "server_pid": pid, "url": url,
+                  "env": os.environ["PREFECT_API_URL"], "settings": get_current_settings().api.url,
+                  "cmdline": cmdline, "server_imported": "prefect.server.api.server" in sys.modules}))
+"""
 
-    from prefect.server.api import server
 
-    monkeypatch.setattr(server, "subprocess", subprocess)
-    orphan_guard.install()
-    shim = server.subprocess
-    orphan_guard.install()
-    assert server.subprocess is shim and shim.Popen is orphan_guard._GuardedPopen
-    assert shim.TimeoutExpired is subprocess.TimeoutExpired and shim.PIPE == subprocess.PIPE
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_the_runs_server_is_guarded_used_by_prefect_and_stopped_at_exit(tmp_path):
+    """The run starts Prefect's server command under the guard, without importing Prefect's
+    server itself; Prefect's settings point at it; it is gone when the run exits."""
+    script = tmp_path / "started.py"
+    script.write_text(STARTED)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["url"] == out["env"] == out["settings"]
+    assert out["url"].startswith("http://127.0.0.1:") and out["url"].endswith("/api")
+    assert out["cmdline"][1:6] == ["-m", "runtime.orphan_guard", str(out["pid"]), "-m",
+                                   "uvicorn"]
+    assert "prefect.server.api.server:create_app" in out["cmdline"]
+    assert not out["server_imported"]  # the point: ≈ 3 s of imports the run does not need
+    assert wait_until(lambda: not alive(out["server_pid"]), 10)  # stopped at exit
 
 
 def test_a_guard_whose_parent_is_already_gone_exits_at_once():
@@ -100,11 +120,10 @@ from prefect.settings import get_current_settings, temporary_settings
 
 @task
 def probe():
-    from prefect.server.api.server import SubprocessASGIServer
-    import threading
+    import sys, threading
     guarded = any(t.name == "orphan-guard" for t in threading.enumerate())
-    return (os.getpid(), get_current_settings().api.url, len(SubprocessASGIServer._instances),
-            guarded)
+    return (os.getpid(), get_current_settings().api.url,
+            "prefect.server.api.server" in sys.modules, guarded)
 
 @flow
 def fan_out():
@@ -114,19 +133,18 @@ if __name__ == "__main__":
     from cli.common import prepare_environment
     prepare_environment()  # as the CLI does: guarded, and started in the background
     from flows.ablation import task_runner
-    from runtime.ephemeral_api import shared_settings
-    from prefect.server.api.server import SubprocessASGIServer
-    assert shared_settings(False) == {}  # one worker or a Dask cluster: nothing to hand out
-    server = SubprocessASGIServer()
+    from runtime import ephemeral_api
+    assert ephemeral_api.shared_settings(False) == {}  # one worker or Dask: nothing to hand out
     import urllib.request  # ready() waited: it answers before any Prefect client asked
-    assert urllib.request.urlopen(server.api_url + "/health", timeout=5).status == 200
-    settings = shared_settings(True)
+    url = ephemeral_api.api_url()
+    assert urllib.request.urlopen(url + "/health", timeout=5).status == 200
+    settings = ephemeral_api.shared_settings(True)
     with temporary_settings(settings):
         probes = fan_out.with_options(task_runner=task_runner(2))()
-    with open(f"/proc/{server.server_process.pid}/cmdline", "rb") as f:
+    with open(f"/proc/{ephemeral_api._server.process.pid}/cmdline", "rb") as f:
         cmdline = f.read().decode().split(chr(0))
     print(json.dumps({"pid": os.getpid(), "urls": [str(v) for v in settings.values()],
-                      "server": server.api_url, "cmdline": cmdline, "probes": probes}))
+                      "server": url, "cmdline": cmdline, "probes": probes}))
 """
 
 
@@ -145,8 +163,8 @@ def test_process_pool_workers_use_the_runs_one_guarded_ephemeral_server(tmp_path
     assert out["cmdline"][1:4] == ["-m", "runtime.orphan_guard", str(out["pid"])]
     workers = {pid for pid, *_ in out["probes"]}
     assert len(out["probes"]) == 4 and out["pid"] not in workers  # they ran in the pool
-    for _, url, servers, guarded in out["probes"]:
-        assert url == out["server"] and servers == 0  # no worker started a server of its own
+    for _, url, server_imported, guarded in out["probes"]:
+        assert url == out["server"] and not server_imported  # no worker started its own
         assert guarded  # and each watches the run (runtime.orphan_guard.watch_parent)
 
 
@@ -180,48 +198,73 @@ def test_a_watched_pool_worker_stops_when_its_parent_is_killed():
             os.kill(worker, signal.SIGKILL)
 
 
-def test_a_background_start_that_times_out_twice_is_raised_by_ready_once(monkeypatch):
-    from prefect.server.api.server import SubprocessASGIServer
+@pytest.fixture
+def fake_server(monkeypatch):
+    """``runtime.ephemeral_api`` with a stand-in ``_Server`` whose ``wait`` follows a script
+    (``fake_server.outcomes``: None answers, an exception is raised); the URLs Prefect would
+    be pointed at are recorded in ``fake_server.pointed`` (the real pointing is checked in a
+    process of its own, above: it changes Prefect's process-wide settings)."""
+    from runtime import ephemeral_api
+
+    class Fake:
+        outcomes: list = []
+        waits: list = []
+        pointed: list = []
+        starts = 0
+
+        def __init__(self):
+            self.process, self.port, self.started = None, 0, 0.0
+
+        api_url = property(lambda self: f"http://127.0.0.1:{self.port}/api")
+
+        def start(self):
+            Fake.starts += 1
+            self.port = 8000 + Fake.starts
+
+        def wait(self, timeout):
+            Fake.waits.append(timeout)
+            outcome = Fake.outcomes.pop(0)
+            if outcome is not None:
+                raise outcome
+
+        def stop(self):
+            pass
+
+    Fake.outcomes, Fake.waits, Fake.pointed, Fake.starts = [], [], [], 0
+    monkeypatch.setattr(ephemeral_api, "_Server", Fake)
+    monkeypatch.setattr(ephemeral_api, "_server", None)
+    monkeypatch.setattr(ephemeral_api, "configured", lambda: False)
+    monkeypatch.setattr(ephemeral_api, "_point_prefect_at",
+                        lambda server: Fake.pointed.append(server.api_url))
+    monkeypatch.setattr(ephemeral_api.atexit, "register", lambda f: None)
+    return Fake
+
+
+def test_a_start_that_times_out_twice_is_raised_by_ready_once(fake_server):
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
     from runtime import ephemeral_api
     from runtime.errors import TrackingError
 
-    waits = []
-
-    def boom(self, timeout=None):
-        waits.append(timeout)
-        raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API")
-
-    monkeypatch.setattr(ephemeral_api, "configured", lambda: False)
-    monkeypatch.setattr(orphan_guard, "install", lambda: None)
-    monkeypatch.setattr(SubprocessASGIServer, "start", boom)
-    monkeypatch.setattr(SubprocessASGIServer, "stop", lambda self: None)
+    fake_server.outcomes = [TimeoutError("no answer"), TimeoutError("no answer")]
     ephemeral_api.prestart()
+    assert fake_server.pointed == ["http://127.0.0.1:8001/api"]
     with pytest.raises(TrackingError, match="PREFECT_API_URL") as err:
         ephemeral_api.ready()
     first = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
-    assert waits == [None, 2 * first]  # Prefect's own wait, then one twice as long
-    assert f"within {first} s, nor within {2 * first} s" in str(err.value)
+    assert fake_server.waits == [first, 2 * first]  # Prefect's own wait, then twice as long
+    assert "did not start: no answer, and again on a second try: no answer" in str(err.value)
     ephemeral_api.ready()  # reported once; nothing left to wait for
 
 
-def test_a_start_that_times_out_once_is_retried_and_succeeds(monkeypatch):
-    from prefect.server.api.server import SubprocessASGIServer
-
+def test_a_start_that_times_out_once_is_retried_and_succeeds(fake_server):
     from runtime import ephemeral_api
 
-    waits = []
-
-    def slow_then_fine(self, timeout=None):
-        waits.append(timeout)
-        if len(waits) == 1:
-            raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API")
-
-    monkeypatch.setattr(ephemeral_api, "configured", lambda: False)
-    monkeypatch.setattr(orphan_guard, "install", lambda: None)
-    monkeypatch.setattr(SubprocessASGIServer, "start", slow_then_fine)
-    monkeypatch.setattr(SubprocessASGIServer, "stop", lambda self: None)
+    fake_server.outcomes = [TimeoutError("no answer"), None]
     ephemeral_api.prestart()
     ephemeral_api.ready()  # no error: the second, longer try answered
-    assert len(waits) == 2 and waits[1] > 0
+    assert fake_server.starts == 2 and len(fake_server.waits) == 2
+    # Prefect is pointed at the first server, then at the second one's port
+    assert fake_server.pointed == ["http://127.0.0.1:8001/api", "http://127.0.0.1:8002/api"]
+    ephemeral_api.prestart()  # started once per process
+    assert fake_server.starts == 2

@@ -164,16 +164,44 @@ def test_an_error_inside_the_flow_prints_the_message_only(tmp_path, kind, named)
     assert "RUNNING" not in statuses and "FAILED" in statuses, statuses
 
 
+NEVER_ANSWERS = """
+import os, subprocess, sys
+from runtime import ephemeral_api
+
+def start(self):  # a guarded server that listens but never answers /api/health with 200
+    self.port = ephemeral_api._free_port()
+    self.process = subprocess.Popen(
+        [sys.executable, "-m", "runtime.orphan_guard", str(os.getpid()), "-m", "http.server",
+         str(self.port), "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    self.started = ephemeral_api.time.monotonic()
+
+ephemeral_api._Server.start = start
+sys.argv = ["layerwise", *sys.argv[1:]]
+from cli.main import main
+main()
+"""
+
+
 def test_an_ephemeral_api_that_never_answers_exits_with_one_paragraph(tmp_path,
                                                                       shared_data_dir):
+    """The CLI's path with a stand-in for Prefect's server that never answers: two tries,
+    then one paragraph, exit 1, nothing started in MLflow."""
     home = tmp_path / "home"
+    script = tmp_path / "never_answers.py"
+    script.write_text(NEVER_ANSWERS)
     proc = cli(home, "run", "--preset", "quick", "--data-dir", str(shared_data_dir),
-               env={"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "0"})
+               env={"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1",
+                    "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+               script=script)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     assert "Traceback" not in out, out
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert "Prefect's temporary API server did not start" in line
-    assert "second try" in line and "export PREFECT_API_URL=" in line
+    assert "within 1 s, and again on a second try" in line and "within 2 s" in line
+    assert "export PREFECT_API_URL=" in line
     assert "trying once more" in proc.stderr  # the retry was made
     assert not (home / "mlflow.db").exists()  # no MLflow run, let alone a RUNNING one
+
+

@@ -15,13 +15,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(home: Path, *args: str, env: dict | None = None, timeout: int = 120
-        ) -> subprocess.CompletedProcess:
-    """``layerwise ARGS`` in a fresh process with its own LAYERWISE_HOME and no GPU."""
+def cli(home: Path, *args: str, env: dict | None = None, timeout: int = 120,
+        script: Path | None = None) -> subprocess.CompletedProcess:
+    """``layerwise ARGS`` in a fresh process with its own LAYERWISE_HOME and no GPU (through
+    ``script`` instead of ``python -m cli.main`` when given)."""
     environ = {**os.environ, "LAYERWISE_HOME": str(home), "CUDA_VISIBLE_DEVICES": "",
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})}
     environ.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=environ,
+    entry = [str(script)] if script else ["-m", "cli.main"]
+    return subprocess.run([sys.executable, *entry, *args], cwd=REPO, env=environ,
                           capture_output=True, text=True, timeout=timeout)
 
 
