@@ -2,7 +2,7 @@
 ``benchmarks/results/<machine>.json``.
 
     python -m benchmarks                      # everything (about 15 minutes on 2 CPU cores)
-    python -m benchmarks --only training      # or population, twins, startup (others kept)
+    python -m benchmarks --only training      # or update, population, twins, startup, precision
     python -m benchmarks --threads 1          # intra-op threads (default: torch's)
 """
 
@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-PARTS = ("training", "population", "twins", "startup", "precision")
+PARTS = ("training", "update", "population", "twins", "startup", "precision")
 #: On CPU, at batch >= 20, the project's path must reach this share of the bare loop's speed.
 MIN_RATIO = 0.9
 MAX_HELP_S = 1.0
@@ -117,7 +117,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
 
     from benchmarks import (bench_population, bench_precision, bench_startup, bench_training,
-                            bench_twins)
+                            bench_twins, bench_update)
     from benchmarks.common import REPO, describe, device, load, load_avg, machine_name
 
     if args.threads:
@@ -144,6 +144,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "training" in parts:
         print("training: the project's engine at P = 1 (a) against a bare PyTorch loop (b)")
         result["training"] = bench_training.run(data, args.repeats, batch_sizes)
+    if "update" in parts:
+        print("update: the bf16-mixed SGD update and cast, eager against torch.compile")
+        result["update"] = bench_update.run(repeats=max(3, args.repeats))
     if "population" in parts:
         print(f"population: {bench_population.P} seeds batched against sequential runs")
         result["population"] = bench_population.run(data, repeats=args.repeats)

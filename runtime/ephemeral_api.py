@@ -30,7 +30,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from typing import Any, Optional
 
@@ -42,6 +41,9 @@ RETRY_FACTOR = 2
 #: meanwhile and retries on another port, as ``_Server.wait`` does, a bounded number of times.
 PORT_TAKEN = 3
 MAX_RESTARTS = 3
+#: Health checks go straight to the loopback server, never through an HTTP proxy from the
+#: environment.
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class _Server:
@@ -92,7 +94,7 @@ class _Server:
             if code is not None:
                 raise RuntimeError(f"the server exited with status {code}")
             try:
-                with urllib.request.urlopen(self.api_url + "/health", timeout=1) as r:
+                with _LOOPBACK.open(self.api_url + "/health", timeout=1) as r:
                     if r.status == 200:
                         return
             except OSError:  # refused while it boots (URLError is an OSError)

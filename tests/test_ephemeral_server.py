@@ -48,6 +48,19 @@ def wait_until(condition, seconds: float) -> bool:
     return condition()
 
 
+def run_script(text: str, tmp_path: Path) -> dict:
+    """Run ``text`` as a script in a fresh process with no Prefect API configured and its own
+    Prefect home; the JSON of its last line."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
 def test_the_guarded_server_lives_with_its_parent_and_dies_after_kill_9():
     parent = subprocess.Popen([sys.executable, "-c", PARENT], cwd=REPO, stdout=subprocess.PIPE,
@@ -87,14 +100,7 @@ print(json.dumps({"pid": os.getpid(), "server_pid": pid, "url": url,
 def test_the_runs_server_is_guarded_used_by_prefect_and_stopped_at_exit(tmp_path):
     """The run starts Prefect's server command under the guard, without importing Prefect's
     server itself; Prefect's settings point at it; it is gone when the run exits."""
-    script = tmp_path / "started.py"
-    script.write_text(STARTED)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_script(STARTED, tmp_path)
     assert out["url"] == out["env"] == out["settings"]
     assert out["url"].startswith("http://127.0.0.1:") and out["url"].endswith("/api")
     assert out["cmdline"][1:6] == ["-m", "runtime.orphan_guard", str(out["pid"]), "-m",
@@ -151,14 +157,7 @@ if __name__ == "__main__":
 @pytest.mark.slow  # 40 s: a process pool around a real ephemeral server
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
 def test_process_pool_workers_use_the_runs_one_guarded_ephemeral_server(tmp_path):
-    script = tmp_path / "shared.py"
-    script.write_text(SHARED)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_script(SHARED, tmp_path)
     assert out["urls"] == [out["server"]]
     assert out["cmdline"][1:4] == ["-m", "runtime.orphan_guard", str(out["pid"])]
     workers = {pid for pid, *_ in out["probes"]}
