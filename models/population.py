@@ -154,8 +154,8 @@ def descend(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, lr: f
     (``bf16-mixed``) an in-place matmul is not autocast (it would mix float32 weights with
     bfloat16 operands and fail), so the product runs in bfloat16 through ``bmm``, as
     autograd's weight gradient does under autocast, and is subtracted from the float32
-    master weights. (Widening it to float32 first gives the same bits and was no faster:
-    the pass is bound by memory traffic either way, docs/benchmarks.md.)
+    master weights. (Widening the product to float32 first gives the same bits and measured
+    no faster: the pass is bound by memory traffic either way.)
     """
     if torch.is_autocast_enabled(weight.device.type):
         weight.sub_(torch.bmm(left, right), alpha=lr)  # (P, m, n) in bf16 -> fp32 weights
@@ -209,9 +209,10 @@ class DAEPopulation(nn.Module):
         return corrupt_members(x, self.noise, self.corruption_level, generators,
                                self.value_ranges)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """y = s(W x + b): (P, B, n_visible) or shared (B, n_visible) -> (P, B, n_hidden)."""
-        return activate(_linear(x, self.W, self.b), self.activation)
+    def encode(self, x: torch.Tensor, W: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """y = s(W x + b): (P, B, n_visible) or shared (B, n_visible) -> (P, B, n_hidden).
+        ``W``: the weight to use instead of ``self.W`` (the fused step's ``compute_copy``)."""
+        return activate(_linear(x, self.W if W is None else W, self.b), self.activation)
 
     def decoder_logits(self, y: torch.Tensor) -> torch.Tensor:
         """a = W' y + b', W' = Wᵀ when tied: (P, B, n_hidden) -> (P, B, n_visible)."""
@@ -254,7 +255,7 @@ class DAEPopulation(nn.Module):
         """
         x_tilde = self.corrupt(x, generators)  # (P, B, V)
         W = compute_copy(self.W)  # cast once per step under autocast
-        y = activate(_linear(x_tilde, W, self.b), self.activation)  # (P, B, H), as encode()
+        y = self.encode(x_tilde, W)  # (P, B, H)
         W_dec = W if self.W_prime is None else compute_copy(self.W_prime).transpose(1, 2)
         a = torch.baddbmm(self.b_prime.unsqueeze(1), y, W_dec)  # (P, B, V) logits
         B = x.shape[1]

@@ -4,10 +4,22 @@ when it is worse by more; the pooled row gets no verdict (its spread mixes the g
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+import pytest
 
-from benchmarks.bench_precision import NONINFERIORITY_MARGIN, compare
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """``benchmarks.bench_precision``: benchmarks/ is not an installed package (it runs as
+    ``python -m benchmarks`` from the repository root), so the root goes on the path."""
+    monkeypatch.syspath_prepend(str(REPO))
+    return importlib.import_module("benchmarks.bench_precision")
 
 
 def _cells(shift: dict[str, float], seeds: int = 10) -> pd.DataFrame:
@@ -27,11 +39,11 @@ def _cells(shift: dict[str, float], seeds: int = 10) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_better_or_equal_passes_and_worse_by_more_than_half_the_spread_fails():
-    rows = {r["group"]: r for r in compare(_cells({"relu": -0.0008, "sigmoid": 0.002}))}
+def test_better_or_equal_passes_and_worse_by_more_than_half_the_spread_fails(bench):
+    rows = {r["group"]: r for r in bench.compare(_cells({"relu": -0.0008, "sigmoid": 0.002}))}
     assert rows["relu pretrained"]["noninferior"] and rows["relu random"]["noninferior"]
     for group in ("sigmoid pretrained", "sigmoid random"):  # +0.2 pp: about one seed std
         row = rows[group]
-        assert row["diff_ci_high"] > NONINFERIORITY_MARGIN * row["fp32_seed_std"]
+        assert row["diff_ci_high"] > bench.NONINFERIORITY_MARGIN * row["fp32_seed_std"]
         assert row["noninferior"] is False
     assert rows["all pairs"]["noninferior"] is None and rows["all pairs"]["n_pairs"] == 40
