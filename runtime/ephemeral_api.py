@@ -188,7 +188,8 @@ def ready() -> None:
         except Exception as again:  # noqa: BLE001 - reported as one paragraph
             _server.stop()
             raise _startup_error(exc, again) from None
-    _point_prefect_at(_server)  # its port, should a restart have changed it
+    if os.environ.get("PREFECT_API_URL") != _server.api_url:  # a restart took another port
+        _point_prefect_at(_server)
 
 
 def _startup_error(exc: BaseException, again: BaseException) -> BaseException:
