@@ -34,6 +34,13 @@ class AutoencoderConfig(BaseModel):
         description="Fine-tuning loss (sigmoid output for cross_entropy, linear for "
         "squared_error); the reported error is always the squared error per image.",
     )
+    code_lr_scale: float = Field(
+        0.01, gt=0, le=1, allow_inf_nan=False,
+        description="Pretraining learning rate of a linear code layer as a fraction of "
+        "pretrain.optimizer.lr. Linear units are unbounded: the rate that trains a sigmoid "
+        "layer makes them diverge. Hinton & Salakhutdinov's code trains its linear top RBM "
+        "at 0.001 against 0.1 for the others (rbmhidlinear.m), the default's ratio.",
+    )
     knn_k: int = Field(
         5, ge=1, description="Neighbours of the k-NN accuracy of each code on the test "
         "labels (the training codes are the reference set).",
@@ -47,6 +54,16 @@ def layer_activation(config: Any, k: int) -> str:
             and k == config.model.n_layers - 1):
         return "linear"
     return config.model.activation
+
+
+def layer_optimizer(config: Any, k: int) -> dict[str, Any]:
+    """The pretraining optimiser of layer ``k`` (0-based) of a ``PipelineConfig``:
+    ``pretrain.optimizer``, with its learning rate scaled by ``autoencoder.code_lr_scale``
+    for a linear code layer (``layer_activation(config, k) == "linear"``)."""
+    optimizer = config.pretrain.optimizer.model_dump(mode="json")
+    if layer_activation(config, k) == "linear":
+        optimizer["lr"] *= config.autoencoder.code_lr_scale
+    return optimizer
 
 
 def check_reconstruct(config: Any) -> None:

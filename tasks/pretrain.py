@@ -12,7 +12,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from pydantic import BaseModel
 
 from runtime.checkpoints import Checkpoint, load_state, save_state, tensor_sha256
-from config.autoencoder import layer_activation
+from config.autoencoder import layer_activation, layer_optimizer
 from config.stages import PipelineConfig
 from runtime.errors import DivergenceError
 from runtime.environment import (Seed, derive_seed, eval_device, fit, make_trainer,
@@ -166,7 +166,7 @@ def pretrain_layers(k: int, configs: Sequence[PipelineConfig], data: Any,
             daes, x_train, x_valid,
             noise_seeds=[derive_seed(s, Seed.PRETRAIN_NOISE, k) for s in seeds],
             order_seeds=[derive_seed(s, Seed.PRETRAIN_ORDER, k) for s in seeds],
-            epochs=p.epochs, batch_size=p.batch_size, optimizer=p.optimizer.model_dump(),
+            epochs=p.epochs, batch_size=p.batch_size, optimizer=layer_optimizer(configs[0], k),
             eval_batch_size=rt.eval_batch_size, stage=f"pretrain/layer_{k + 1}",
             names=[f"seed {s}" for s in seeds], trainer=make_trainer(rt, p.epochs), fit=fit)
     except FloatingPointError as exc:
@@ -261,7 +261,8 @@ def pretrain_cache_key(k: int, config: PipelineConfig, data_digest: str,
                "activation": layer_activation(config, k),
                "tied_weights": m.tied_weights, "init": m.init},
         pretrain={**p.model_dump(mode="json", exclude={"corruption_levels"}),
-                  "corruption_level": p.corruption_levels[k]},
+                  "corruption_level": p.corruption_levels[k],
+                  "optimizer": layer_optimizer(config, k)},
         runtime=runtime_key(rt),
         lower=[r.checkpoint.sha256 for r in lower],
     )
