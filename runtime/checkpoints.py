@@ -8,7 +8,9 @@ Loading verifies the digest recorded by the stage that wrote it. Nothing is ever
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,9 +29,20 @@ class Checkpoint(BaseModel):
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` then rename ``tmp`` onto ``path``; never leaves a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Call ``write(tmp)`` then rename ``tmp`` onto ``path``; never leaves a partial file.
+
+    Raises:
+        ResourceError: the disk is full or read-only (``runtime.faults``); nothing of the
+            write is left behind.
+    """
+    from runtime.faults import resource_error
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                        dir=path.parent)
+    except OSError as exc:
+        raise resource_error(exc, path) or exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -37,6 +50,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except Exception as exc:  # noqa: BLE001 - a full disk is the user's to fix, not a bug
+        raise resource_error(exc, path) or exc
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -60,14 +75,41 @@ def tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def canonical_safetensors(tmp: Path) -> None:
+    """Rewrite a safetensors file's JSON header in one canonical form (sorted keys, no
+    spaces, padded with spaces to 8 bytes as the format requires), leaving the tensor bytes
+    as they are.
+
+    safetensors writes its ``__metadata__`` from a hash map, whose order differs from one
+    process to the next: the same tensors and metadata gave files with different SHA-256s,
+    so identical runs published different checkpoints and their downstream cache keys
+    drifted. The data offsets are relative to the end of the header, so they still hold.
+    """
+    raw = tmp.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":"))
+    encoded = header.encode()
+    encoded += b" " * (-len(encoded) % 8)
+    tmp.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + n:])
+
+
 def save_state(
     state: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None
 ) -> Checkpoint:
-    """Save tensors to ``path`` as safetensors, atomically, and return its checkpoint record."""
+    """Save tensors to ``path`` as safetensors, atomically, and return its checkpoint record.
+
+    The bytes depend on the tensors and metadata only (``canonical_safetensors``): the same
+    state saved by any process has the same SHA-256.
+    """
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata or {}))
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=metadata or {})
+        canonical_safetensors(tmp)
+
+    atomic_write(path, write)
     return Checkpoint(path=path, sha256=file_sha256(path))
 
 
