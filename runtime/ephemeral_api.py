@@ -72,7 +72,11 @@ class _Server:
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                "PREFECT__SERVER_FINAL": "1",
                **get_current_settings().to_environment_variables(exclude_unset=True)}
-        self.process = subprocess.Popen(command, env=env)
+        # Its own session: a terminal's Ctrl-C goes to the whole foreground process group,
+        # and a server that died with the run could not record the run's end (Prefect then
+        # retried against it for minutes). The run stops it at exit; the guard, if the run
+        # is killed.
+        self.process = subprocess.Popen(command, env=env, start_new_session=True)
         self.started = time.monotonic()
 
     def wait(self, timeout: float) -> None:
