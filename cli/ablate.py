@@ -70,7 +70,7 @@ def ablate(
                   f"{workers} local worker{'s' if workers > 1 else ''}")
                + (f", populations of up to {population} seeds" if population > 1 else ""))
     with guarded_work("Rerun the same command to resume: finished layers and cells come "
-                      "from the cache.", f"MLflow experiment {experiment!r} at {uri}"):
+                      "from the cache.", f"MLflow experiment {experiment!r} at {uri}", uri):
         from flows.ablation import run_ablation
         from runtime.expected_errors import install
 

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import traceback
-from typing import Callable, Iterator, NoReturn
+from typing import Callable, Iterator, NoReturn, Optional
 
 import typer
 
@@ -75,18 +75,22 @@ def interrupts_on_signals() -> Callable[[], None]:
 
 
 @contextlib.contextmanager
-def guarded_work(resume_hint: str, record: str) -> Iterator[None]:
+def guarded_work(resume_hint: str, record: str, tracking_uri: Optional[str] = None
+                 ) -> Iterator[None]:
     """The one error path around a command's work (training, serving).
 
     - the project's own errors (``runtime.errors.LayerwiseError``) print their message only
       and exit 1;
     - Ctrl-C or SIGTERM exits 130 saying the MLflow runs were marked KILLED;
+    - a fault of the world (a full disk, no memory, a server that stopped answering:
+      ``runtime.faults``) prints what ran out or stopped and how to resume, exit 1;
     - anything else is a bug: its traceback, then one line saying so and where the run's
       record is, exit 1.
 
     Args:
         resume_hint: How to resume after an interrupt, e.g. "Rerun the same command ...".
         record: Where the run's record is, e.g. "MLflow experiment 'x' at sqlite:///...".
+        tracking_uri: The run's MLflow tracking URI (default: the embedded store's).
     """
     from runtime.errors import LayerwiseError
 
@@ -98,10 +102,16 @@ def guarded_work(resume_hint: str, record: str) -> Iterator[None]:
     except LayerwiseError as exc:
         fail(str(exc), code=1)
     except BaseException as exc:
-        from tracking.tracker import is_interrupt
+        from runtime.environment import layerwise_home
+        from runtime.faults import resource_error, server_error
+        from tracking.tracker import default_tracking_uri, is_interrupt
 
         if is_interrupt(exc):
             fail(f"interrupted; the MLflow runs were marked KILLED. {resume_hint}", code=130)
+        fault = (resource_error(exc)
+                 or server_error(exc, tracking_uri or default_tracking_uri(), layerwise_home()))
+        if fault is not None:  # the world's fault, not the code's: no traceback
+            fail(str(fault), code=1)
         traceback.print_exc(file=sys.stderr)
         fail(f"this is a bug in layerwise ({type(exc).__name__}), not a mistake in your "
              f"input: please report it with the traceback above. The run's record: {record} "

@@ -23,6 +23,14 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _every_command() -> None:
+    """Before any command: MLflow's HTTP retries bounded (``tracking.uri.HTTP_RETRIES``)."""
+    from tracking.uri import bound_http_retries
+
+    bound_http_retries()
+
+
 def _resolve(args: ConfigArgs):
     """The validated config the options describe; a bad value exits 2 with every problem."""
     from config.overrides import resolve_config
@@ -66,7 +74,7 @@ def run(
                f"{config.model.n_layers} layers {config.model.hidden_sizes}, "
                f"seed {config.runtime.seed}")
     with guarded_work("Rerun the same command to resume after the last finished stage.",
-                      f"MLflow experiment {experiment!r} at {uri}"):
+                      f"MLflow experiment {experiment!r} at {uri}", uri):
         from flows.pipeline import run_pipeline
 
         result = run_pipeline(config, preset=args.preset, tracking_uri=uri,

@@ -44,7 +44,19 @@ def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except MlflowException as exc:
-        raise RegistryError(f"{exc.message}") from None
+        raise down_or(exc, exc.message) from None
+
+
+def down_or(exc: BaseException, message: str) -> RegistryError:
+    """A ``RegistryError`` saying the tracking server does not answer, when that is what
+    ``exc`` is (``runtime.faults.unreachable``), else one with ``message``."""
+    from runtime.faults import unreachable
+
+    reason = unreachable(exc)
+    if reason is None:
+        return RegistryError(message)
+    return RegistryError(f"the MLflow tracking server does not answer ({reason}): start it, "
+                         "or point --tracking-uri / MLFLOW_TRACKING_URI at one that does")
 
 
 def search_runs(client: Any, experiment_ids: list[str], filter_string: str,
@@ -59,7 +71,7 @@ def search_runs(client: Any, experiment_ids: list[str], filter_string: str,
             page = client.search_runs(experiment_ids, filter_string, max_results=size,
                                       order_by=order_by, page_token=token)
         except MlflowException as exc:
-            raise RegistryError(f"bad {what}: {exc.message}") from None
+            raise down_or(exc, f"bad {what}: {exc.message}") from None
         runs += list(page)
         token = page.token
         if not token:

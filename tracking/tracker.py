@@ -123,12 +123,16 @@ def with_retries(fn: Any, *args: Any, attempts: int = 4, base_delay: float = 0.5
                  ) -> Any:
     """Call ``fn``; retry errors that look transient (locks, connections, 5xx) with
     exponential backoff, then re-raise."""
+    from runtime.faults import unreachable
+
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - filtered by message below
             if attempt == attempts - 1 or not any(t in str(exc).lower() for t in TRANSIENT):
                 raise
+            if "max retries exceeded" in str(exc).lower() and unreachable(exc):
+                raise  # MLflow's HTTP client has retried already (tracking.uri.HTTP_RETRIES)
             time.sleep(base_delay * 2**attempt)
     raise AssertionError("unreachable")
 
@@ -218,8 +222,11 @@ class Tracker:
         try:
             yield run_id
         except BaseException as exc:
-            with_retries(self.client.set_terminated, run_id,
-                         "KILLED" if is_interrupt(exc) else "FAILED")
+            from runtime.faults import unreachable
+
+            if unreachable(exc) is None:  # a server that is gone cannot take it
+                with_retries(self.client.set_terminated, run_id,
+                             "KILLED" if is_interrupt(exc) else "FAILED")
             raise
         with_retries(self.client.set_terminated, run_id, "FINISHED")
 
