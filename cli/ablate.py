@@ -53,6 +53,7 @@ def ablate(
     from config.grid import customise, expand, load_grid, preset_path
     from preflight.checks import preflight_grid
     from tracking.tracker import default_tracking_uri
+    from tracking.links import mlflow_ui_command
 
     if preset and grid_file:
         fail("give --preset or --grid, not both", 2)
@@ -85,7 +86,7 @@ def ablate(
                f"{len(result.failed)} failed.")
     typer.echo(f"Outputs: {result.out_dir}")
     typer.echo(f"MLflow run {result.run_id} (experiment {result.experiment_id})"
-               + (f"; open it: mlflow ui --backend-store-uri {result.tracking_uri}"
+               + (f"; open it: {mlflow_ui_command(result.tracking_uri)}"
                   if result.tracking_uri.startswith("sqlite:") else ""))
     if result.failed:
         for cell, error in result.failed.items():

@@ -31,12 +31,14 @@ def _every_command() -> None:
     bound_http_retries()
 
 
-def _resolve(args: ConfigArgs):
-    """The validated config the options describe; a bad value exits 2 with every problem."""
+def _resolve(args: ConfigArgs, file_sizes: bool = True):
+    """The validated config the options describe; a bad value exits 2 with every problem.
+    ``file_sizes=False`` leaves the size rules on a data file to the preflight, which
+    reports them with the file's other problems."""
     from config.overrides import resolve_config
 
     return guarded_call(resolve_config, args.preset, args.config_file, args.sets, args.dataset,
-                        args.data_dir, args.seed, code=2)
+                        args.data_dir, args.seed, file_sizes=file_sizes, code=2)
 
 
 @app.command()
@@ -60,7 +62,7 @@ def run(
     set_verbosity(verbose)  # before MLflow and Prefect are imported
     if objective is not None:
         args = dataclasses.replace(args, sets=[*args.sets, f"objective={objective}"])
-    config = _resolve(args)
+    config = _resolve(args, file_sizes=False)
     if config.objective == "reconstruct" and model_name == DEFAULT_MODEL:
         model_name = "layerwise-autoencoder"
     from preflight.checks import preflight_run
@@ -98,16 +100,19 @@ def _print_reconstruct(result) -> None:
 
 
 def _print_result(result) -> None:
+    from tracking.links import mlflow_ui_command
+
     typer.echo("")
     typer.echo(f"{'init':<12}{'test error':>12}")
     typer.echo(f"{'pretrained':<12}{100 * result.test_error_pretrained:>11.2f}%")
     typer.echo(f"{'random':<12}{100 * result.test_error_random:>11.2f}%")
     typer.echo(f"{'difference':<12}{100 * result.test_error_diff:>+10.2f}pp  (pretrained − random)")
     typer.echo("")
-    typer.echo(f"MLflow run {result.run_id} (experiment {result.experiment_id}); "
-               f"model {result.model_name} v{result.model_version}")
+    model = (f"model {result.model_name} v{result.model_version}" if result.model_version
+             else "no model registered")
+    typer.echo(f"MLflow run {result.run_id} (experiment {result.experiment_id}); {model}")
     if result.tracking_uri.startswith("sqlite:"):
-        typer.echo(f"Open it:  mlflow ui --backend-store-uri {result.tracking_uri}")
+        typer.echo(f"Open it:  {mlflow_ui_command(result.tracking_uri)}")
     else:
         typer.echo(f"Open it:  {result.tracking_uri}/#/experiments/{result.experiment_id}"
                    f"/runs/{result.run_id}")

@@ -17,7 +17,7 @@ class AutoencoderConfig(BaseModel):
     ``finetune`` section's budget, optimiser and stopping rule (on the validation squared
     error per image)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
     code_activation: Literal["linear", "hidden"] = Field(
         "linear",

@@ -54,7 +54,7 @@ GROUPING = tuple(c for c in FACTOR_COLUMNS if c not in ("init", "seed"))
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Base(_Strict):

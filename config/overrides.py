@@ -71,12 +71,14 @@ def resolve_config(
     dataset: Optional[str] = None,
     data_dir: Optional[Path] = None,
     seed: Optional[int] = None,
+    file_sizes: bool = True,
 ) -> PipelineConfig:
     """Preset, then the YAML file, then ``--set`` items, then the dedicated flags.
 
     A preset's ``data.n_train`` means "at most": on a file with fewer training rows it
     becomes null (all of them). A value the user gives is checked, not changed. Every
-    size rule is checked from the data file's header (:func:`check_sizes`).
+    size rule is checked from the data file's header (:func:`check_sizes`), unless
+    ``file_sizes`` is False: the preflight then reports them with the file's other problems.
     """
     import yaml
     from pydantic import ValidationError
@@ -114,7 +116,8 @@ def resolve_config(
         if not user_n_train and n_train is not None and n_train > file_plan(config).n_fit:
             _assign(tree, "data.n_train", None)  # the preset's "at most": all rows
             config = PipelineConfig.model_validate(tree)
-        check_sizes(config)
+        if file_sizes:
+            check_sizes(config)
     return config
 
 
@@ -138,15 +141,21 @@ def check_sizes(config: PipelineConfig) -> None:
     Raises:
         ConfigError: listing all problems together, each with a value that works.
     """
+    problems = size_problems_of(config)
+    if problems:
+        raise ConfigError(f"the settings do not fit {config.data.dataset}:\n  "
+                          + "\n  ".join(problems))
+
+
+def size_problems_of(config: PipelineConfig) -> list[str]:
+    """Every size rule (n_valid, n_train, batch sizes) the config breaks on its data file,
+    read from the file's header ([] for a named dataset: checked when validated)."""
     from config.stages import batch_sizes
     from config.sizes import size_problems
 
     if config.data.is_named:
-        return  # checked when the config was validated
-    problems = size_problems(config.data, file_plan(config), batch_sizes(config))
-    if problems:
-        raise ConfigError(f"the settings do not fit {config.data.dataset}:\n  "
-                          + "\n  ".join(problems))
+        return []
+    return size_problems(config.data, file_plan(config), batch_sizes(config))
 
 
 #: The name the ablation grid calls (it checks each distinct data config once).

@@ -36,9 +36,9 @@ def default_data_dir() -> Path:
 
 
 class StageConfig(BaseModel):
-    """Base for every config: immutable, unknown keys rejected, stable to hash."""
+    """Base for every config: immutable, unknown keys and NaN/inf rejected, stable to hash."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
     def digest(self) -> str:
         """SHA-256 of the canonical JSON form; stable across processes and machines."""

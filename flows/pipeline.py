@@ -22,8 +22,8 @@ from tracking.conventions import run_description, run_name
 from tracking.links import run_link
 from tracking.records import log_classifier_run, log_evaluation
 from tracking.tracker import Tracker, environment_params
-from tracking.vocabulary import (KIND_TAG, NOTE_TAG, TEST_ERROR_DIFF, TEST_ERROR_PRETRAINED,
-                                 TEST_ERROR_RANDOM)
+from tracking.vocabulary import (KIND_TAG, NOT_REGISTERED_TAG, NOTE_TAG, TEST_ERROR_DIFF,
+                                 TEST_ERROR_PRETRAINED, TEST_ERROR_RANDOM)
 
 
 class PipelineResult(BaseModel):
@@ -36,8 +36,9 @@ class PipelineResult(BaseModel):
     test_error_random: float
     test_error_diff: float
     model_name: str
-    model_version: str
+    model_version: Optional[str]  # None: not registered (see not_registered)
     model_reused: bool = False  # an identical version (same weights and data) existed
+    not_registered: Optional[str] = None  # why the model was not registered
     data: dict[str, Any]
     stages: list[StageReport]
 
@@ -105,23 +106,28 @@ def pipeline(
 
         with stages.stage("evaluate") as (run, info):
             evaluation = run_task(evaluate_task, "evaluate", fresh, info, config, data, results)
-            metrics, version, model_reused, info["artifacts_from"] = log_evaluation(
+            metrics, version, model_reused, info["artifacts_from"], refused = log_evaluation(
                 tracker, run, parent, evaluation, results, config, data, registered_model_name)
         tracker.log_metrics(parent, metrics)
         reused = stages.reused_note(registered_model_name, version, model_reused)
-        tracker.set_tags(parent, {"layerwise.model_version": version,
+        tracker.set_tags(parent, {**({"layerwise.model_version": version} if version else
+                                     {NOT_REGISTERED_TAG: refused}),
                                   **({"layerwise.reused": reused} if reused else {})})
         if reused:
             echo(f"  reused {reused}")
+        if refused:
+            echo(f"warning: model {registered_model_name} not registered: {refused}")
+        model = f"model {registered_model_name} v{version}" if version else "no model registered"
         echo(f"test error: pretrained {100 * metrics[TEST_ERROR_PRETRAINED]:.2f} %, random "
-             f"{100 * metrics[TEST_ERROR_RANDOM]:.2f} %; model {registered_model_name} "
-             f"v{version}; MLflow run: {link}", console=False)
+             f"{100 * metrics[TEST_ERROR_RANDOM]:.2f} %; {model}; MLflow run: {link}",
+             console=False)
         result = PipelineResult(
             run_id=parent, experiment_id=tracker.experiment_id, tracking_uri=tracker.uri,
             test_error_pretrained=metrics[TEST_ERROR_PRETRAINED],
             test_error_random=metrics[TEST_ERROR_RANDOM],
             test_error_diff=metrics[TEST_ERROR_DIFF],
             model_name=registered_model_name, model_version=version, model_reused=model_reused,
+            not_registered=refused,
             data=data.summary(), stages=stages.reports,
         )
         summary_markdown(result, per_class_table(evaluation))
@@ -170,8 +176,10 @@ def summary_markdown(result: PipelineResult, per_class: Any) -> str:
         f"| pretrained | {100 * result.test_error_pretrained:.2f} % |",
         f"| random | {100 * result.test_error_random:.2f} % |",
         f"| difference (pretrained − random) | {100 * result.test_error_diff:+.2f} pp |", "",
-        f"MLflow run `{result.run_id}` at `{result.tracking_uri}`; model "
-        f"`{result.model_name}` v{result.model_version}; data digest `{result.data['digest'][:16]}`.",
+        f"MLflow run `{result.run_id}` at `{result.tracking_uri}`; "
+        + (f"model `{result.model_name}` v{result.model_version}" if result.model_version
+           else f"model not registered: {result.not_registered}")
+        + f"; data digest `{result.data['digest'][:16]}`.",
         "", "| stage | seconds | cached |", "| --- | --- | --- |",
         *[f"| {s.name} | {s.seconds:.1f} | {s.cached} |" for s in result.stages], "",
         "Per-class test error (%):", "", "| class | pretrained | random |",

@@ -46,13 +46,17 @@ class RawPixels(nn.Module):
         self.normalization = normalization
         f32 = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in stats.items()}
         if normalization == "standardize":
-            # tasks.data.normalize: (x - mean) * (1 / std), both rounded to float32
+            # tasks.data.normalize: (x - mean) * (1 / std), both rounded to float32; its
+            # guard too: a feature constant in training (std 0) is divided by 1, not by 0
             self.register_buffer("mean", f32["mean"])  # (D,)
-            inv = 1.0 / torch.as_tensor(stats["std"], dtype=torch.float64)
+            std = torch.as_tensor(stats["std"], dtype=torch.float64)
+            inv = 1.0 / torch.where(std == 0, torch.ones_like(std), std)
             self.register_buffer("inv_std", inv.to(torch.float32))  # (D,)
         else:
+            # tasks.data.normalize's guard: a constant training split is scaled by 1, not 0
+            span = (f32["high"] - f32["low"]).reshape(())
             self.register_buffer("low", f32["low"].reshape(()))
-            self.register_buffer("span", (f32["high"] - f32["low"]).reshape(()))
+            self.register_buffer("span", torch.where(span == 0, torch.ones_like(span), span))
         if normalization == "zca":
             self.register_buffer("mean", f32["mean"])  # (D,)
             self.register_buffer("zca_matrix", f32["zca_matrix"])  # (D, D)

@@ -6,8 +6,8 @@ checked, and every problem is reported together (``runtime.errors.PreflightError
 - ``LAYERWISE_HOME`` (checkpoints, the embedded store and its artifacts): writable, with
   free space for the run's checkpoints;
 - the accelerator and precision: available on this machine;
-- labels: class indices within the number of training rows (an ``.npz``'s labels are read,
-  nothing else is loaded);
+- the data file: an ``.npz``'s arrays and labels (``tasks.data_files.npz_problems``) and
+  the size rules on it (``config.sizes``);
 - peak memory: the estimate of ``preflight.memory`` against this machine's (and the
   GPU's) free memory.
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,7 +29,7 @@ from config.stages import NAMED_DATASETS
 from preflight.memory import (FLOAT, Shape, available_bytes, classifier_params,
                               dae_params, memory_problem)
 from runtime.errors import LayerwiseError, PreflightError
-from tasks.data_files import npy_header
+from tasks.data_files import npz_problems
 from tracking.uri import check_reachable, check_tracking_uri, sqlite_path, writable_dir_problem
 
 MNIST_SHAPE = Shape(n_rows=70_000, n_features=784, n_classes=10)
@@ -59,40 +58,40 @@ def name_problems(experiment: str, model_name: Optional[str]) -> list[str]:
 
 @functools.lru_cache(maxsize=8)
 def data_shape(dataset: str) -> tuple[Optional[Shape], list[str]]:
-    """The data's shape and label problems; ``(None, [])`` when the file cannot be read
-    here (the data stage then says what is wrong with it).
+    """The data's shape and every problem of an ``.npz`` (``tasks.data_files.npz_problems``:
+    missing or unpaired arrays, row and feature counts, NaN/inf or values beyond float32,
+    labels that are not class indices, test labels that training never has), all at once;
+    ``(None, [])`` for a table (the data stage checks it) or a named dataset's files.
 
-    Labels must be class indices: the classifier gets ``max(label) + 1`` outputs, so one
-    huge label (an id instead of a class) would size the output layer and the per-class
-    counts by it. They must stay below the number of training rows.
+    The arrays are read once here and dropped; the data stage reads them again.
     """
     if dataset.lower() in NAMED_DATASETS:  # all 60k + 10k, 28×28, 10 classes
         return MNIST_SHAPE, []
     path = Path(dataset)
+    if path.suffix.lower() != ".npz":
+        return None, []
+    arrays, problems = npz_problems(path)
+    if arrays is None or problems:
+        return None, problems
+    x_train, x_test = arrays["x_train"], arrays["x_test"]
+    n_rows = sum(len(arrays[k]) for k in ("x_train", "x_valid", "x_test") if k in arrays)
+    top = max(int(arrays[k].max()) for k in ("y_train", "y_valid", "y_test") if k in arrays)
+    d = int(np.prod(x_train.shape[1:]))
+    return Shape(n_rows=n_rows, n_features=d, n_classes=top + 1), []
+
+
+def file_problems(config: Any) -> list[str]:
+    """A data file's problems together: its contents (:func:`data_shape`) and the size
+    rules the config breaks on it (``config.sizes``, from the header)."""
+    if config.data.is_named:
+        return []
+    from config.overrides import size_problems_of
+
+    problems = data_shape(config.data.dataset)[1]
     try:
-        with zipfile.ZipFile(path) as zf:
-            x_train, _ = npy_header(zf, "x_train")  # (N, D)
-            x_test, _ = npy_header(zf, "x_test")  # (M, D)
-        with np.load(path, allow_pickle=False) as npz:  # labels only: N int64 each
-            labels = {k: npz[k] for k in ("y_train", "y_test")}
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None, []
-    if len(x_train) != 2 or len(x_test) != 2:
-        return None, []
-    (n_train, d), n_test = x_train, x_test[0]
-    problems, n_classes = [], 1
-    for name, y in labels.items():
-        if y.size == 0 or y.dtype.kind not in "iuf" or not np.isfinite(y).all():
-            return None, []
-        top = int(y.max())
-        n_classes = max(n_classes, top + 1)
-        if top >= n_train:
-            problems.append(
-                f"{path}: {name} holds the label {top}, but x_train has only {n_train} rows: "
-                "labels must be class indices 0..n_classes-1 (the classifier gets "
-                "max(label)+1 outputs); renumber them, e.g. "
-                "y = np.unique(y, return_inverse=True)[1] over train and test together")
-    return Shape(n_rows=n_train + n_test, n_features=d, n_classes=n_classes), problems
+        return problems + size_problems_of(config)
+    except LayerwiseError as exc:  # the file cannot be read: data_shape said why
+        return problems or [str(exc)]
 
 
 def home_problems(config: Any, uri: str, cells: int = 1) -> list[str]:
@@ -164,9 +163,10 @@ def device_problems(runtime: Any) -> tuple[list[str], Optional[int]]:
 def config_problems(config: Any, population: int) -> list[str]:
     """Accelerator, labels and peak memory of one config."""
     problems, gpu_free = device_problems(config.runtime)
-    shape, label_problems = data_shape(config.data.dataset)
-    problems += label_problems
-    if shape is None or label_problems:
+    shape = data_shape(config.data.dataset)[0]
+    data_problems = file_problems(config)
+    problems += data_problems
+    if shape is None or data_problems:
         return problems
     host = memory_problem(config, shape, population, available_bytes(),
                           "this machine's available memory")

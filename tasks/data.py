@@ -28,7 +28,9 @@ from tasks.data_idx import (IDX_SOURCES, MNIST_SHA256, MNIST_SIZES, load_idx_raw
                             sha256_file, verify_idx, verify_mnist)
 from config.sizes import plan_split, size_problems
 from tasks.data_sampling import stratified_subset  # noqa: F401  (tasks.data's API)
+from runtime.console import announce
 from runtime.errors import DataError
+from tasks.data_labels import class_set_text, label_warnings
 
 SPLITS = ("x_train", "y_train", "x_valid", "y_valid", "x_test", "y_test")
 
@@ -53,7 +55,25 @@ def normalize(
 
     Returns:
         [x_train, x_valid, x_test] as float32 (N, D), and the stats as float64 arrays.
+
+    Raises:
+        DataError: when a statistic is not finite in float32, the precision that the
+            registered model (``models.served.RawPixels``) applies them in.
     """
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked, not warned
+        xs, stats = _normalize(x_train, x_valid, x_test, method, zca_epsilon)
+        bad = [k for k, v in stats.items()
+               if not np.isfinite(np.asarray(v, dtype=np.float64).astype(np.float32)).all()]
+    if bad:
+        raise DataError(f"the {method!r} normalisation statistics {', '.join(bad)} of the "
+                        "training split overflow float32 (features beyond ±3.4e38, or their "
+                        "squares in float64): rescale the features before saving them")
+    return xs, stats
+
+
+def _normalize(x_train: np.ndarray, x_valid: np.ndarray, x_test: np.ndarray, method: str,
+               zca_epsilon: float) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """:func:`normalize` without the check of its statistics."""
     splits = (x_train, x_valid, x_test)
     if method == "standardize":
         mean = x_train.mean(axis=0, dtype=np.float64)  # (D,)
@@ -122,7 +142,8 @@ class DataBundle:
         """JSON-friendly description for logging, with per-split class counts."""
         ys = {"train": self.y_train, "valid": self.y_valid, "test": self.y_test}
         out = {"source": self.source, **{f"n_{k}": len(y) for k, y in ys.items()}}
-        out |= {"n_features": self.n_features, "n_classes": self.n_classes}
+        out |= {"n_features": self.n_features, "n_classes": self.n_classes,
+                "classes": class_set_text(torch.cat(list(ys.values())).numpy())}
         out |= {"normalization": self.normalization, "digest": self.digest}
         if self.normalization == "zca":
             out["zca_epsilon"] = self.zca_epsilon
@@ -216,6 +237,9 @@ def load_data(cfg: DataConfig) -> DataBundle:
     for name in ("y_train", "y_valid", "y_test"):
         tensors[name] = torch.from_numpy(np.ascontiguousarray(raw[name]))
     y_all = (arrays["y_pool"], raw["y_valid"], raw["y_test"])
+    for warning in label_warnings({"y_train": y_all[0], "y_valid": y_all[1],
+                                   "y_test": y_all[2]}, cfg.dataset):
+        announce(f"warning: {warning}")
     return DataBundle(
         **tensors,
         n_features=n_features,

@@ -7,72 +7,166 @@ so that size rules are checked before any server starts.
 
 from __future__ import annotations
 
+import errno
+import os
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from runtime.errors import DataError
+from tasks.data_labels import label_problems, split_label_problems
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 NPZ_VALID_KEYS = ("x_valid", "y_valid")
 TABLE_SUFFIXES = (".csv", ".parquet")
 #: Values of a table's optional ``split`` column.
 TABLE_SPLITS = ("train", "valid", "test")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def check_x(x: np.ndarray, name: str, path: Path) -> np.ndarray:
-    """Validate features and flatten trailing dims: (N, ...) -> (N, D)."""
+def source_problem(path: Path, kind: str) -> Optional[str]:
+    """Why ``path`` cannot be read as a data file (None: it is a file): a directory, a
+    symbolic link that loops or points nowhere, or nothing at all.
+
+    Args:
+        path: The dataset as named.
+        kind: What it should be, e.g. ``npz file`` or ``table``.
+    """
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return f"{path} is a directory, not a file: name the {kind} inside it"
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:  # Python < 3.13 reports a loop so
+            return f"{path} is a symbolic link that loops back on itself: point it at the {kind}"
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return (f"{path} is a symbolic link that loops back on itself: point it at "
+                        f"the {kind}")
+        return (f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: "
+                f"point it at the {kind}")
+    return f"{kind} not found: {path}. Fix: check the dataset path"
+
+
+def x_problems(x: np.ndarray, name: str, path: Path,
+               where: Optional[Callable[[int, int], str]] = None) -> list[str]:
+    """Features: numeric, (N, ...) with N >= 1, finite, within float32's range (the model,
+    and the registered model, compute in float32; larger values become inf there).
+
+    Args:
+        x: The features as stored.
+        name: What they are called in the file, e.g. ``x_train``.
+        path: The file, for the message.
+        where: How a position (row, column) reads in the message (a table's row and
+            column name); default ``[row, col]`` of ``name``.
+    """
     if x.dtype.kind not in "iuf":  # bool, object, str, complex: no
-        raise DataError(f"{path}: {name} has dtype {x.dtype}; it must be numeric (int or float)")
+        return [f"{path}: {name} has dtype {x.dtype}; it must be numeric (int or float)"]
     if x.ndim < 2:
-        raise DataError(f"{path}: {name} must be 2-D (N, D), got shape {x.shape}")
+        return [f"{path}: {name} must be 2-D (N, D), got shape {x.shape}"]
     if x.size == 0:
-        raise DataError(f"{path}: {name} is empty (shape {x.shape})")
-    x = np.ascontiguousarray(x.reshape(len(x), -1))
-    bad = ~np.isfinite(x) if x.dtype.kind == "f" else np.zeros(0, bool)
-    if bad.any():
-        (row, col), count = np.argwhere(bad)[0], int(bad.sum())
-        raise DataError(f"{path}: {name} has {count} NaN/inf value(s), first at [{row}, {col}]")
-    return x
+        return [f"{path}: {name} is empty (shape {x.shape})"]
+    if x.dtype.kind != "f":
+        return []
+    x = x.reshape(len(x), -1)
+    problems = []
+    with np.errstate(invalid="ignore"):
+        big = np.abs(x) > FLOAT32_MAX  # NaN compares False
+    for bad, what, fix in ((~np.isfinite(x), "NaN/inf value(s)", "fill or drop those rows"),
+                           (big, f"value(s) beyond float32's range (±{FLOAT32_MAX:.3g})",
+                            "rescale the features (e.g. standardise them) before saving")):
+        if bad.any():
+            (row, col), count = np.argwhere(bad)[0], int(bad.sum())
+            at = where(row, col) if where else f"[{row}, {col}]"
+            problems.append(f"{path}: {name} has {count} {what}, first at {at} "
+                            f"(value {x[row, col]:g}): {fix}")
+    return problems
 
 
-def check_y(y: np.ndarray, name: str, path: Path) -> np.ndarray:
-    """Validate labels: 1-D, integer-valued, non-negative -> int64 (N,)."""
-    if y.dtype.kind not in "iuf":
-        raise DataError(f"{path}: {name} has dtype {y.dtype}; labels must be integers")
-    if y.ndim != 1 or y.size == 0:
-        raise DataError(f"{path}: {name} must be 1-D (N,) and non-empty, got shape {y.shape}")
-    if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.round(y)).all()):
-        raise DataError(f"{path}: {name} has non-integer values; labels must be integers")
-    if y.min() < 0:
-        raise DataError(f"{path}: {name} has label {y.min()}; labels must lie in [0, n_classes)")
-    return y.astype(np.int64)
+def pair_problems(path: Path, arrays: dict[str, np.ndarray]) -> list[str]:
+    """Every problem of the ``x_<split>``/``y_<split>`` pairs, together: each array on its
+    own, row counts, feature widths, and the labels across splits
+    (``tasks.data_labels``)."""
+    problems: list[str] = []
+    good_labels = {}
+    width = None
+    for split in [s for s in ("train", "valid", "test") if f"x_{s}" in arrays]:
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        x_bad, y_bad = x_problems(x, f"x_{split}", path), label_problems(y, f"y_{split}", path)
+        problems += x_bad + y_bad
+        if x.ndim >= 1 and y.ndim >= 1 and len(x) != len(y):
+            problems.append(f"{path}: x_{split} has {len(x)} rows but y_{split} has {len(y)} "
+                            f"labels: give one label per row")
+        d = int(np.prod(x.shape[1:])) if x.ndim >= 2 else None
+        if split == "train":
+            width = d
+        elif d is not None and width is not None and d != width:
+            problems.append(f"{path}: x_train has {width} features per row, x_{split} {d}: "
+                            "every split needs the same features")
+        if not y_bad:
+            good_labels[f"y_{split}"] = y.astype(np.int64)
+    if "y_train" in good_labels:
+        problems += split_label_problems(good_labels, path)
+    return problems
 
 
 def check_pairs(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Validate ``x_<split>``/``y_<split>`` pairs: counts, feature widths, label range.
+    """The validated pairs: x flattened to (N, D), y int64 (N,).
 
-    n_classes = max(y_train) + 1; every other split's labels must lie below it.
+    Raises:
+        DataError: listing every problem :func:`pair_problems` finds.
     """
-    out = {}
-    for split in [s for s in ("train", "valid", "test") if f"x_{s}" in arrays]:
-        x = out[f"x_{split}"] = check_x(arrays[f"x_{split}"], f"x_{split}", path)
-        y = out[f"y_{split}"] = check_y(arrays[f"y_{split}"], f"y_{split}", path)
-        if len(x) != len(y):
-            raise DataError(
-                f"{path}: label/image count mismatch: x_{split} has {len(x)} rows but "
-                f"y_{split} has {len(y)} labels"
-            )
-        if split != "train":
-            if x.shape[1] != out["x_train"].shape[1]:
-                raise DataError(f"{path}: x_train has {out['x_train'].shape[1]} features, "
-                                f"x_{split} {x.shape[1]}")  # fmt: skip
-            if y.max() > out["y_train"].max():
-                raise DataError(f"{path}: y_{split} has label {y.max()} outside "
-                                f"[0, {out['y_train'].max() + 1})")  # fmt: skip
-    return out
+    problems = pair_problems(path, arrays)
+    if problems:
+        raise DataError(joined(problems))
+    return {k: (np.ascontiguousarray(v.reshape(len(v), -1)) if k[0] == "x"
+                else v.astype(np.int64)) for k, v in arrays.items()}
+
+
+def joined(problems: list[str]) -> str:
+    """One problem as it is; several as a list under a count."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems with the data:\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def npz_problems(path: Path) -> tuple[Optional[dict[str, np.ndarray]], list[str]]:
+    """Read an ``.npz`` and find every problem in it at once.
+
+    Returns:
+        The arrays as stored (None when they cannot be read), and the problems: missing or
+        unpaired arrays, then :func:`pair_problems`.
+    """
+    path = Path(path)
+    problem = source_problem(path, ".npz file")
+    if problem:
+        return None, [problem]
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            present = [k for k in NPZ_KEYS + NPZ_VALID_KEYS if k in npz.files]
+            arrays = {k: npz[k] for k in present}
+    except ValueError as exc:  # object arrays refused by allow_pickle=False, bad headers
+        return None, [f"{path}: cannot read arrays ({exc}); store plain numeric arrays"]
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        return None, [f"{path} is not a readable .npz file ({exc})"]
+    problems = []
+    missing = [k for k in NPZ_KEYS if k not in arrays]
+    if missing:
+        problems.append(f"{path}: missing array(s) {', '.join(missing)}; an .npz needs "
+                        f"{', '.join(NPZ_KEYS)} (and optionally x_valid, y_valid)")
+    for x, y in (("x_train", "y_train"), ("x_test", "y_test"), NPZ_VALID_KEYS):
+        if (x in arrays) != (y in arrays):
+            have, lack = (x, y) if x in arrays else (y, x)
+            arrays.pop(have)  # its pair is missing: nothing to check it against
+            if lack not in missing:
+                problems.append(f"{path}: has {have} without {lack}; store both, or neither")
+    if "x_train" not in arrays:
+        return None, problems
+    return arrays, problems + pair_problems(path, arrays)
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -83,26 +177,12 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
     ``y`` is (N,) integers (or integer-valued floats) in [0, n_classes).
 
     Raises:
-        DataError: naming the file and the offending array.
+        DataError: naming the file, and every offending array and its fix.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"npz file not found: {path}. Fix: check the dataset path")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in NPZ_KEYS if k not in npz.files]
-            valid = [k for k in NPZ_VALID_KEYS if k in npz.files]
-            arrays = {k: npz[k] for k in NPZ_KEYS + tuple(valid) if k not in missing}
-    except ValueError as exc:  # object arrays refused by allow_pickle=False, bad headers
-        raise DataError(f"{path}: cannot read arrays ({exc}); store plain numeric arrays") from exc
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path} is not a readable .npz file ({exc})") from exc
-    if missing:
-        raise DataError(f"{path}: missing array(s) {missing}; it needs {list(NPZ_KEYS)}")
-    if len(valid) == 1:
-        raise DataError(f"{path}: has {valid[0]} without its pair; store both x_valid and "
-                        "y_valid, or neither")  # fmt: skip
-    return check_pairs(path, arrays)
+    arrays, problems = npz_problems(Path(path))
+    if problems:
+        raise DataError(joined(problems))
+    return check_pairs(Path(path), arrays)
 
 
 def load_npz_raw(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -132,8 +212,9 @@ def _npy_rows(zf: zipfile.ZipFile, name: str, path: Path) -> int:
 def peek_npz_sizes(path: Path) -> tuple[int, Optional[int]]:
     """Rows of ``x_train`` and of ``x_valid`` (None when absent), from the headers only."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"npz file not found: {path}. Fix: check the dataset path")
+    problem = source_problem(path, ".npz file")
+    if problem:
+        raise DataError(problem)
     try:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())

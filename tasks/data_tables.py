@@ -14,7 +14,8 @@ from typing import Optional
 import numpy as np
 
 from config.stages import DataConfig
-from tasks.data_files import TABLE_SPLITS, check_pairs, check_y
+from tasks.data_files import TABLE_SPLITS, check_pairs, joined, source_problem, x_problems
+from tasks.data_labels import label_problems
 from config.sizes import fraction_count
 from runtime.errors import DataError
 
@@ -23,8 +24,9 @@ def _read(path: Path, columns: Optional[list[str]] = None, nrows: Optional[int] 
     """The table (or some of its columns, or its first ``nrows`` rows) as a DataFrame."""
     import pandas as pd  # lazy: pandas costs a second to import
 
-    if not path.is_file():
-        raise DataError(f"table not found: {path}. Fix: check the dataset path")
+    problem = source_problem(path, "table")
+    if problem:
+        raise DataError(problem)
     try:
         if path.suffix.lower() == ".parquet":
             return pd.read_parquet(path, columns=columns)
@@ -37,8 +39,9 @@ def _read(path: Path, columns: Optional[list[str]] = None, nrows: Optional[int] 
 
 def _columns(path: Path) -> list[str]:
     """Column names, from the Parquet schema or the CSV's first line."""
-    if not path.is_file():
-        raise DataError(f"table not found: {path}. Fix: check the dataset path")
+    problem = source_problem(path, "table")
+    if problem:
+        raise DataError(problem)
     if path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
@@ -116,7 +119,15 @@ def read_table(cfg: DataConfig) -> tuple[dict[str, np.ndarray], dict]:
     if df.shape[1] == 0:
         raise DataError(f"{path}: no feature columns besides {cfg.label_column!r}")
     x = df.to_numpy()  # (N, D)
-    y = check_y(labels.to_numpy(), f"label column {cfg.label_column!r}", path)  # (N,) int64
+    # checked before splitting, so that a position is the table's row, not a split's
+    csv = path.suffix.lower() == ".csv"
+    problems = x_problems(x, "the table", path, where=lambda row, col: (
+        f"row {row}" + (f" (line {row + 2} of the file)" if csv else "")
+        + f", column {df.columns[col]!r}"))
+    problems += label_problems(labels.to_numpy(), f"label column {cfg.label_column!r}", path)
+    if problems:
+        raise DataError(joined(problems))
+    y = labels.to_numpy().astype(np.int64)  # (N,)
     rows = _split_rows(cfg, path, y, split)
     arrays = {f"{a}_{s}": (x if a == "x" else y)[idx] for s, idx in rows.items() for a in "xy"}
     settings = ({"test_split": "column"} if split is not None else

@@ -125,7 +125,7 @@ def test_too_small_dataset_is_refused_before_start_up(tmp_path):
     assert f"{tmp_path / 'tiny.npz'} has 1 training row(s): too small for any setting" \
         in proc.stderr and "Fix: give it at least 2" in proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert not home.exists()  # no MLflow store, so no run in any state
+    assert not (home / "mlflow.db").exists()  # no MLflow store, so no run in any state
 
 
 @pytest.mark.slow  # 50-110 s on 2 busy cores (the shared Prefect start-up excluded)

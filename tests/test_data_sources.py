@@ -215,7 +215,8 @@ BAD_TABLES = {
     "no_label": (lambda df: df.drop(columns="target"), ["no column 'target'",
                                                         "--set data.label_column=NAME"]),
     "text_feature": (lambda df: df.assign(f2="x"), ["['f2'] are not numeric"]),
-    "negative_label": (lambda df: df.assign(target=df["target"] - 1), ["label -1"]),
+    "negative_label": (lambda df: df.assign(target=df["target"] - 1),
+                       ["negative labels (e.g. -1)"]),
     "fractional_label": (lambda df: df.assign(target=df["target"] + 0.5), ["non-integer"]),
     "bad_split": (lambda df: df.assign(split="holdout"), ["'split' has value(s) ['holdout']"]),
 }  # fmt: skip

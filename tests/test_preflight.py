@@ -89,7 +89,8 @@ def test_one_huge_label_is_refused_before_anything_is_allocated(home, tmp_path):
     path = npz(tmp_path / "ids.npz", y)
     refused(cli(home, *QUICK, "--dataset", str(path), "--set", "data.n_valid=50",
                 "--set", "data.n_train=200"), home,
-            f"{path}: y_train holds the label {2**40}", "only 300 rows", "renumber them")
+            f"{path}: y_train holds the label {2**40}", "only 350 labelled rows",
+            "renumber them")
 
 
 def test_labels_within_the_rows_pass_the_label_check(tmp_path):

@@ -3,6 +3,14 @@ embedded store, its id and the command that opens that store."""
 
 from __future__ import annotations
 
+import shlex
+
+
+def mlflow_ui_command(tracking_uri: str) -> str:
+    """The shell command that opens an embedded store in the MLflow UI, its URI quoted
+    (a ``LAYERWISE_HOME`` with spaces or quotes pastes as one argument)."""
+    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
+
 
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """The run's UI URL when the tracking URI is a server (http/https), else its id, the
@@ -15,6 +23,6 @@ def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    how = (f"; open it with `mlflow ui --backend-store-uri {tracking_uri}`"
+    how = (f"; open it with `{mlflow_ui_command(tracking_uri)}`"
            if tracking_uri.startswith("sqlite:") else "")
     return f"run {run_id} in {tracking_uri}{how}"

@@ -17,7 +17,8 @@ from runtime.errors import TrackingError
 from tracking.registration import find_model_version, register_classifier
 from tracking.tracker import Tracker
 from tracking.vocabulary import (ARM_TAG, ARTIFACTS_FROM_TAG, ARTIFACTS_KEY_TAG, FORMAT_TAG,
-                                 TEST_ERROR_DIFF, TEST_ERROR_PRETRAINED, TEST_ERROR_RANDOM,
+                                 NOT_REGISTERED_TAG, TEST_ERROR_DIFF, TEST_ERROR_PRETRAINED,
+                                 TEST_ERROR_RANDOM,
                                  VAL_ERROR_PRETRAINED)
 
 # Bump when what the registered model takes or returns changes: versions of another
@@ -99,16 +100,23 @@ def log_classifier_run(tracker: Tracker, run: str, result: Any) -> Optional[str]
 
 def log_evaluation(tracker: Tracker, run: str, parent: str, evaluation: Any,
                    results: dict[str, Any], config: Any, data: Any,
-                   model_name: str) -> tuple[dict[str, float], str, bool, Optional[str]]:
+                   model_name: str
+                   ) -> tuple[dict[str, float], Optional[str], bool, Optional[str], Optional[str]]:
     """Test metrics, figures and CSVs; the pretrained classifier, with the run's
     normalisation inside, logged as an MLflow model and registered, unless a version with
-    the same checkpoint and data digests exists.
+    the same checkpoint and data digests exists, or the model fails
+    ``tasks.evaluate.release_problem`` (outputs not finite on the test set, or no better
+    than chance): then nothing is registered and the reason is the run's tag
+    ``layerwise.not_registered``.
 
     Returns:
-        The metrics, the registered version, whether that version was reused, and the run
-        whose evaluation artifacts were reused (None if uploaded).
+        The metrics, the registered version (None: not registered), whether that version
+        was reused, the run whose evaluation artifacts were reused (None if uploaded), and
+        why the model was not registered (None: it was).
     """
-    from tasks.evaluate import ARMS
+    import torch
+
+    from tasks.evaluate import ARMS, release_problem
 
     metrics = {
         TEST_ERROR_PRETRAINED: evaluation.arms["pretrained"].test_error,
@@ -131,10 +139,16 @@ def log_evaluation(tracker: Tracker, run: str, parent: str, evaluation: Any,
     try:
         version = find_model_version(tracker, model_name, identity)
         if version is not None:
-            return metrics, version, True, reused_from
+            return metrics, version, True, reused_from, None
         model = served_classifier(results["pretrained"].checkpoint, config, data)
+        x_raw = raw_test_inputs(config.data)  # (M, D) as the user has them
+        problem = release_problem(model, torch.from_numpy(x_raw), data.y_test, data.y_train,
+                                  metrics[TEST_ERROR_PRETRAINED])
+        if problem:
+            tracker.set_tags(run, {NOT_REGISTERED_TAG: problem})
+            return metrics, None, False, reused_from, problem
         version = register_classifier(
-            tracker, run, model, raw_test_inputs(config.data)[:5], model_name,
+            tracker, run, model, x_raw[:5], model_name,
             {**identity, "layerwise.run_id": parent,
              "val_error": repr(metrics[VAL_ERROR_PRETRAINED]),
              "test_error": repr(metrics[TEST_ERROR_PRETRAINED])},
@@ -144,7 +158,7 @@ def log_evaluation(tracker: Tracker, run: str, parent: str, evaluation: Any,
         kept = ", ".join(str(results[a].checkpoint.path) for a in ARMS)
         raise TrackingError(f"could not log or register the model in MLflow ({exc}); "
                             f"the fine-tuned weights are kept at {kept}") from exc
-    return metrics, version, False, reused_from
+    return metrics, version, False, reused_from, None
 
 
 def served_classifier(checkpoint: Any, config: Any, data: Any) -> Any:

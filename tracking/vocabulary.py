@@ -7,6 +7,7 @@ ARTIFACTS_KEY_TAG = "layerwise.artifacts_key"  # the content key of a stage's ar
 ARTIFACTS_FROM_TAG = "layerwise.artifacts_from"  # identical artifacts kept by an earlier run
 ARM_TAG = "layerwise.arm"  # a fine-tuning arm's run: pretrained | random
 FORMAT_TAG = "layerwise.model_format"
+NOT_REGISTERED_TAG = "layerwise.not_registered"  # why a run's model was not registered
 CELL_TAG, STATUS_TAG, ERROR_TAG = "layerwise.cell", "layerwise.status", "layerwise.error"
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"  # the description field of runs and experiments in the UI
