@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -369,6 +370,84 @@ def test_champion_reproduces_its_recorded_test_error_from_raw_pixels(store, clie
     assert "0-255" in champion.description and "'unit' normalisation" in champion.description
     assert "probabilities" in champion.description
     assert "'champion'" in client.get_registered_model(MODEL).description
+
+
+def _post(url: str, rows) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"inputs": rows}).encode()
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _documented_serve_command(model: str, port: int) -> str:
+    """docs/service.md's ``mlflow models serve`` line, for ``model`` on ``port``."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "service.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    (line,) = [ln for b in blocks for ln in b.splitlines() if "mlflow models serve" in ln]
+    assert "models:/layerwise-classifier@champion" in line and "--port 5001" in line
+    return (line.replace("layerwise-classifier", model).replace("--port 5001", f"--port {port}"))
+
+
+@pytest.mark.slow
+def test_mlflow_scoring_server_serves_the_champion_as_documented(store, client, cli, tmp_path):
+    """docs/service.md's command, in a shell whose PATH has no virtualenv, serves the
+    champion on loopback: all 10,000 raw test images reproduce the logged test error; images
+    scaled to [0, 1] and rows of the wrong length get a 400 that says what is expected."""
+    import urllib.request
+
+    import numpy as np
+    from torchvision.datasets import MNIST
+
+    _ok(cli("promote", "--name", MODEL, "--tracking-uri", store["uri"]))
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path),
+           "MLFLOW_TRACKING_URI": store["uri"]}  # a fresh shell: no venv on PATH
+    log = open(tmp_path / "serve.log", "wb")
+    server = subprocess.Popen(["bash", "-c", _documented_serve_command(MODEL, port)],
+                              cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no /ping after 180 s"
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=5) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        test = MNIST(root=store["config"].data.data_dir, train=False, download=False)
+        raw = test.data.reshape(-1, 784).numpy().astype(np.float32)  # (10000, 784) in 0-255
+        labels = []
+        for start in range(0, len(raw), 2500):
+            status, body = _post(f"{url}/invocations", raw[start:start + 2500].tolist())
+            assert status == 200, body
+            labels.append(np.asarray(body["predictions"]).argmax(axis=1))
+        error = int((np.concatenate(labels) != test.targets.numpy()).sum()) / len(raw)
+        assert error == float(champion.tags["test_error"])
+
+        status, body = _post(f"{url}/invocations", (raw[:50] / 255).tolist())
+        assert status == 400 and "expects raw pixels" in body["stack_trace"], body
+        assert "0-255" in body["stack_trace"]
+        status, body = _post(f"{url}/invocations", raw[:2, :783].tolist())
+        assert status == 400 and "784" in body["message"], body
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(20)
+        log.close()
 
 
 # ----------------------------------------------------------------------------------- errors
