@@ -217,8 +217,15 @@ def test_runs_follow_mlflow_conventions(store, client):
     assert tags["mlflow.user"] and tags["mlflow.source.name"] == "flows/pipeline.py"
     assert tags["mlflow.source.git.commit"] == _git("rev-parse", "HEAD")
     assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])
-    assert re.fullmatch(rf"quick-seed{SEEDS[0]}-\d{{8}}-\d{{6}}", parent.info.run_name)
+    assert re.fullmatch(rf"quick-s{SEEDS[0]}-\d{{4}}-\d{{6}}", parent.info.run_name)
     assert "preset 'quick', seed 3" in tags["mlflow.note.content"]
+    # the registered version and both arms' comparison view, linked from the parent
+    version = first.model_version
+    assert tags["layerwise.registered_model"] == f"{MODEL}/{version}"
+    assert f"(#/models/{MODEL}/versions/{version})" in tags["mlflow.note.content"]
+    arm_ids = [s.mlflow_run_id for s in first.stages if s.name.startswith("finetune-")]
+    assert len(arm_ids) == 2 and all(i in tags["mlflow.note.content"] for i in arm_ids)
+    assert "[32, 16]" not in tags["mlflow.note.content"]
     with get_client(sync_client=True) as prefect:
         (flow_run,) = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(
             name=FlowRunFilterName(any_=[parent.info.run_name])))
@@ -236,6 +243,7 @@ def test_runs_follow_mlflow_conventions(store, client):
                                                                    "test"}
     experiment = client.get_experiment(parent.info.experiment_id)
     assert "test/error_pretrained" in experiment.tags["mlflow.note.content"]
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     kids = {k.data.tags["layerwise.stage"]: k for k in registry.children(client, parent)}
     assert all(k.data.tags["mlflow.note.content"] for k in kids.values())

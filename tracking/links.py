@@ -3,6 +3,8 @@ embedded store, its id and the command that opens that store."""
 
 from __future__ import annotations
 
+import json
+
 
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """The run's UI URL when the tracking URI is a server (http/https), else its id, the
@@ -18,3 +20,19 @@ def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     how = (f"; open it with `mlflow ui --backend-store-uri {tracking_uri}`"
            if tracking_uri.startswith("sqlite:") else "")
     return f"run {run_id} in {tracking_uri}{how}"
+
+
+def compare_link(experiment_id: str, run_ids: list[str]) -> str:
+    """The MLflow UI's comparison view of ``run_ids`` (their metrics' curves overlaid in its
+    charts), as a link relative to the UI's page, for a run's Markdown description."""
+    from urllib.parse import quote
+
+    runs, experiments = json.dumps(run_ids), json.dumps([experiment_id])
+    return f"#/compare-runs?runs={quote(runs, safe='')}&experiments={quote(experiments, safe='')}"
+
+
+def model_version_link(name: str, version: str) -> str:
+    """A registered model version's page in the MLflow UI, relative to the UI's page."""
+    from urllib.parse import quote
+
+    return f"#/models/{quote(name, safe='')}/versions/{version}"
