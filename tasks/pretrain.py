@@ -184,7 +184,7 @@ def pretrain_layers(k: int, configs: Sequence[PipelineConfig], data: Any,
             checkpoint=checkpoint, encoder_sha256=tensor_sha256(encoder_state(state)),
             value_range=ranges[i], history=result.histories[i],
             figures=layer_figures(k, dae, states[i], codes_valid.cpu(), data, out_dir,
-                                  seeds[i]),
+                                  seeds[i], epochs=p.epochs),
             train_seconds=result.seconds / len(configs)))
     return results
 
@@ -204,12 +204,15 @@ def layer_figures(
     data: Any,
     out_dir: Path,
     seed: int,
+    epochs: int = 0,
 ) -> dict[str, Path]:
     """Filters, corrupted-input examples and original-vs-reconstruction grids of layer k.
 
     Deeper filters are shown through their linear projection to input space, W_k…W_1; the
     reconstruction of layer k goes back down the whole stack (decode_k, then decode_{k-1}, …)
-    so that it is always shown as images.
+    so that it is always shown as images. So is layer k's corrupted input: for k ≥ 2 it is a
+    code, which as a grid of activations says nothing to a viewer, so the clean and the
+    corrupted codes are both decoded to pixels through layers k-1…1, and captioned so.
     """
     from reports import figures
 
@@ -217,22 +220,33 @@ def layer_figures(
     projection = dae.encoder.W
     for state in reversed(lower_states):
         projection = projection @ state["encoder.linear.weight"]  # (n_k, n_{k-1}) @ (n_{k-1}, …)
+    noise = f"{dae.noise} noise {dae.corruption_level:g}"
+    via = "" if k == 0 else f" (through W_{k + 1}…W_1)"
     paths = {
         "filters": figures.save_filters(
-            projection.numpy(), out_dir / f"filters_layer_{k + 1}.png", img_shape
-        )
+            projection.numpy(), out_dir / f"filters_layer_{k + 1}.png", img_shape,
+            title=f"Layer {k + 1} filters{via}: {dae.n_hidden} units, after {epochs} "
+                  f"epoch{'s' * (epochs != 1)} of pretraining with {noise}")
     }
     g = torch.Generator().manual_seed(derive_seed(seed, Seed.FIGURE_NOISE, k))
     clean = codes_valid[:N_EXAMPLES]
     corrupted = dae.corrupt(clean, g)
+
+    def down(h: torch.Tensor) -> torch.Tensor:  # (n, n_k-1) code -> (n, D) pixels
+        for state in reversed(lower_states):
+            h = decode_with_state(h, state, dae.loss)
+        return h
+
+    caption = (f"Layer 1's input: validation images, clean and with {noise}, which the "
+               "layer learns to undo." if k == 0 else
+               f"Layer {k + 1}'s input is layer {k}'s code ({dae.n_visible} units): clean and "
+               f"with {noise}, each decoded to pixels through "
+               f"{'layer 1' if k == 1 else f'layers {k}…1'} to be seen.")
     paths["corrupted"] = figures.save_image_rows(
-        [("clean", clean.numpy()), (f"corrupted ({dae.noise} {dae.corruption_level})",
-                                    corrupted.numpy())],
-        out_dir / f"corrupted_layer_{k + 1}.png", img_shape,
+        [("clean", down(clean).numpy()), (f"corrupted ({noise})", down(corrupted).numpy())],
+        out_dir / f"corrupted_layer_{k + 1}.png", img_shape, caption=caption,
     )
-    z = dae.decode(dae.encode(corrupted))
-    for state in reversed(lower_states):  # back down the stack to input space
-        z = decode_with_state(z, state, dae.loss)
+    z = down(dae.decode(dae.encode(corrupted)))  # back down the stack to input space
     paths["reconstruction"] = figures.save_image_rows(
         [("original", data.x_valid[:N_EXAMPLES].numpy()), ("reconstruction", z.numpy())],
         out_dir / f"reconstruction_layer_{k + 1}.png", img_shape,
