@@ -81,6 +81,17 @@ def test_the_parent_description_has_no_accidental_markdown_and_links_the_model_a
     links = dict(re.findall(r"\[([^\]]+)\]\(([^)\s]+)\)", note))
     assert links["layerwise-classifier version 3"] == "#/models/layerwise-classifier/versions/3"
     compare = urlsplit(links["compare finetune-pretrained with finetune-random"][1:])
-    query = {k: json.loads(unquote(v[0])) for k, v in parse_qs(compare.query).items()}
+    query = {k: (v[0] if k == "workflowType" else json.loads(unquote(v[0])))
+             for k, v in parse_qs(compare.query).items()}
     assert compare.path == "/compare-runs"
-    assert query == {"runs": ["a" * 32, "b" * 32], "experiments": ["7"]}
+    assert query == {"runs": ["a" * 32, "b" * 32], "experiments": ["7"],
+                     "workflowType": "machine_learning"}  # not json: parse_qs keeps the str
+
+
+def test_run_links_open_the_model_training_view():
+    """MLflow 3's UI opens an experiment in its GenAI view unless the link asks otherwise."""
+    from tracking.links import run_link
+
+    link = run_link("http://127.0.0.1:5000", "1", "c" * 32)
+    assert link == f"http://127.0.0.1:5000/#/experiments/1/runs/{'c' * 32}" \
+                   "?workflowType=machine_learning"

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 
+#: The MLflow UI (3.x) opens every experiment in its GenAI view unless the link, or the
+#: browser's last choice, asks for its model-training view ("GenAI | Model training").
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
 
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """The run's UI URL when the tracking URI is a server (http/https), else its id, the
@@ -16,7 +20,8 @@ def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
         run_id: The run.
     """
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return (f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+                f"?{MODEL_TRAINING_VIEW}")
     how = (f"; open it with `mlflow ui --backend-store-uri {tracking_uri}`"
            if tracking_uri.startswith("sqlite:") else "")
     return f"run {run_id} in {tracking_uri}{how}"
@@ -27,8 +32,9 @@ def compare_link(experiment_id: str, run_ids: list[str]) -> str:
     charts), as a link relative to the UI's page, for a run's Markdown description."""
     from urllib.parse import quote
 
-    runs, experiments = json.dumps(run_ids), json.dumps([experiment_id])
-    return f"#/compare-runs?runs={quote(runs, safe='')}&experiments={quote(experiments, safe='')}"
+    runs, experiments = (json.dumps(v, separators=(",", ":")) for v in (run_ids, [experiment_id]))
+    return (f"#/compare-runs?runs={quote(runs, safe='')}&experiments="
+            f"{quote(experiments, safe='')}&{MODEL_TRAINING_VIEW}")
 
 
 def model_version_link(name: str, version: str) -> str:
