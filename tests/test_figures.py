@@ -241,7 +241,7 @@ def test_a_deeper_layers_corrupted_input_is_shown_as_pixels_with_a_caption(tmp_p
     import torch
 
     from models.dae import DenoisingAutoencoder
-    from tasks import pretrain
+    from tasks import pretrain_figures
 
     torch.manual_seed(0)
     lower = DenoisingAutoencoder(784, 36, corruption_level=0.1)
@@ -258,7 +258,7 @@ def test_a_deeper_layers_corrupted_input_is_shown_as_pixels_with_a_caption(tmp_p
     from reports import figures
 
     monkeypatch.setattr(figures, "save_image_rows", spy)
-    paths = pretrain.layer_figures(1, dae, [lower.state_dict()], codes, data, tmp_path,
+    paths = pretrain_figures.layer_figures(1, dae, [lower.state_dict()], codes, data, tmp_path,
                                    seed=0, epochs=3)
     shapes, caption = seen["corrupted_layer_2.png"]
     assert shapes == [(10, 784), (10, 784)]  # decoded to pixels, not 36-unit codes
