@@ -44,7 +44,7 @@ bench: $(STAMP)          ## measured comparisons, not tests: benchmarks/results/
 # its mlruns/ and data/ unless set; MLFLOW_TRACKING_URI and PREFECT_API_URL must be set.
 # The pool is created when missing; a worker that created it meanwhile is no failure.
 deploy: export LAYERWISE_APP_DIR ?= $(CURDIR)
-deploy: export LAYERWISE_HOME ?= $(CURDIR)/mlruns
+deploy: export LAYERWISE_HOME ?= $(or $(XDG_DATA_HOME),$(HOME)/.local/share)/layerwise
 deploy: export LAYERWISE_DATA_DIR ?= $(CURDIR)/data
 deploy: $(STAMP)         ## register prefect.yaml on $$PREFECT_API_URL, creating the work pool if missing
 	@test -n "$$PREFECT_API_URL" || { echo "error: set PREFECT_API_URL (the Prefect server's API, e.g. http://127.0.0.1:4200/api)" >&2; exit 2; }

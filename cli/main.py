@@ -114,8 +114,9 @@ def _print_result(result) -> None:
     if result.tracking_uri.startswith("sqlite:"):
         typer.echo(f"Open it:  {mlflow_ui_command(result.tracking_uri)}")
     else:
-        typer.echo(f"Open it:  {result.tracking_uri}/#/experiments/{result.experiment_id}"
-                   f"/runs/{result.run_id}")
+        from tracking.links import run_link
+
+        typer.echo(f"Open it:  {run_link(result.tracking_uri, result.experiment_id, result.run_id)}")
 
 
 @app.command()

@@ -166,6 +166,9 @@ def show(
                + (f"   parent {info['parent_run_id']}" if info["parent_run_id"] else "")
                + (f"   model version {info['model_version']}" if info["model_version"] else ""))
     typer.echo("\nconfig (params):")
+    if not rec["params"] and info["parent_run_id"]:
+        typer.echo(f"  (none here: a stage's run; the config is on its parent run, "
+                   f"`layerwise show {info['parent_run_id']}`)")
     width = max((len(k) for k in rec["params"]), default=0)
     for key, value in rec["params"].items():
         typer.echo(f"  {key:<{width}}  {value}")
@@ -259,8 +262,8 @@ def promote(
     else:
         typer.echo(f"{head} is now {res['alias']}" + (
             f" (was v{res['previous']})" if res["previous"] is not None else ""))
-    typer.echo(f"  val error   {res['val_error']!r}  (chooses)")
-    typer.echo(f"  test error  {res['test_error']!r}  (reported only)")
+    typer.echo(f"  val error   {_g(res['val_error'])}  (chooses)")
+    typer.echo(f"  test error  {_g(res['test_error'])}  (reported only)")
     typer.echo(f"  data digest {res['data_digest']}")
     typer.echo(f"  run         {res['run_id']}")
     if version is None:

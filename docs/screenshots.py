@@ -2,10 +2,11 @@
 Chromium: the MLflow run page, the registered model's page, and the Prefect flow run's page
 with its logs. ``make screenshots`` (``OUT=folder``; default ``screenshots/``).
 
-With ``PREFECT_API_URL`` and ``MLFLOW_TRACKING_URI`` set it uses those servers; otherwise it
-starts both on free loopback ports with SQLite stores in a temporary folder (the Prefect UI
-then needs ``PREFECT_SERVER_UI_API_URL``, as on any port but 4200) and stops them at the
-end. It lives beside the docs because that is what the pictures are for: a look at what a
+It never touches a team's servers: it always starts its own Prefect and MLflow servers on
+free loopback ports with SQLite stores in a temporary folder (the Prefect UI then needs
+``PREFECT_SERVER_UI_API_URL``, as on any port but 4200), ignores ``PREFECT_API_URL`` and
+``MLFLOW_TRACKING_URI``, and stops and deletes them at the end; so no run, experiment or
+model version of it reaches a registry that ``layerwise promote`` reads. It lives beside the docs because that is what the pictures are for: a look at what a
 user meets, checked by eye before a change to the record or the logs is merged. Needs
 ``chromium`` (Debian: ``apt-get install chromium``) and MNIST (``LAYERWISE_DATA_DIR``).
 """
@@ -56,7 +57,7 @@ def start_servers(stack: ExitStack, tmp: Path) -> tuple[str, str]:
     """A Prefect and an MLflow server on SQLite in ``tmp``; stopped when ``stack`` closes."""
     prefect_port, mlflow_port = free_port(), free_port()
     api = f"http://127.0.0.1:{prefect_port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"),
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_UI_API_URL": api}  # the browser asks this port, not 4200
     servers = [
@@ -78,13 +79,20 @@ def start_servers(stack: ExitStack, tmp: Path) -> tuple[str, str]:
     return api, f"http://127.0.0.1:{mlflow_port}"
 
 
+def pipeline_env(api: str, mlflow: str, home: Path) -> dict[str, str]:
+    """The run's environment: the user's, with the private servers and store in place of
+    any the shell names (a team's ``PREFECT_API_URL``/``MLFLOW_TRACKING_URI``)."""
+    return {**os.environ, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow,
+            "LAYERWISE_HOME": str(home)}
+
+
 def run_pipeline(api: str, mlflow: str, home: Path) -> tuple[str, str, str]:
-    """``layerwise run`` of a small config; returns the MLflow run and experiment ids and
-    the registered model's name."""
-    env = {**os.environ, "PREFECT_API_URL": api, "LAYERWISE_HOME": str(home)}
+    """``layerwise run`` of a small config against the private servers; returns the MLflow
+    run and experiment ids and the registered model's name."""
+    env = pipeline_env(api, mlflow, home)
     sets = [a for s in TINY for a in ("--set", s)]
     out = subprocess.run([str(BIN / "layerwise"), "run", "--preset", "quick", *sets,
-                          "--tracking-uri", mlflow, "--experiment", "screenshots"],
+                          "--tracking-uri", mlflow],
                          env=env, cwd=ROOT, capture_output=True, text=True, check=False)
     print(out.stdout, end="")
     if out.returncode:
@@ -126,9 +134,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="layerwise-ui-")))
-        api, mlflow = os.environ.get("PREFECT_API_URL"), os.environ.get("MLFLOW_TRACKING_URI")
-        if not (api and mlflow):
-            api, mlflow = start_servers(stack, tmp)
+        api, mlflow = start_servers(stack, tmp)  # never the shell's (a team's) servers
         run_id, experiment, model = run_pipeline(api, mlflow, tmp / "home")
         from mlflow.tracking import MlflowClient
 

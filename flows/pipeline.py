@@ -18,7 +18,7 @@ from runtime.environment import eval_device, layerwise_home, precision_used
 from runtime.errors import ConfigError
 from tasks.evaluate import ARMS, evaluate_task, per_class_table
 from tasks.finetune import finetune_twins_task
-from tracking.conventions import run_description, run_name
+from tracking.conventions import results_note, run_description, run_name
 from tracking.links import run_link
 from tracking.records import log_classifier_run, log_evaluation
 from tracking.tracker import Tracker, environment_params
@@ -79,8 +79,8 @@ def pipeline(
     tracker = Tracker(tracking_uri, experiment, source_name="flows/pipeline.py")
     device = str(eval_device(config.runtime))
     name = flow_run.name or run_name(preset, config.runtime.seed)
-    with tracker.run(name, {KIND_TAG: "pipeline", NOTE_TAG: run_description(
-            "pipeline", preset, config)}) as parent:
+    description = run_description("pipeline", preset, config)
+    with tracker.run(name, {KIND_TAG: "pipeline", NOTE_TAG: description}) as parent:
         link = run_link(tracker.uri, tracker.experiment_id, parent)
         echo(f"MLflow run: {link}", console=False)
         tracker.log_params(parent, {**flatten(config), "preset": preset,
@@ -110,8 +110,13 @@ def pipeline(
                 tracker, run, parent, evaluation, results, config, data, registered_model_name)
         tracker.log_metrics(parent, metrics)
         reused = stages.reused_note(registered_model_name, version, model_reused)
-        tracker.set_tags(parent, {**({"layerwise.model_version": version} if version else
-                                     {NOT_REGISTERED_TAG: refused}),
+        arm_runs = [r.mlflow_run_id for r in stages.reports if r.name.startswith("finetune-")]
+        registered = ({"layerwise.model_version": version,
+                       "layerwise.registered_model": f"{registered_model_name}/{version}",
+                       NOTE_TAG: description + "\n\n" + results_note(
+                           tracker.experiment_id, arm_runs, registered_model_name, version)}
+                      if version else {NOT_REGISTERED_TAG: refused})
+        tracker.set_tags(parent, {**registered,
                                   **({"layerwise.reused": reused} if reused else {})})
         if reused:
             echo(f"  reused {reused}")

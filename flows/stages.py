@@ -105,7 +105,7 @@ def data_and_pretraining(config: PipelineConfig, tracker: Tracker, parent: str,
 
 
 def flow_run_name() -> str:
-    """The Prefect flow run's name: the MLflow parent run's, ``<preset>-seed<seed>-<UTC>``."""
+    """The Prefect flow run's name: the MLflow parent run's, ``<preset>-s<seed>-<UTC mmdd-HHMMSS>``."""
     from prefect.runtime import flow_run
 
     params = flow_run.parameters

@@ -14,7 +14,7 @@ of the pixels.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -71,21 +71,47 @@ class RawPixels(nn.Module):
         return x
 
 
+#: What a request that is clearly not raw 8-bit pixels is told (a constant: the check runs
+#: inside the exported program, ``torch._assert_async``, whose message is fixed at export).
+NOT_PIXELS = (
+    "layerwise: this model expects raw pixels, float32 (N, D) in 0-255 as the dataset stores "
+    "them (MNIST: each 28x28 image flattened row-major to 784 values, ink 255), not scaled "
+    "to [0, 1] or standardised; this request's values were all <= 1 (but not all 0), or "
+    "outside 0-255. Send the pixel values unchanged: the model applies the run's "
+    "normalisation itself."
+)
+
+
 class RawPixelClassifier(RawPixels):
     """normalise(x) -> classifier -> softmax.
 
     Args:
         classifier: The fine-tuned network mapping normalised (N, D) inputs to logits (N, K).
         normalization, stats: As ``RawPixels``.
+        pixel_range: ``(low, high)`` of the raw inputs when they are 8-bit pixels (MNIST:
+            ``(0, 255)``): a request with any value outside it, or whose values are all in
+            (0, 1] (images scaled to [0, 1], which would otherwise all be classified alike),
+            is refused with ``NOT_PIXELS`` (``RuntimeError``). None: no check.
     """
 
     def __init__(self, classifier: nn.Module, normalization: str,
-                 stats: Mapping[str, torch.Tensor]):
+                 stats: Mapping[str, torch.Tensor],
+                 pixel_range: Optional[tuple[float, float]] = None):
         super().__init__(normalization, stats)
-        self.classifier = classifier
+        self.classifier, self.pixel_range = classifier, pixel_range
+
+    def check_pixels(self, x: torch.Tensor) -> None:
+        """Refuse a whole request (N, D) that is clearly not raw pixels in ``pixel_range``."""
+        if self.pixel_range is None:
+            return
+        low, high = self.pixel_range
+        top = x.amax()  # () over the whole request: one image at 0-255 makes it pixels
+        ok = (x.amin() >= low) & (top <= high) & ((top > low + 1) | (top == low))
+        torch._assert_async(ok, NOT_PIXELS)  # exported with the program (pt2), unlike `if`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw pixels (N, D) -> class probabilities (N, K)."""
+        self.check_pixels(x)
         return torch.softmax(self.classifier(self.normalize(x)), dim=1)
 
 

@@ -15,7 +15,7 @@ from config.stages import RuntimeConfig
 #: in the change that alters what the stage computes (its training code, the inputs it
 #: reads, the files it writes); results cached under the old number are then retrained.
 #: Keys name no file, so moving or renaming a module neither changes nor breaks the cache.
-STAGE_VERSIONS = {"pretrain": 1, "finetune": 1, "evaluate": 1, "reconstruct": 1}
+STAGE_VERSIONS = {"pretrain": 2, "finetune": 1, "evaluate": 1, "reconstruct": 1}
 
 
 class Seed:
@@ -63,8 +63,26 @@ def runtime_key(runtime: RuntimeConfig) -> dict[str, Any]:
 
 
 def layerwise_home() -> Path:
-    """Where the embedded stores live: ``$LAYERWISE_HOME`` or ``./mlruns``."""
-    return Path(os.environ.get("LAYERWISE_HOME", "mlruns")).resolve()
+    """Where the embedded stores, checkpoints and cached stages live.
+
+    ``$LAYERWISE_HOME`` when set; else, in a flow run that a Prefect worker or runner
+    started in its own process (``PREFECT__FLOW_RUN_ID`` set; a worker's runs start in the
+    checkout, ``prefect.yaml``'s pull step), the user's data directory
+    (``user_data_home()``), never the code directory; else ``./mlruns`` of the current
+    directory, as for MLflow's own ``./mlruns`` (``layerwise run``, ``make run``).
+    """
+    if os.environ.get("LAYERWISE_HOME"):
+        return Path(os.environ["LAYERWISE_HOME"]).expanduser().resolve()
+    if os.environ.get("PREFECT__FLOW_RUN_ID"):
+        return user_data_home()
+    return Path("mlruns").resolve()
+
+
+def user_data_home() -> Path:
+    """``$XDG_DATA_HOME/layerwise``, by default ``~/.local/share/layerwise`` (the XDG base
+    directory for a user's data, where ``make deploy`` puts a worker's stores too)."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return (Path(base) / "layerwise").resolve()
 
 
 def stage_dir(stage: str, key: str) -> Path:

@@ -24,10 +24,13 @@ from typing import Any, Optional
 
 
 def serve_environment() -> None:
-    """What ``layerwise run`` sets up, for the flow runs this process starts: persisted task
-    results beside the checkpoints under ``$LAYERWISE_HOME/prefect-results``."""
+    """What ``layerwise run`` sets up, for the flow runs this process starts: the stores of
+    this shell (``$LAYERWISE_HOME``, else ``./mlruns`` here, pinned before any flow run
+    exists), persisted task results beside the checkpoints under
+    ``$LAYERWISE_HOME/prefect-results``."""
     from runtime.environment import layerwise_home
 
+    os.environ.setdefault("LAYERWISE_HOME", str(layerwise_home()))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(layerwise_home() / "prefect-results"))

@@ -17,8 +17,7 @@ from config.stages import PipelineConfig
 from runtime.errors import DivergenceError
 from runtime.environment import (Seed, derive_seed, eval_device, fit, make_trainer,
                                  runtime_key, stage_dir, stage_key)
-
-N_EXAMPLES = 10  # images per row in the corrupted-input and reconstruction figures
+from tasks.pretrain_figures import layer_figures
 
 
 class LayerResult(BaseModel):
@@ -184,7 +183,7 @@ def pretrain_layers(k: int, configs: Sequence[PipelineConfig], data: Any,
             checkpoint=checkpoint, encoder_sha256=tensor_sha256(encoder_state(state)),
             value_range=ranges[i], history=result.histories[i],
             figures=layer_figures(k, dae, states[i], codes_valid.cpu(), data, out_dir,
-                                  seeds[i]),
+                                  seeds[i], epochs=p.epochs),
             train_seconds=result.seconds / len(configs)))
     return results
 
@@ -193,59 +192,6 @@ def pretrain_layer(k: int, config: PipelineConfig, data: Any, lower: Sequence[La
                    out_dir: Path) -> LayerResult:
     """Train the dA of layer ``k`` (0-based) of one stack: ``pretrain_layers`` at P = 1."""
     return pretrain_layers(k, [config], data, [lower], [out_dir])[0]
-
-
-@torch.no_grad()
-def layer_figures(
-    k: int,
-    dae: Any,
-    lower_states: Sequence[dict[str, torch.Tensor]],
-    codes_valid: torch.Tensor,
-    data: Any,
-    out_dir: Path,
-    seed: int,
-) -> dict[str, Path]:
-    """Filters, corrupted-input examples and original-vs-reconstruction grids of layer k.
-
-    Deeper filters are shown through their linear projection to input space, W_k…W_1; the
-    reconstruction of layer k goes back down the whole stack (decode_k, then decode_{k-1}, …)
-    so that it is always shown as images.
-    """
-    from reports import figures
-
-    img_shape = data.image_shape or figures.squarest_shape(data.n_features)
-    projection = dae.encoder.W
-    for state in reversed(lower_states):
-        projection = projection @ state["encoder.linear.weight"]  # (n_k, n_{k-1}) @ (n_{k-1}, …)
-    paths = {
-        "filters": figures.save_filters(
-            projection.numpy(), out_dir / f"filters_layer_{k + 1}.png", img_shape
-        )
-    }
-    g = torch.Generator().manual_seed(derive_seed(seed, Seed.FIGURE_NOISE, k))
-    clean = codes_valid[:N_EXAMPLES]
-    corrupted = dae.corrupt(clean, g)
-    paths["corrupted"] = figures.save_image_rows(
-        [("clean", clean.numpy()), (f"corrupted ({dae.noise} {dae.corruption_level})",
-                                    corrupted.numpy())],
-        out_dir / f"corrupted_layer_{k + 1}.png", img_shape,
-    )
-    z = dae.decode(dae.encode(corrupted))
-    for state in reversed(lower_states):  # back down the stack to input space
-        z = decode_with_state(z, state, dae.loss)
-    paths["reconstruction"] = figures.save_image_rows(
-        [("original", data.x_valid[:N_EXAMPLES].numpy()), ("reconstruction", z.numpy())],
-        out_dir / f"reconstruction_layer_{k + 1}.png", img_shape,
-    )
-    return paths
-
-
-def decode_with_state(h: torch.Tensor, state: dict[str, torch.Tensor], loss: str) -> torch.Tensor:
-    """z = s(W' h + b') for a stored dA state (W' = Wᵀ when tied); s is the sigmoid for a
-    cross-entropy dA and the identity for a squared-error one, as in ``DenoisingAutoencoder``."""
-    w_prime = state.get("W_prime", state["encoder.linear.weight"].t())  # (n_visible, n_hidden)
-    a = h @ w_prime.t() + state["b_prime"]
-    return torch.sigmoid(a) if loss == "cross_entropy" else a
 
 
 def pretrain_cache_key(k: int, config: PipelineConfig, data_digest: str,

@@ -85,3 +85,13 @@ def test_readme_stays_short() -> None:
         f"README.md has {n_lines} lines; keep it under {README_MAX_LINES} and move detail "
         "into docs/"
     )
+
+
+def test_the_worker_command_said_to_work_in_any_directory_is_absolute() -> None:
+    """A worker started elsewhere must find the checkout's prefect: no relative path."""
+    for path in (ROOT / "README.md", ROOT / "docs" / "service.md"):
+        blocks = re.findall(r"```bash\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
+        lines = [ln.strip() for b in blocks for ln in b.splitlines() if " worker start " in ln]
+        assert lines, path
+        for line in lines:
+            assert line.startswith(("/", "$PWD/", "prefect ")), (path.name, line)

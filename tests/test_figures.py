@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -71,15 +73,23 @@ def test_tile_raster_images_scales_each_tile_independently_and_unscaled_passthro
 # --- save_filters -------------------------------------------------------------------------
 
 
-def test_save_filters_png_matches_tutorial_layout(tmp_path):
+def test_save_filters_is_large_titled_and_scaled(tmp_path):
+    """The tutorial's 10x10 layout, but readable: tiles at least twice the tutorial's
+    289x289 raster, a title, and a colour bar (a shared scale, so tiles compare)."""
     W = np.random.default_rng(0).uniform(-1, 1, size=(500, 784)).astype(np.float32)
-    path = save_filters(W, tmp_path / "filters.png")
+    path = save_filters(W, tmp_path / "filters.png", title="Layer 1 filters")
     assert path == tmp_path / "filters.png"
-    assert _decoded_size(path) == (289, 289)  # 10 * (28 + 1) - 1
+    w, h = _decoded_size(path)
     with Image.open(path) as im:
-        assert im.mode == "L"
-        pixels = np.asarray(im)
-    np.testing.assert_array_equal(pixels, tile_raster_images(W[:100], (28, 28), (10, 10)))
+        gray = np.asarray(im.convert("L"), dtype=np.float64)
+    # the tile grid: the largest block of rows/columns that are not plain white margin
+    inked_cols = np.flatnonzero((gray < 250).sum(axis=0) > 0.5 * h)
+    grid_width = inked_cols.max() - inked_cols.min() + 1  # tiles (and the colour bar)
+    assert w >= 2 * 289 and h >= 2 * 289, (w, h)
+    assert grid_width >= 2 * 289
+    # the top rows hold the title: dark text pixels above the grid
+    top = np.flatnonzero((gray < 128).any(axis=1))[0]
+    assert top < 0.06 * h
 
 
 def test_save_filters_rejects_wrong_n_visible(tmp_path):
@@ -109,6 +119,8 @@ def test_save_image_rows_with_images_and_codes(tmp_path):
     path = save_image_rows(rows, tmp_path / "sub" / "recon.png", img_shape=(28, 28))
     w, h = _decoded_size(path)
     assert (w, h) == (950, 400)  # figsize (8 + 1.5, 4 rows) inches at 100 dpi
+    captioned = save_image_rows(rows, tmp_path / "captioned.png", caption="what they show")
+    assert _decoded_size(captioned) == (950, 450)  # half an inch for the caption
 
 
 def test_save_learning_curves(tmp_path):
@@ -218,3 +230,37 @@ def test_figure_writer_failure_leaves_no_file(tmp_path, monkeypatch):
         save_learning_curves({"random": [{"epoch": 0, "train_loss": 1.0, "val_error": 0.1}]},
                              tmp_path / "curves.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_deeper_layers_corrupted_input_is_shown_as_pixels_with_a_caption(tmp_path,
+                                                                          monkeypatch):
+    """Layer 2's input is a code: shown decoded through layer 1 (image-shaped rows, no
+    "(codes)" grid of activations), with a caption; filters carry a title."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from models.dae import DenoisingAutoencoder
+    from tasks import pretrain_figures
+
+    torch.manual_seed(0)
+    lower = DenoisingAutoencoder(784, 36, corruption_level=0.1)
+    dae = DenoisingAutoencoder(36, 16, corruption_level=0.2)
+    data = SimpleNamespace(image_shape=(28, 28), n_features=784,
+                           x_valid=torch.rand(12, 784))
+    codes = torch.sigmoid(torch.randn(12, 36))
+    seen = {}
+
+    def spy(rows, path, img_shape=(28, 28), caption=None):
+        seen[Path(path).name] = ([X.shape for _, X in rows], caption)
+        return Path(path)
+
+    from reports import figures
+
+    monkeypatch.setattr(figures, "save_image_rows", spy)
+    paths = pretrain_figures.layer_figures(1, dae, [lower.state_dict()], codes, data, tmp_path,
+                                   seed=0, epochs=3)
+    shapes, caption = seen["corrupted_layer_2.png"]
+    assert shapes == [(10, 784), (10, 784)]  # decoded to pixels, not 36-unit codes
+    assert "layer 1's code" in caption and "masking noise 0.2" in caption
+    assert _decoded_size(paths["filters"])[0] >= 2 * 289

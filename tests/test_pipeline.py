@@ -137,7 +137,8 @@ def test_every_artifact_decodes(quick_run, client, tmp_path):
         run_id=children["pretrain-layer-1"].info.run_id, artifact_path="figures/filters_layer_1.png",
         tracking_uri=quick_run[2], dst_path=str(tmp_path / "f"))
     with Image.open(filt) as img:
-        assert img.size == (289, 289) and img.mode == "L"  # 10×10 tiles of 28×28, 1-px spacing
+        # 10×10 tiles, each about 3× the tutorial's 28 px, with a title and a colour bar
+        assert img.size[0] >= 2 * 289 and img.size[1] >= 2 * 289
 
 
 def test_registered_model_reproduces_logged_test_error(quick_run, shared_data_dir):

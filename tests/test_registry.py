@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -170,7 +171,9 @@ def test_show_prints_config_metrics_stages_and_artifacts(store, client, cli):
     evaluate = next(s.mlflow_run_id for s in run.stages if s.name == "evaluate")
     out = _ok(cli("show", evaluate, "--tracking-uri", store["uri"]))  # a stage run
     for path in ("evaluation/summary.json", "evaluation/confusion_pretrained.png"):
-        assert re.search(rf"^\s+{re.escape(path)}\s+\d+", out, re.M), out
+        assert re.search(rf"^\s*evaluate\s+{re.escape(path)}\s+\d+", out, re.M), out
+    # no empty config section: it says where the config is
+    assert f"the config is on its parent run, `layerwise show {run.run_id}`" in out
 
     rec = registry.show_run(client, run.run_id[:10])  # a unique prefix is enough
     assert rec["stages"]["stage"].tolist() == STAGES
@@ -216,8 +219,15 @@ def test_runs_follow_mlflow_conventions(store, client):
     assert tags["mlflow.user"] and tags["mlflow.source.name"] == "flows/pipeline.py"
     assert tags["mlflow.source.git.commit"] == _git("rev-parse", "HEAD")
     assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])
-    assert re.fullmatch(rf"quick-seed{SEEDS[0]}-\d{{8}}-\d{{6}}", parent.info.run_name)
+    assert re.fullmatch(rf"quick-s{SEEDS[0]}-\d{{4}}-\d{{6}}", parent.info.run_name)
     assert "preset 'quick', seed 3" in tags["mlflow.note.content"]
+    # the registered version and both arms' comparison view, linked from the parent
+    version = first.model_version
+    assert tags["layerwise.registered_model"] == f"{MODEL}/{version}"
+    assert f"(#/models/{MODEL}/versions/{version})" in tags["mlflow.note.content"]
+    arm_ids = [s.mlflow_run_id for s in first.stages if s.name.startswith("finetune-")]
+    assert len(arm_ids) == 2 and all(i in tags["mlflow.note.content"] for i in arm_ids)
+    assert "[32, 16]" not in tags["mlflow.note.content"]
     with get_client(sync_client=True) as prefect:
         (flow_run,) = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(
             name=FlowRunFilterName(any_=[parent.info.run_name])))
@@ -235,6 +245,7 @@ def test_runs_follow_mlflow_conventions(store, client):
                                                                    "test"}
     experiment = client.get_experiment(parent.info.experiment_id)
     assert "test/error_pretrained" in experiment.tags["mlflow.note.content"]
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     kids = {k.data.tags["layerwise.stage"]: k for k in registry.children(client, parent)}
     assert all(k.data.tags["mlflow.note.content"] for k in kids.values())
@@ -283,7 +294,9 @@ def test_promote_picks_the_lowest_validation_error_on_the_same_data(store, clien
     best = min(val, key=lambda v: (val[v], -int(v)))
     out = _ok(cli("promote", "--name", MODEL, "--tracking-uri", store["uri"]))
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == best
-    assert f"{MODEL} v{best} " in out and repr(val[best]) in out and repr(test[best]) in out
+    assert f"{MODEL} v{best} " in out
+    assert re.search(rf"^  val error   {val[best]:.6g}  \(chooses\)$", out, re.M), out
+    assert re.search(rf"^  test error  {test[best]:.6g}  \(reported only\)$", out, re.M), out
     assert results[0].data["digest"] in out
     row = models.list_models(client, MODEL).set_index("version").loc[int(best)]
     assert row["val_error"] == val[best] and row["val_error_source"] == "tag"
@@ -369,6 +382,84 @@ def test_champion_reproduces_its_recorded_test_error_from_raw_pixels(store, clie
     assert "0-255" in champion.description and "'unit' normalisation" in champion.description
     assert "probabilities" in champion.description
     assert "'champion'" in client.get_registered_model(MODEL).description
+
+
+def _post(url: str, rows) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"inputs": rows}).encode()
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _documented_serve_command(model: str, port: int) -> str:
+    """docs/service.md's ``mlflow models serve`` line, for ``model`` on ``port``."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "service.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    (line,) = [ln for b in blocks for ln in b.splitlines() if "mlflow models serve" in ln]
+    assert "models:/layerwise-classifier@champion" in line and "--port 5001" in line
+    return (line.replace("layerwise-classifier", model).replace("--port 5001", f"--port {port}"))
+
+
+@pytest.mark.slow
+def test_mlflow_scoring_server_serves_the_champion_as_documented(store, client, cli, tmp_path):
+    """docs/service.md's command, in a shell whose PATH has no virtualenv, serves the
+    champion on loopback: all 10,000 raw test images reproduce the logged test error; images
+    scaled to [0, 1] and rows of the wrong length get a 400 that says what is expected."""
+    import urllib.request
+
+    import numpy as np
+    from torchvision.datasets import MNIST
+
+    _ok(cli("promote", "--name", MODEL, "--tracking-uri", store["uri"]))
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path),
+           "MLFLOW_TRACKING_URI": store["uri"]}  # a fresh shell: no venv on PATH
+    log = open(tmp_path / "serve.log", "wb")
+    server = subprocess.Popen(["bash", "-c", _documented_serve_command(MODEL, port)],
+                              cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no /ping after 180 s"
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=5) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        test = MNIST(root=store["config"].data.data_dir, train=False, download=False)
+        raw = test.data.reshape(-1, 784).numpy().astype(np.float32)  # (10000, 784) in 0-255
+        labels = []
+        for start in range(0, len(raw), 2500):
+            status, body = _post(f"{url}/invocations", raw[start:start + 2500].tolist())
+            assert status == 200, body
+            labels.append(np.asarray(body["predictions"]).argmax(axis=1))
+        error = int((np.concatenate(labels) != test.targets.numpy()).sum()) / len(raw)
+        assert error == float(champion.tags["test_error"])
+
+        status, body = _post(f"{url}/invocations", (raw[:50] / 255).tolist())
+        assert status == 400 and "expects raw pixels" in body["stack_trace"], body
+        assert "0-255" in body["stack_trace"]
+        status, body = _post(f"{url}/invocations", raw[:2, :783].tolist())
+        assert status == 400 and "784" in body["message"], body
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(20)
+        log.close()
 
 
 # ----------------------------------------------------------------------------------- errors

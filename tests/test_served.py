@@ -47,3 +47,45 @@ def test_zca_and_probabilities(pixels):
 def test_unknown_normalization_is_refused():
     with pytest.raises(ValueError, match="unknown normalization 'pca'"):
         RawPixelClassifier(nn.Identity(), "pca", {})
+
+
+def _unit_classifier(pixel_range=(0.0, 255.0)):
+    stats = {"low": torch.tensor(0.0), "high": torch.tensor(255.0)}
+    return RawPixelClassifier(nn.Linear(16, 3), "unit", stats, pixel_range=pixel_range).eval()
+
+
+@pytest.mark.parametrize("scale, refused", [
+    (1 / 255, True),  # scaled to [0, 1]: every image would get the same few labels
+    (1.0, False),  # raw pixels
+    (-1.0, True),  # negative: standardised or otherwise not pixels
+    (2.0, True),  # above 255
+])
+def test_a_request_that_is_not_raw_pixels_is_refused_saying_what_is_expected(pixels, scale,
+                                                                            refused):
+    from models.served import NOT_PIXELS
+
+    x = torch.from_numpy(pixels.astype(np.float32)) * scale
+    model = _unit_classifier()
+    if refused:
+        with pytest.raises(RuntimeError, match="expects raw pixels"):
+            model(x)
+        assert "0-255" in NOT_PIXELS and "[0, 1]" in NOT_PIXELS
+    else:
+        assert model(x).shape == (len(x), 3)
+    assert _unit_classifier(pixel_range=None)(x).shape == (len(x), 3)  # no range: no check
+
+
+def test_blank_images_are_pixels():
+    model = _unit_classifier()
+    assert model(torch.zeros(4, 16)).shape == (4, 3)
+
+
+def test_the_check_survives_export_as_the_registered_model_is_saved(pixels):
+    """The registered model is a ``torch.export`` program (MLflow's pt2 format): the check
+    must be part of the graph, not a Python ``if`` that export would bake in."""
+    x, model = torch.from_numpy(pixels.astype(np.float32)), _unit_classifier()
+    program = torch.export.export(model, (x[:5],),
+                                  dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
+    assert torch.allclose(program(x[:7]), model(x[:7]))
+    with pytest.raises(RuntimeError, match="expects raw pixels"):
+        program(x[:7] / 255)

@@ -662,7 +662,7 @@ def test_make_deploy_on_a_fresh_server_and_a_worker_that_needs_only_the_api_url(
     assert parent.data.params["pretrain.epochs"] == "1"
     assert parent.data.params["data.data_dir"] == str(stack["data"])  # offline: no download
     assert parent.info.run_name == flow_run.name and parent.info.run_name.startswith(
-        "quick-seed0-")  # the same name in both UIs
+        "quick-s0-")  # the same name in both UIs
 
 
 def test_schedule_serve_refuses_to_take_over_a_work_pool_deployment(stack, background):

@@ -20,6 +20,9 @@ EXPERIMENT_DESCRIPTION = (
     "layerwise: greedy layer-wise pretraining of stacked denoising autoencoders vs random "
     "initialisation. Parent runs (tag layerwise.kind) hold the config as params and "
     "test/error_pretrained, test/error_random, test/error_diff; one child run per stage.")
+#: The experiment tag by which the MLflow UI tells model training from GenAI work (without
+#: it, MLflow 3 opens an experiment in its GenAI view: traces, latency, token usage).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 SPLITS = (("train", "x_train", "training"), ("valid", "x_valid", "validation"),
           ("test", "x_test", "test"))
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,10 +56,12 @@ def system_tags(source_name: str) -> dict[str, str]:
 
 
 def run_name(preset: str, seed: int, when: Optional[datetime] = None) -> str:
-    """``<preset>-seed<seed>-<UTC yyyymmdd-HHMMSS>``: the MLflow parent run and the Prefect
-    flow run carry it, so runs can be told apart and matched across the two UIs."""
+    """``<preset>-s<seed>-<UTC mmdd-HHMMSS>`` (``quick-s0-1207-054738``): the MLflow parent
+    run and the Prefect flow run carry it, so runs can be matched across the two UIs. Short,
+    so that the MLflow runs list (which cuts names at about 18 characters) tells runs apart
+    by their start; the year is in the run's start time beside it."""
     when = when or datetime.now(timezone.utc)
-    return f"{preset}-seed{seed}-{when.astimezone(timezone.utc):%Y%m%d-%H%M%S}"
+    return f"{preset}-s{seed}-{when.astimezone(timezone.utc):%m%d-%H%M%S}"
 
 
 def run_description(kind: str, preset: str, config: Any) -> str:
@@ -64,10 +69,24 @@ def run_description(kind: str, preset: str, config: Any) -> str:
     m = config.model
     what = (" (objective reconstruct: the deep autoencoder against PCA)"
             if getattr(config, "objective", "classify") == "reconstruct" else "")
+    sizes = ", ".join(str(n) for n in m.hidden_sizes)  # no "[64, 32]": Markdown link text
     return (f"layerwise {kind}{what}, preset '{preset}', seed {config.runtime.seed}: hidden "
-            f"layers {m.hidden_sizes} ({m.activation}), data {config.data.dataset}, "
+            f"layers of {sizes} units ({m.activation}), data {config.data.dataset}, "
             f"normalisation '{config.data.normalization}'. Pretrained and random-init arms "
             "are the child runs finetune-pretrained and finetune-random.")
+
+
+def results_note(experiment_id: str, arm_runs: list[str], model: str, version: str) -> str:
+    """The parent's description's second paragraph: links to its registered model version
+    (logged by its ``evaluate`` child, so MLflow's own "Registered models" field of the
+    parent is empty) and to the comparison view of the two arms' runs, where their
+    ``finetune/*`` curves are overlaid (the parent's chart view nests them)."""
+    from tracking.links import compare_link, model_version_link
+
+    return (f"Registered model: [{model} version {version}]"
+            f"({model_version_link(model, version)}). Both arms' learning curves overlaid: "
+            f"[compare finetune-pretrained with finetune-random]"
+            f"({compare_link(experiment_id, arm_runs)}).")
 
 
 def stage_description(stage: str, objective: str = "classify") -> str:

@@ -23,7 +23,7 @@ from tracking.vocabulary import (ARM_TAG, ARTIFACTS_FROM_TAG, ARTIFACTS_KEY_TAG,
 
 # Bump when what the registered model takes or returns changes: versions of another
 # format are never reused.
-SERVED_FORMAT = "raw-pixels-probabilities-v1"
+SERVED_FORMAT = "raw-pixels-probabilities-v2"  # v2: refuses input that is not pixels
 
 
 def upload_once(tracker: Tracker, run: str, key: str, upload: Callable[[], None]
@@ -114,6 +114,7 @@ def log_evaluation(tracker: Tracker, run: str, parent: str, evaluation: Any,
         was reused, the run whose evaluation artifacts were reused (None if uploaded), and
         why the model was not registered (None: it was).
     """
+    import numpy as np
     import torch
 
     from tasks.evaluate import ARMS, release_problem
@@ -140,8 +141,10 @@ def log_evaluation(tracker: Tracker, run: str, parent: str, evaluation: Any,
         version = find_model_version(tracker, model_name, identity)
         if version is not None:
             return metrics, version, True, reused_from, None
-        model = served_classifier(results["pretrained"].checkpoint, config, data)
-        x_raw = raw_test_inputs(config.data)  # (M, D) as the user has them
+        raw = raw_test_split(config.data)
+        model = served_classifier(results["pretrained"].checkpoint, config, data,
+                                  pixels=raw.dtype == "uint8")
+        x_raw = np.ascontiguousarray(raw, dtype=np.float32)  # (M, D) as the user has them
         problem = release_problem(model, torch.from_numpy(x_raw), data.y_test, data.y_train,
                                   metrics[TEST_ERROR_PRETRAINED])
         if problem:
@@ -161,24 +164,31 @@ def log_evaluation(tracker: Tracker, run: str, parent: str, evaluation: Any,
     return metrics, version, False, reused_from, None
 
 
-def served_classifier(checkpoint: Any, config: Any, data: Any) -> Any:
+def served_classifier(checkpoint: Any, config: Any, data: Any, pixels: bool = False) -> Any:
     """The fine-tuned classifier behind the run's normalisation: raw pixels in,
-    probabilities out (``models.served.RawPixelClassifier``)."""
+    probabilities out (``models.served.RawPixelClassifier``); with ``pixels`` (the source
+    stores 8-bit pixels) it refuses requests that are clearly not values in 0-255."""
     from models.served import RawPixelClassifier
     from tasks.evaluate import load_classifier
 
     classifier = load_classifier(checkpoint, config, data.n_features, data.n_classes)
-    return RawPixelClassifier(classifier, data.normalization, data.norm_stats).eval()
+    return RawPixelClassifier(classifier, data.normalization, data.norm_stats,
+                              pixel_range=(0.0, 255.0) if pixels else None).eval()
+
+
+def raw_test_split(cfg: Any) -> Any:
+    """The test split's features as the source stores them (MNIST: uint8 (N, 784))."""
+    from tasks.data import read_source
+
+    arrays, _ = read_source(cfg)  # every source: idx, variants, .npz, tables
+    return arrays["x_test"]
 
 
 def raw_test_inputs(cfg: Any) -> Any:
     """The test split as a user has it: float32 (N, D) pixels, unnormalised (MNIST: 0-255)."""
     import numpy as np
 
-    from tasks.data import read_source
-
-    arrays, _ = read_source(cfg)  # every source: idx, variants, .npz, tables
-    return np.ascontiguousarray(arrays["x_test"], dtype=np.float32)
+    return np.ascontiguousarray(raw_test_split(cfg), dtype=np.float32)
 
 
 def model_description(config: Any, data: Any, test_error: float) -> str:

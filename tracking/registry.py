@@ -118,7 +118,7 @@ def show_run(client: Any, run_id: str) -> dict[str, Any]:
     Returns:
         ``{"info": dict, "params": dict, "metrics": dict, "stages": DataFrame (stage, run_id,
         status, duration_s, cached), "artifacts": DataFrame (stage, path, size, from_run)}``;
-        the artifacts of the run itself have stage ``""``; ``from_run`` names the earlier run
+        the artifacts of the run itself carry its own stage (or kind: ``pipeline``); ``from_run`` names the earlier run
         that holds a stage's identical artifacts (tag ``layerwise.artifacts_from``), else None.
     """
     run = get_run(client, run_id)
@@ -136,7 +136,7 @@ def show_run(client: Any, run_id: str) -> dict[str, Any]:
           "duration_s": duration(k.info), "cached": k.data.tags.get(CACHED_TAG) == "true"}
          for k in kids], columns=["stage", "run_id", "status", "duration_s", "cached"])
     artifacts = []
-    for stage, holder in [("", run), *((_stage(k), k) for k in kids)]:
+    for stage, holder in [(_stage(run), run), *((_stage(k), k) for k in kids)]:
         # a rerun with identical artifacts points at the earlier run that holds them
         source = holder.data.tags.get(ARTIFACTS_FROM_TAG)
         artifacts += [{"stage": stage, "path": path, "size": size, "from_run": source}

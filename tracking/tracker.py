@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from tracking.conventions import EXPERIMENT_DESCRIPTION, system_tags
+from tracking.conventions import EXPERIMENT_DESCRIPTION, EXPERIMENT_KIND, system_tags
 from runtime.errors import TrackingError
 from runtime.environment import layerwise_home
 from tracking.uri import preflight_mlflow
@@ -192,15 +192,15 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         exp = self.client.get_experiment_by_name(experiment)
+        tags = {NOTE_TAG: EXPERIMENT_DESCRIPTION, **EXPERIMENT_KIND}
         if exp is not None:
-            if NOTE_TAG not in exp.tags:
-                self.client.set_experiment_tag(exp.experiment_id, NOTE_TAG,
-                                               EXPERIMENT_DESCRIPTION)
+            for key, value in tags.items():
+                if key not in exp.tags:
+                    self.client.set_experiment_tag(exp.experiment_id, key, value)
             return exp.experiment_id
         location = (layerwise_home() / "artifacts").as_uri() if is_local(self.uri) else None
         try:
-            return self.client.create_experiment(experiment, location,
-                                                 tags={NOTE_TAG: EXPERIMENT_DESCRIPTION})
+            return self.client.create_experiment(experiment, location, tags=tags)
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
