@@ -90,18 +90,18 @@ def pipeline(
         data, stack = data_and_pretraining(config, tracker, parent, stages, fresh)
 
         # The twins fine-tune as one population of two (one pass over the data, the same
-        # data order by construction) in the first arm's stage; each arm keeps its own run.
-        results, twins = {}, None
-        for arm in ARMS:
-            name = f"finetune-{arm}"
-            with stages.stage(name) as (run, info):
-                if twins is None:
-                    twins = run_task(finetune_twins_task, "finetune-twins", fresh, info,
-                                      config, data, stack)
-                    cached = info["cached"]
-                info["cached"] = cached
+        # data order by construction); each arm keeps its own run, open while they train.
+        results = {}
+        with stages.together([f"finetune-{arm}" for arm in ARMS], "finetune",
+                             "finetune-twins") as runs:
+            info = runs[0][1]
+            twins = run_task(finetune_twins_task, "finetune-twins", fresh, info, config, data,
+                             stack)
+            for arm, (run, arm_info) in zip(ARMS, runs):
+                arm_info["cached"] = info["cached"]
                 results[arm] = twins.arms[arm]
-                info["artifacts_from"] = log_classifier_run(tracker, run, results[arm])
+                arm_info["artifacts_from"] = log_classifier_run(
+                    tracker, run, results[arm], history=run not in info["live"])
 
         with stages.stage("evaluate") as (run, info):
             evaluation = run_task(evaluate_task, "evaluate", fresh, info, config, data, results)

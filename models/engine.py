@@ -22,6 +22,7 @@ import lightning as L
 import torch
 
 from models.batches import EpochChunks
+from models.observer import EpochObserver
 from models.optim import build_optimizer
 from models.population import History, plain_sgd, wide
 
@@ -61,6 +62,9 @@ class PopulationSystem(L.LightningModule):
         self.steps, self.seconds = 0, 0.0
         self.opt: Optional[torch.optim.Optimizer] = None
         self._sums: Optional[torch.Tensor] = None
+        #: Told each member's metrics as every epoch ends (``models.observer``).
+        self.observer: EpochObserver = EpochObserver()
+        self._ended: list[tuple[int, dict[str, float]]] = []  # this epoch's rows, to report
 
     def train_dataloader(self) -> EpochChunks:
         return EpochChunks(self, self.n, self.batch_size)
@@ -77,6 +81,9 @@ class PopulationSystem(L.LightningModule):
 
     def on_fit_end(self) -> None:
         self.seconds = time.perf_counter() - self._started
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_started = time.perf_counter()
 
     def training_step(self, chunk: list[torch.Tensor], batch_idx: int) -> None:
         """One optimiser step per (P, b) index batch of the chunk.
@@ -105,12 +112,23 @@ class PopulationSystem(L.LightningModule):
             raise FloatingPointError(
                 f"{self.stage}: the loss of {', '.join(bad)} became non-finite in epoch "
                 f"{self.current_epoch} (by step {self.steps})")
+        epoch = self.current_epoch
         self.end_epoch(sums / self.n)
+        self.report(epoch, time.perf_counter() - self._epoch_started)
+
+    def report(self, epoch: int, seconds: float) -> None:
+        """Hand the epoch's rows and its progress to the observer."""
+        ended, self._ended = self._ended, []
+        for m, row in ended:
+            self.observer.on_epoch_end(m, epoch, row)
+        self.observer.on_progress(epoch, self.trainer.max_epochs, seconds,
+                                  0 if self.trainer.should_stop else len(self.members))
 
     def record(self, rows: Sequence[dict[str, float]]) -> None:
         """Append row i to the history of the member at row i of the population."""
         for m, row in zip(self.members, rows):
             self.histories[m].append({"epoch": self.current_epoch, "step": self.steps, **row})
+            self._ended.append((m, dict(row)))
 
     def keep_members(self, keep: Sequence[int]) -> None:
         """Drop every row of the population but ``keep``, with its optimiser state."""

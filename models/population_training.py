@@ -17,6 +17,7 @@ from models.dae import DenoisingAutoencoder
 from models.early_stopping import EarlyStopping
 from models.early_stopped import EarlyStoppedSystem, PopulationResult, stopping_rule, _cpu_state
 from models.engine import PopulationSystem, make_trainer
+from models.observer import EpochObserver
 from models.population import DAEPopulation, _gather
 from models.population_eval import classifier_valid, dae_valid_loss
 
@@ -36,9 +37,12 @@ def _check_seeds(P: int, **seeds: Optional[Sequence[int]]) -> None:
 
 
 def _fit(system: PopulationSystem, max_epochs: int, device: torch.device,
-         trainer: Optional[Any], fit: Optional[Fit]) -> None:
+         trainer: Optional[Any], fit: Optional[Fit],
+         observer: Optional[EpochObserver] = None) -> None:
     if trainer is None:
         trainer = make_trainer(max_epochs, accelerator="gpu" if device.type == "cuda" else "cpu")
+    if observer is not None:
+        system.observer = observer
     (fit or (lambda t, s: t.fit(s)))(trainer, system)
 
 
@@ -104,6 +108,7 @@ def train_dae_population(
     names: Optional[Sequence[str]] = None,
     trainer: Optional[Any] = None,
     fit: Optional[Fit] = None,
+    observer: Optional[EpochObserver] = None,
 ) -> PopulationResult:
     """Pretrain P autoencoders at once, one ``DAESystem``.
 
@@ -121,12 +126,13 @@ def train_dae_population(
         stage, names: Name the stage and member p in a divergence error.
         trainer: A Lightning trainer of ``epochs`` epochs (None: ``make_trainer``'s).
         fit: How to run it (None: ``trainer.fit``).
+        observer: Told every member's metrics as each epoch ends (``models.observer``).
     """
     system = DAESystem(daes, x_train, x_valid, noise_seeds=noise_seeds,
                        order_seeds=order_seeds, batch_size=batch_size, optimizer=optimizer,
                        eval_batch_size=eval_batch_size, fused=fused, stage=stage,
                        names=names)
-    _fit(system, epochs, x_train.device, trainer, fit)
+    _fit(system, epochs, x_train.device, trainer, fit, observer)
     return system.result()
 
 
@@ -211,6 +217,7 @@ def train_classifier_population(
     names: Optional[Sequence[str]] = None,
     trainer: Optional[Any] = None,
     fit: Optional[Fit] = None,
+    observer: Optional[EpochObserver] = None,
 ) -> PopulationResult:
     """Fine-tune P classifiers at once, each with its own ``EarlyStopping``.
 
@@ -231,6 +238,7 @@ def train_classifier_population(
         stage, names: Name the stage and member p in a divergence error.
         trainer: A Lightning trainer of ``max_epochs`` epochs (None: ``make_trainer``'s).
         fit: How to run it (None: ``trainer.fit``).
+        observer: Told every member's metrics as each epoch ends (``models.observer``).
     """
     stopping = stopping_rule(early_stopping, patience_batches=patience_batches,
                              patience_increase=patience_increase,
@@ -242,5 +250,5 @@ def train_classifier_population(
                               optimizer=optimizer, stopping=stopping,
                               dropout_seeds=dropout_seeds, eval_batch_size=eval_batch_size,
                               fused=fused, stage=stage, names=names)
-    _fit(system, max_epochs, x_train.device, trainer, fit)
+    _fit(system, max_epochs, x_train.device, trainer, fit, observer)
     return system.result()
