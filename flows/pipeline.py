@@ -21,6 +21,7 @@ from tasks.finetune import finetune_twins_task
 from tracking.conventions import run_description, run_name
 from tracking.links import run_link
 from tracking.records import log_classifier_run, log_evaluation
+from tracking.stale import end_dead_runs
 from tracking.tracker import Tracker, environment_params
 from tracking.vocabulary import (KIND_TAG, NOTE_TAG, TEST_ERROR_DIFF, TEST_ERROR_PRETRAINED,
                                  TEST_ERROR_RANDOM)
@@ -76,6 +77,8 @@ def pipeline(
         raise ConfigError("objective='reconstruct' runs in the flow layerwise-reconstruct "
                           "(flows/reconstruct.py; `layerwise run` picks it by itself)")
     tracker = Tracker(tracking_uri, experiment, source_name="flows/pipeline.py")
+    if killed := end_dead_runs(tracker.client, experiment):
+        echo(f"  marked {len(killed)} MLflow run(s) of an earlier, killed attempt KILLED")
     device = str(eval_device(config.runtime))
     name = flow_run.name or run_name(preset, config.runtime.seed)
     with tracker.run(name, {KIND_TAG: "pipeline", NOTE_TAG: run_description(

@@ -24,6 +24,7 @@ from tasks.reconstruct_eval import METHODS, evaluate_reconstruction_task
 from tracking.autoencoder_records import log_reconstruction
 from tracking.conventions import run_description, run_name
 from tracking.records import log_classifier_run
+from tracking.stale import end_dead_runs
 from tracking.tracker import Tracker, environment_params
 from tracking.vocabulary import (KIND_TAG, KNN_ACCURACY, NOTE_TAG, RECON_ERROR,
                                  RECON_ERROR_DIFF, RECON_LOSS)
@@ -83,6 +84,8 @@ def reconstruct(
         raise ConfigError("the layerwise-reconstruct flow needs objective='reconstruct' "
                           "(set it, or run the classifier flow layerwise-pipeline)")
     tracker = Tracker(tracking_uri, experiment, source_name="flows/reconstruct.py")
+    if killed := end_dead_runs(tracker.client, experiment):
+        echo(f"  marked {len(killed)} MLflow run(s) of an earlier, killed attempt KILLED")
     device = str(eval_device(config.runtime))
     name = flow_run.name or run_name(preset, config.runtime.seed)
     with tracker.run(name, {KIND_TAG: "pipeline", NOTE_TAG: run_description(

@@ -33,6 +33,9 @@ class EpochObserver:
         """Epoch ``epoch`` (0-based) of at most ``max_epochs`` ended after
         ``epoch_seconds``; ``active`` members go on (0: the stage is done)."""
 
+    def on_note(self, text: str) -> None:
+        """Something a person should read, e.g. that a checkpoint was found damaged."""
+
 
 class Observers(EpochObserver):
     """Several observers as one, called in the order given.
@@ -55,3 +58,7 @@ class Observers(EpochObserver):
     def on_progress(self, epoch, max_epochs, epoch_seconds, active):
         for o in self.observers:
             o.on_progress(epoch, max_epochs, epoch_seconds, active)
+
+    def on_note(self, text):
+        for o in self.observers:
+            o.on_note(text)

@@ -69,6 +69,9 @@ class ProgressLine(EpochObserver):
         if member == 0:
             self.log(f"  {self.stage}: resumed after epoch {epoch} from its checkpoint", True)
 
+    def on_note(self, text):
+        self.log(f"  {self.stage}: {text}", True)
+
     def on_progress(self, epoch, max_epochs, epoch_seconds, active):
         self.seconds.append(epoch_seconds)
         mean = sum(self.seconds[-5:]) / len(self.seconds[-5:])  # the recent pace
