@@ -85,15 +85,18 @@ LATEST_PARENT = ("SELECT run_uuid, start_time, end_time FROM runs WHERE run_uuid
 
 def _train_seconds(db: Path) -> Optional[float]:
     """Σ of the ``*/train_seconds`` metrics (pure training per stage) of the latest parent
-    run's stages (its child runs)."""
+    run's stages (its child runs), the time of stages trained together counted once."""
     try:
         with sqlite3.connect(db) as con:
             parent = con.execute(LATEST_PARENT).fetchone()
             rows = con.execute(
-                "SELECT m.value FROM metrics m JOIN tags t ON t.run_uuid = m.run_uuid "
-                "WHERE t.key = 'mlflow.parentRunId' AND t.value = ? "
-                "AND m.key LIKE '%/train_seconds'", (parent[0],)) if parent else []
-            values = [v for (v,) in rows]
+                "SELECT m.value, (SELECT s.value FROM tags s WHERE s.run_uuid = m.run_uuid "
+                "AND s.key = 'layerwise.trained_together') FROM metrics m JOIN tags t "
+                "ON t.run_uuid = m.run_uuid WHERE t.key = 'mlflow.parentRunId' AND "
+                "t.value = ? AND m.key LIKE '%/train_seconds'", (parent[0],)) if parent else []
+            # stages that trained together log the wall time they shared: count it once
+            values = list({(together or i, v) for i, (v, together) in enumerate(rows)})
+            values = [v for _, v in values]
         return round(sum(values), 2) if values else None
     except sqlite3.Error:
         return None

@@ -2,7 +2,8 @@
 ``benchmarks/results/<machine>.json``.
 
     python -m benchmarks                      # everything (about 15 minutes on 2 CPU cores)
-    python -m benchmarks --only training      # or update, population, twins, startup, precision
+    python -m benchmarks --only training      # or update, population, twins, recording,
+                                              # startup, precision
     python -m benchmarks --threads 1          # intra-op threads (default: torch's)
 """
 
@@ -17,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-PARTS = ("training", "update", "population", "twins", "startup", "precision")
+PARTS = ("training", "update", "population", "twins", "recording", "startup", "precision")
 #: On CPU, at batch >= 20, the project's path must reach this share of the bare loop's speed.
 MIN_RATIO = 0.9
 MAX_HELP_S = 1.0
@@ -75,6 +76,15 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                         "note": f"difference {row['diff_mean']:+} [{row['diff_ci_low']}, "
                                 f"{row['diff_ci_high']}], seed std {row['fp32_seed_std']}, "
                                 f"{row['n_pairs']} pairs, paired t p={row['p_paired_t']}"})
+    rec = result.get("recording")
+    if rec:
+        from benchmarks.bench_recording import MAX_FRACTION
+
+        for what in ("live_logging", "checkpoint"):
+            out.append({"target": f"{what.replace('_', ' ')} ≤ {100 * MAX_FRACTION:.0f} % of "
+                                  "a default epoch", "value": rec[f"{what}_fraction"],
+                        "pass": rec[f"{what}_fraction"] <= MAX_FRACTION,
+                        "note": f"{rec[f'{what}_s']} s against {rec['default_epoch_s_extrapolated']} s"})
     pop = result.get("population")
     if pop:
         out.append({"target": f"population P={pop['P']} not slower than {pop['P']} sequential "
@@ -116,8 +126,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     import lightning
     import torch
 
-    from benchmarks import (bench_population, bench_precision, bench_startup, bench_training,
-                            bench_twins, bench_update)
+    from benchmarks import (bench_population, bench_precision, bench_recording, bench_startup,
+                            bench_training, bench_twins, bench_update)
     from benchmarks.common import REPO, describe, device, load, load_avg, machine_name
 
     if args.threads:
@@ -136,7 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "threads": torch.get_num_threads(), "load_avg_start": load_avg(),
     })
     print(f"layerwise benchmarks on {result['device']} (load average {result['load_avg_start']})")
-    if {"training", "population", "twins"} & set(parts):
+    if {"training", "population", "twins", "recording"} & set(parts):
         n_train = max(bench_training.STEPS[b] * b for b in batch_sizes)
         data = load(args.data_dir, n_train, bench_training.N_VALID)
         result["data"] = data.source
@@ -153,6 +163,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "twins" in parts:
         print("twins: the default preset's fine-tuning, both arms as one population or in turn")
         result["twins"] = bench_twins.run(data, repeats=args.repeats)
+    if "recording" in parts:
+        print("recording: live MLflow logging and the epoch checkpoint, per default epoch")
+        result["recording"] = bench_recording.run(data)
     if "startup" in parts:
         from benchmarks.common import DEFAULT_DATA_DIR
 

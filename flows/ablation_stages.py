@@ -145,7 +145,7 @@ def score_cell(config: PipelineConfig, data: Any, result: Any,
         val_error=result.best_val_error,
         train_loss=result.history[-1]["train_loss"] if result.history else None,
         epochs_run=result.epochs_run,
-        train_seconds=result.train_seconds,
+        train_seconds=result.train_seconds / result.trained_together,  # the cell's share
         pretrain_seconds=sum(o.layer.train_seconds for o in stack) if stack else None,
         wall_seconds=time.perf_counter() - started,
         cached=cached,

@@ -21,6 +21,7 @@ from tasks.finetune import finetune_twins_task
 from tracking.conventions import results_note, run_description, run_name
 from tracking.links import run_link
 from tracking.records import log_classifier_run, log_evaluation
+from tracking.stale import end_dead_runs
 from tracking.tracker import Tracker, environment_params
 from tracking.vocabulary import (KIND_TAG, NOT_REGISTERED_TAG, NOTE_TAG, TEST_ERROR_DIFF,
                                  TEST_ERROR_PRETRAINED, TEST_ERROR_RANDOM)
@@ -77,6 +78,8 @@ def pipeline(
         raise ConfigError("objective='reconstruct' runs in the flow layerwise-reconstruct "
                           "(flows/reconstruct.py; `layerwise run` picks it by itself)")
     tracker = Tracker(tracking_uri, experiment, source_name="flows/pipeline.py")
+    if killed := end_dead_runs(tracker.client, experiment):
+        echo(f"  marked {len(killed)} MLflow run(s) of an earlier, killed attempt KILLED")
     device = str(eval_device(config.runtime))
     name = flow_run.name or run_name(preset, config.runtime.seed)
     description = run_description("pipeline", preset, config)
@@ -91,18 +94,18 @@ def pipeline(
         data, stack = data_and_pretraining(config, tracker, parent, stages, fresh)
 
         # The twins fine-tune as one population of two (one pass over the data, the same
-        # data order by construction) in the first arm's stage; each arm keeps its own run.
-        results, twins = {}, None
-        for arm in ARMS:
-            name = f"finetune-{arm}"
-            with stages.stage(name) as (run, info):
-                if twins is None:
-                    twins = run_task(finetune_twins_task, "finetune-twins", fresh, info,
-                                      config, data, stack)
-                    cached = info["cached"]
-                info["cached"] = cached
+        # data order by construction); each arm keeps its own run, open while they train.
+        results = {}
+        with stages.together([f"finetune-{arm}" for arm in ARMS], "finetune",
+                             "finetune-twins") as runs:
+            info = runs[0][1]
+            twins = run_task(finetune_twins_task, "finetune-twins", fresh, info, config, data,
+                             stack)
+            for arm, (run, arm_info) in zip(ARMS, runs):
+                arm_info["cached"] = info["cached"]
                 results[arm] = twins.arms[arm]
-                info["artifacts_from"] = log_classifier_run(tracker, run, results[arm])
+                arm_info["artifacts_from"] = log_classifier_run(
+                    tracker, run, results[arm], history=run not in info["live"])
 
         with stages.stage("evaluate") as (run, info):
             evaluation = run_task(evaluate_task, "evaluate", fresh, info, config, data, results)

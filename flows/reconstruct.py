@@ -24,6 +24,7 @@ from tasks.reconstruct_eval import METHODS, evaluate_reconstruction_task
 from tracking.autoencoder_records import log_reconstruction
 from tracking.conventions import run_description, run_name
 from tracking.records import log_classifier_run
+from tracking.stale import end_dead_runs
 from tracking.tracker import Tracker, environment_params
 from tracking.vocabulary import (KIND_TAG, KNN_ACCURACY, NOTE_TAG, RECON_ERROR,
                                  RECON_ERROR_DIFF, RECON_LOSS)
@@ -83,6 +84,8 @@ def reconstruct(
         raise ConfigError("the layerwise-reconstruct flow needs objective='reconstruct' "
                           "(set it, or run the classifier flow layerwise-pipeline)")
     tracker = Tracker(tracking_uri, experiment, source_name="flows/reconstruct.py")
+    if killed := end_dead_runs(tracker.client, experiment):
+        echo(f"  marked {len(killed)} MLflow run(s) of an earlier, killed attempt KILLED")
     device = str(eval_device(config.runtime))
     name = flow_run.name or run_name(preset, config.runtime.seed)
     with tracker.run(name, {KIND_TAG: "pipeline", NOTE_TAG: run_description(
@@ -92,18 +95,19 @@ def reconstruct(
         stages = StageRecorder(tracker, parent, echo, config.objective)
         data, stack = data_and_pretraining(config, tracker, parent, stages, fresh)
 
-        # Both arms fine-tune as one population of two in the first arm's stage (one pass
-        # over the data, the same order by construction); each arm keeps its own run.
-        results, twins = {}, None
-        for arm in ARMS:
-            with stages.stage(f"finetune-{arm}") as (run, info):
-                if twins is None:
-                    twins = run_task(finetune_autoencoders_task, "finetune-autoencoders",
-                                      fresh, info, config, data, stack)
-                    cached = info["cached"]
-                info["cached"] = cached
+        # Both arms fine-tune as one population of two (one pass over the data, the same
+        # order by construction); each arm keeps its own run, open while they train.
+        results = {}
+        with stages.together([f"finetune-{arm}" for arm in ARMS], "finetune",
+                             "finetune-autoencoders") as runs:
+            info = runs[0][1]
+            twins = run_task(finetune_autoencoders_task, "finetune-autoencoders", fresh, info,
+                             config, data, stack)
+            for arm, (run, arm_info) in zip(ARMS, runs):
+                arm_info["cached"] = info["cached"]
                 results[arm] = twins.arms[arm]
-                info["artifacts_from"] = log_classifier_run(tracker, run, results[arm])
+                arm_info["artifacts_from"] = log_classifier_run(
+                    tracker, run, results[arm], history=run not in info["live"])
 
         with stages.stage("evaluate") as (run, info):
             evaluation = run_task(evaluate_reconstruction_task, "evaluate", fresh, info,

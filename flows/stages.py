@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from pydantic import BaseModel
 
 from config.parameters import resolve_flow_config
 from config.stages import PipelineConfig, check_train_size
+from models.observer import Observers
 from runtime.errors import ConfigError
+from runtime.progress import ProgressLine, watching
 from tasks.data import load_data_task
 from tasks.pretrain import pretrain_layer_task
 from tracking.conventions import dataset_inputs, run_name, stage_description
+from tracking.live import LiveMetrics
 from tracking.records import log_data, log_layer
 from tracking.tracker import Tracker
-from tracking.vocabulary import CACHED_TAG, NOTE_TAG, STAGE_TAG
+from tracking.vocabulary import CACHED_TAG, NOTE_TAG, STAGE_TAG, TRAINED_TOGETHER_TAG
 
 
 class StageReport(BaseModel):
@@ -32,28 +35,64 @@ class StageReport(BaseModel):
 
 
 class StageRecorder:
-    """Opens one nested MLflow run per stage and prints one line when the stage finishes."""
+    """Opens one nested MLflow run per stage, watches its epochs (live metrics and a
+    progress line) and prints one line when the stage finishes."""
 
-    def __init__(self, tracker: Tracker, parent_id: str, echo: Callable[[str], None],
+    def __init__(self, tracker: Tracker, parent_id: str, echo: Callable[..., None],
                  objective: str = "classify"):
         self.tracker, self.parent_id, self.echo = tracker, parent_id, echo
         self.objective = objective
         self.reports: list[StageReport] = []
 
     @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        started, info = time.perf_counter(), {"cached": False, "artifacts_from": None}
-        tags = {STAGE_TAG: name, NOTE_TAG: stage_description(name, self.objective)}
-        with self.tracker.run(name, tags, self.parent_id) as run_id:
+    def stage(self, name: str, live: Optional[str] = None
+              ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """One stage's run; ``live``: the metric prefix its epochs are logged under as
+        they end (None: the stage trains nothing)."""
+        with self.together([name], live, name) as [(run_id, info)]:
             yield run_id, info
-            self.tracker.set_tags(run_id, {CACHED_TAG: str(info["cached"]).lower()})
+
+    @contextlib.contextmanager
+    def together(self, names: Sequence[str], live: Optional[str], label: str
+                 ) -> Iterator[list[tuple[str, dict[str, Any]]]]:
+        """The runs of stages that train as one population (member i is ``names[i]``):
+        all open while it trains, each logging its member's epochs as they end, each
+        reporting the wall time they shared (tagged ``layerwise.trained_together``).
+
+        Yields:
+            (run id, info) per stage. Set ``info["cached"]`` and
+            ``info["artifacts_from"]``; ``info["live"]`` is the set of runs whose epochs
+            were logged live (their history needs no logging at the end).
+        """
+        started = time.perf_counter()
+        shared = {TRAINED_TOGETHER_TAG: ",".join(names)} if len(names) > 1 else {}
+        with contextlib.ExitStack() as runs:
+            opened = []
+            for name in names:
+                tags = {STAGE_TAG: name, NOTE_TAG: stage_description(name, self.objective),
+                        **shared}
+                run_id = runs.enter_context(self.tracker.run(name, tags, self.parent_id))
+                opened.append((run_id, {"cached": False, "artifacts_from": None}))
+            metrics = LiveMetrics(self.tracker, {i: (run_id, live)
+                                                 for i, (run_id, _) in enumerate(opened)})
+            for _, info in opened:
+                info["live"] = metrics.logged
+            progress = ProgressLine(label, lambda line, console: self.echo(line,
+                                                                           console=console))
+            with watching(Observers(metrics if live else None, progress)):
+                yield opened
+            for run_id, info in opened:
+                self.tracker.set_tags(run_id, {CACHED_TAG: str(info["cached"]).lower()})
         seconds = time.perf_counter() - started
-        self.reports.append(StageReport(name=name, seconds=seconds, cached=info["cached"],
-                                        mlflow_run_id=run_id,
-                                        artifacts_from=info["artifacts_from"]))
-        notes = [*(["artifacts reused"] if info["artifacts_from"] else []),
-                 *(["from cache"] if info["cached"] else [])]
-        self.echo(f"  done  {name:<22} {seconds:8.1f} s" + "".join(f"  ({n})" for n in notes))
+        for name, (run_id, info) in zip(names, opened):
+            self.reports.append(StageReport(name=name, seconds=seconds, cached=info["cached"],
+                                            mlflow_run_id=run_id,
+                                            artifacts_from=info["artifacts_from"]))
+            others = [n for n in names if n != name]
+            notes = [*(["artifacts reused"] if info["artifacts_from"] else []),
+                     *(["from cache"] if info["cached"] else []),
+                     *([f"trained together with {', '.join(others)}"] if others else [])]
+            self.echo(f"  done  {name:<22} {seconds:8.1f} s" + "".join(f"  ({n})" for n in notes))
 
     def reused_note(self, model: str, version: str, model_reused: bool) -> Optional[str]:
         """One line saying what this run reused from earlier runs, or None."""
@@ -97,9 +136,10 @@ def data_and_pretraining(config: PipelineConfig, tracker: Tracker, parent: str,
     stack = []
     for k in range(config.model.n_layers):
         name = f"pretrain-layer-{k + 1}"
-        with stages.stage(name) as (run, info):
+        with stages.stage(name, live=f"pretrain/layer_{k + 1}") as (run, info):
             layer = run_task(pretrain_layer_task, name, fresh, info, k, config, data, stack)
-            info["artifacts_from"] = log_layer(tracker, run, layer)
+            info["artifacts_from"] = log_layer(tracker, run, layer,
+                                               history=run not in info["live"])
         stack.append(layer)
     return data, stack
 

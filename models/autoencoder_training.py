@@ -9,15 +9,17 @@ The steps go through autograd and ``torch.optim`` (no fused step for this kind).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
 from models.autoencoder import AutoencoderPopulation, squared_error
 from models.early_stopping import EarlyStopping
+from models.observer import EpochObserver
 from models.early_stopped import EarlyStoppedSystem, PopulationResult, stopping_rule
 from models.population_eval import _sub_chunks
-from models.population_training import _check_seeds, _fit, Fit
+from models.population_training import _check_seeds, _finish, _fit, Fit
 
 
 @torch.no_grad()
@@ -95,6 +97,8 @@ def train_autoencoder_population(
     names: Optional[Sequence[str]] = None,
     trainer: Optional[Any] = None,
     fit: Optional[Fit] = None,
+    observer: Optional[EpochObserver] = None,
+    resume_dir: Optional[Path] = None,
 ) -> PopulationResult:
     """Fine-tune P autoencoders at once, each with its own ``EarlyStopping``.
 
@@ -112,6 +116,8 @@ def train_autoencoder_population(
         stage, names: Name the stage and member p in a divergence error.
         trainer: A Lightning trainer of ``max_epochs`` epochs (None: ``make_trainer``'s).
         fit: How to run it (None: ``trainer.fit``).
+        observer: Told every member's metrics as each epoch ends (``models.observer``).
+        resume_dir: Where the stage keeps its epoch checkpoint (None: none is kept).
     """
     stopping = stopping_rule(early_stopping, patience_batches=patience_batches,
                              patience_increase=patience_increase,
@@ -121,5 +127,5 @@ def train_autoencoder_population(
     system = AutoencoderSystem(population, x_train, x_valid, order_seeds=order_seeds,
                                batch_size=batch_size, optimizer=optimizer, stopping=stopping,
                                eval_batch_size=eval_batch_size, stage=stage, names=names)
-    _fit(system, max_epochs, x_train.device, trainer, fit)
-    return system.result()
+    _fit(system, max_epochs, x_train.device, trainer, fit, observer, resume_dir)
+    return _finish(system, system.result())

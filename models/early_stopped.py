@@ -13,6 +13,7 @@ import torch
 
 from models.early_stopping import RULES, EarlyStopping
 from models.engine import PopulationSystem
+from models.epoch_checkpoint import TrainingState, prefixed, under
 from models.population import History
 
 
@@ -67,7 +68,7 @@ class EarlyStoppedSystem(PopulationSystem):
         weights; drop the members that stop; stop the fit when none is left."""
         keep = []
         for i, (m, score) in enumerate(zip(self.members, scores)):
-            best, stop = self.stopping[m].update(score, step=self.steps, epoch=self.current_epoch)
+            best, stop = self.stopping[m].update(score, step=self.steps, epoch=self.epoch)
             if best:
                 self.best_state[m] = _cpu_state(self.population, i)
             if stop:
@@ -79,6 +80,26 @@ class EarlyStoppedSystem(PopulationSystem):
             self.trainer.should_stop = True
         elif len(keep) < len(self.members):  # drop the stopped members from the batch
             self.keep_members(keep)
+
+    def training_state(self, epochs_done: int) -> TrainingState:
+        """The engine's state, each member's best weights and its rule's counters."""
+        tensors, meta = super().training_state(epochs_done)
+        for m, state in enumerate(self.best_state):
+            if state is not None:
+                tensors.update(prefixed(f"best.{m}", state))
+        meta["stopping"] = [vars(s) for s in self.stopping]
+        meta["stopped"] = [m for m, s in enumerate(self.final_state) if s is not None]
+        return tensors, meta
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+                            ) -> None:
+        super().load_training_state(tensors, meta)
+        self.best_state = [under(f"best.{m}", tensors) or None
+                           for m in range(len(self.best_state))]
+        for rule, saved in zip(self.stopping, meta["stopping"]):
+            rule.__dict__.update(saved)
+        for m in meta["stopped"]:  # a stopped member's final weights are its best
+            self.final_state[m] = self.best_state[m]
 
     def result(self) -> PopulationResult:
         for i, m in enumerate(self.members):  # ran out of epochs: the best weights

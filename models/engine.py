@@ -22,6 +22,9 @@ import lightning as L
 import torch
 
 from models.batches import EpochChunks
+from models.epoch_checkpoint import (EpochCheckpoint, TrainingState, generator_states,
+                                     load_optimizer_state, optimizer_state, prefixed, under)
+from models.observer import EpochObserver
 from models.optim import build_optimizer
 from models.population import History, plain_sgd, wide
 
@@ -61,9 +64,23 @@ class PopulationSystem(L.LightningModule):
         self.steps, self.seconds = 0, 0.0
         self.opt: Optional[torch.optim.Optimizer] = None
         self._sums: Optional[torch.Tensor] = None
+        #: Told each member's metrics as every epoch ends (``models.observer``).
+        self.observer: EpochObserver = EpochObserver()
+        self._ended: list[tuple[int, dict[str, float]]] = []  # this epoch's rows, to report
+        #: Written at the end of every epoch when set; ``restored`` is what to continue from.
+        self.checkpoint: Optional[EpochCheckpoint] = None
+        self.restored: Optional[TrainingState] = None
+        self.start_epoch, self.max_epochs = 0, 0  # a resumed fit starts at ``start_epoch``
+
+    @property
+    def epoch(self) -> int:
+        """The stage's epoch (0-based), counting the epochs done before a resume."""
+        return self.start_epoch + self.current_epoch
 
     def train_dataloader(self) -> EpochChunks:
-        return EpochChunks(self, self.n, self.batch_size)
+        self.chunks = EpochChunks(self, self.n, self.batch_size)
+        self.chunks.epoch = self.start_epoch
+        return self.chunks
 
     def configure_optimizers(self) -> None:
         return None  # the system owns its optimiser: members dropped mid-run reshape it
@@ -71,12 +88,60 @@ class PopulationSystem(L.LightningModule):
     def on_fit_start(self) -> None:
         # Lightning keeps a module's mode at fit start; eval mode would skip noise/dropout.
         self.population.train()
+        self.make_generators()
+        if self.restored is not None:
+            self.load_training_state(*self.restored)
         if not self.fused:
             self.opt = build_optimizer(self.population.parameters(), self.optimizer_settings)
+            if self.restored is not None:
+                load_optimizer_state(self.opt, under("opt", self.restored[0]),
+                                     self.restored[1]["optimizer"])
+        if self.restored is not None:
+            for m in range(len(self.histories)):
+                self.observer.on_resume(m, self.start_epoch, self.histories[m])
         self._started = time.perf_counter()
 
     def on_fit_end(self) -> None:
-        self.seconds = time.perf_counter() - self._started
+        self.seconds += time.perf_counter() - self._started
+
+    def make_generators(self) -> None:
+        """Create the members' random-number generators on the training device."""
+
+    def generators(self) -> dict[str, list[torch.Generator]]:
+        """The generators whose state a checkpoint keeps, by name (active members')."""
+        return {}
+
+    def training_state(self, epochs_done: int) -> TrainingState:
+        """Everything needed to continue exactly after ``epochs_done`` epochs."""
+        tensors = prefixed("population", dict(self.population.named_parameters()))
+        opt_tensors, opt_rest = optimizer_state(self.opt)
+        tensors.update(prefixed("opt", opt_tensors))
+        for name, gens in self.generators().items():
+            tensors.update({f"rng.{name}.{i}": t for i, t in enumerate(generator_states(gens))})
+        return tensors, {
+            "epoch": epochs_done, "steps": self.steps, "members": self.members,
+            "order_seeds": self.order_seeds, "histories": self.histories, "optimizer": opt_rest,
+            "seconds": self.seconds + time.perf_counter() - self._started}
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+                            ) -> None:
+        """Put back what ``training_state`` saved (after ``make_generators``)."""
+        self.steps, self.seconds = meta["steps"], meta["seconds"]
+        self.histories = meta["histories"]
+        members = meta["members"]
+        if members and members != self.members:  # the members that had stopped: dropped
+            self.keep_members([self.members.index(m) for m in members])
+        self.members, self.order_seeds = members, meta["order_seeds"]
+        if members:
+            with torch.no_grad():
+                for name, param in self.population.named_parameters():
+                    param.copy_(tensors[f"population.{name}"])
+        for name, gens in self.generators().items():
+            for i, g in enumerate(gens):
+                g.set_state(tensors[f"rng.{name}.{i}"])
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_started = time.perf_counter()
 
     def training_step(self, chunk: list[torch.Tensor], batch_idx: int) -> None:
         """One optimiser step per (P, b) index batch of the chunk.
@@ -104,13 +169,26 @@ class PopulationSystem(L.LightningModule):
         if bad:  # checked once an epoch: a check per step would wait for the device each time
             raise FloatingPointError(
                 f"{self.stage}: the loss of {', '.join(bad)} became non-finite in epoch "
-                f"{self.current_epoch} (by step {self.steps})")
+                f"{self.epoch} (by step {self.steps})")
+        epoch = self.epoch
         self.end_epoch(sums / self.n)
+        if self.checkpoint is not None:  # before anyone is told: never ahead of a resume
+            self.checkpoint.save(self.training_state(epoch + 1))
+        self.report(epoch, time.perf_counter() - self._epoch_started)
+
+    def report(self, epoch: int, seconds: float) -> None:
+        """Hand the epoch's rows and its progress to the observer."""
+        ended, self._ended = self._ended, []
+        for m, row in ended:
+            self.observer.on_epoch_end(m, epoch, row)
+        self.observer.on_progress(epoch, self.max_epochs, seconds,
+                                  0 if self.trainer.should_stop else len(self.members))
 
     def record(self, rows: Sequence[dict[str, float]]) -> None:
         """Append row i to the history of the member at row i of the population."""
         for m, row in zip(self.members, rows):
-            self.histories[m].append({"epoch": self.current_epoch, "step": self.steps, **row})
+            self.histories[m].append({"epoch": self.epoch, "step": self.steps, **row})
+            self._ended.append((m, dict(row)))
 
     def keep_members(self, keep: Sequence[int]) -> None:
         """Drop every row of the population but ``keep``, with its optimiser state."""

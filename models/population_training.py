@@ -6,6 +6,7 @@ P = 1; member p of P equals its run at P = 1 up to rounding (``models.population
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -17,6 +18,8 @@ from models.dae import DenoisingAutoencoder
 from models.early_stopping import EarlyStopping
 from models.early_stopped import EarlyStoppedSystem, PopulationResult, stopping_rule, _cpu_state
 from models.engine import PopulationSystem, make_trainer
+from models.epoch_checkpoint import EpochCheckpoint
+from models.observer import EpochObserver
 from models.population import DAEPopulation, _gather
 from models.population_eval import classifier_valid, dae_valid_loss
 
@@ -36,10 +39,37 @@ def _check_seeds(P: int, **seeds: Optional[Sequence[int]]) -> None:
 
 
 def _fit(system: PopulationSystem, max_epochs: int, device: torch.device,
-         trainer: Optional[Any], fit: Optional[Fit]) -> None:
+         trainer: Optional[Any], fit: Optional[Fit],
+         observer: Optional[EpochObserver] = None, resume_dir: Optional[Path] = None) -> None:
+    """Fit ``system`` for ``max_epochs``; with ``resume_dir``, from the epoch checkpoint
+    there (``models.epoch_checkpoint``) when one is left, writing one every epoch, and
+    removing it once the stage has its result."""
     if trainer is None:
         trainer = make_trainer(max_epochs, accelerator="gpu" if device.type == "cuda" else "cpu")
+    if observer is not None:
+        system.observer = observer
+    system.max_epochs = max_epochs
+    if resume_dir is not None:
+        system.checkpoint = EpochCheckpoint(resume_dir, {
+            "stage": system.stage, "names": system.names, "order_seeds": system.order_seeds,
+            "n": system.n, "batch_size": system.batch_size, "fused": system.fused,
+            "optimizer": system.optimizer_settings, "max_epochs": max_epochs})
+        system.restored = system.checkpoint.load()
+        for text in system.checkpoint.notes:
+            system.observer.on_note(text)
+        if system.restored is not None:
+            meta = system.restored[1]
+            system.start_epoch = meta["epoch"]
+            # Lightning counts this fit's epochs from 0: give it the ones left
+            trainer.fit_loop.max_epochs = max_epochs - meta["epoch"] if meta["members"] else 0
     (fit or (lambda t, s: t.fit(s)))(trainer, system)
+
+
+def _finish(system: PopulationSystem, result: PopulationResult) -> PopulationResult:
+    """The stage has its result: its epoch checkpoint goes."""
+    if system.checkpoint is not None:
+        system.checkpoint.remove()
+    return result
 
 
 class DAESystem(PopulationSystem):
@@ -61,10 +91,12 @@ class DAESystem(PopulationSystem):
         self.x_train, self.x_valid, self.eval_batch_size = x_train, x_valid, eval_batch_size
         self.noise_seeds = list(noise_seeds)
 
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
+    def make_generators(self) -> None:
         # The noise source lives on the training device so no mask is copied host->device.
         self.noise = _generators(self.noise_seeds, self.device)
+
+    def generators(self) -> dict[str, list[torch.Generator]]:
+        return {"noise": self.noise}
 
     def batch_step(self, idx: torch.Tensor) -> torch.Tensor:
         x = _gather(self.x_train, idx)  # (P, b, D), clean
@@ -104,6 +136,8 @@ def train_dae_population(
     names: Optional[Sequence[str]] = None,
     trainer: Optional[Any] = None,
     fit: Optional[Fit] = None,
+    observer: Optional[EpochObserver] = None,
+    resume_dir: Optional[Path] = None,
 ) -> PopulationResult:
     """Pretrain P autoencoders at once, one ``DAESystem``.
 
@@ -121,13 +155,15 @@ def train_dae_population(
         stage, names: Name the stage and member p in a divergence error.
         trainer: A Lightning trainer of ``epochs`` epochs (None: ``make_trainer``'s).
         fit: How to run it (None: ``trainer.fit``).
+        observer: Told every member's metrics as each epoch ends (``models.observer``).
+        resume_dir: Where the stage keeps its epoch checkpoint (None: none is kept).
     """
     system = DAESystem(daes, x_train, x_valid, noise_seeds=noise_seeds,
                        order_seeds=order_seeds, batch_size=batch_size, optimizer=optimizer,
                        eval_batch_size=eval_batch_size, fused=fused, stage=stage,
                        names=names)
-    _fit(system, epochs, x_train.device, trainer, fit)
-    return system.result()
+    _fit(system, epochs, x_train.device, trainer, fit, observer, resume_dir)
+    return _finish(system, system.result())
 
 
 class ClassifierSystem(EarlyStoppedSystem):
@@ -155,10 +191,12 @@ class ClassifierSystem(EarlyStoppedSystem):
         self.dropout_seeds = list(dropout_seeds or [])
         self.init_stopping(P, stopping, len(x_train), batch_size)
 
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
+    def make_generators(self) -> None:
         self.dropout = (_generators(self.dropout_seeds, self.device)
                         if self.population.dropout > 0 else None)
+
+    def generators(self) -> dict[str, list[torch.Generator]]:
+        return {"dropout": self.dropout} if self.dropout is not None else {}
 
     def batch_step(self, idx: torch.Tensor) -> torch.Tensor:
         x, y = self.x_train[idx], self.y_train[idx]  # (Pa, b, D), (Pa, b)
@@ -211,6 +249,8 @@ def train_classifier_population(
     names: Optional[Sequence[str]] = None,
     trainer: Optional[Any] = None,
     fit: Optional[Fit] = None,
+    observer: Optional[EpochObserver] = None,
+    resume_dir: Optional[Path] = None,
 ) -> PopulationResult:
     """Fine-tune P classifiers at once, each with its own ``EarlyStopping``.
 
@@ -231,6 +271,8 @@ def train_classifier_population(
         stage, names: Name the stage and member p in a divergence error.
         trainer: A Lightning trainer of ``max_epochs`` epochs (None: ``make_trainer``'s).
         fit: How to run it (None: ``trainer.fit``).
+        observer: Told every member's metrics as each epoch ends (``models.observer``).
+        resume_dir: Where the stage keeps its epoch checkpoint (None: none is kept).
     """
     stopping = stopping_rule(early_stopping, patience_batches=patience_batches,
                              patience_increase=patience_increase,
@@ -242,5 +284,5 @@ def train_classifier_population(
                               optimizer=optimizer, stopping=stopping,
                               dropout_seeds=dropout_seeds, eval_batch_size=eval_batch_size,
                               fused=fused, stage=stage, names=names)
-    _fit(system, max_epochs, x_train.device, trainer, fit)
-    return system.result()
+    _fit(system, max_epochs, x_train.device, trainer, fit, observer, resume_dir)
+    return _finish(system, system.result())

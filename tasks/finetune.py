@@ -16,6 +16,7 @@ from runtime.checkpoints import Checkpoint, save_state, tensor_sha256
 from config.stages import PipelineConfig
 from runtime.errors import DivergenceError
 from tasks.pretrain import LayerResult, layer_states
+from runtime.progress import current_observer
 from runtime.environment import (Seed, derive_seed, eval_device, fit, make_trainer,
                                  runtime_key, stage_dir, stage_key)
 
@@ -35,7 +36,8 @@ class ClassifierResult(BaseModel):
     best_epoch: int
     epochs_run: int
     stopped_early: bool
-    train_seconds: float
+    train_seconds: float  # the wall time of the population it trained in
+    trained_together: int = 1  # members of that population, this one included
 
 
 def build_classifier(arm: Arm, config: PipelineConfig, n_features: int, n_classes: int,
@@ -106,7 +108,8 @@ def finetune_members(arms: Sequence[Arm], configs: Sequence[PipelineConfig], dat
                            if configs[0].model.dropout > 0 else None),
             eval_batch_size=rt.eval_batch_size, stage="fine-tuning",
             names=[f"finetune/{a} (seed {s})" for a, s in zip(arms, seeds)],
-            trainer=make_trainer(rt, f.max_epochs), fit=fit)
+            trainer=make_trainer(rt, f.max_epochs), fit=fit,
+            observer=current_observer(), resume_dir=Path(paths[0]).parent / "resume")
     except FloatingPointError as exc:
         raise DivergenceError(f"{exc}. Lower finetune.optimizer.lr or add weight "
                               "decay.") from exc
@@ -115,7 +118,7 @@ def finetune_members(arms: Sequence[Arm], configs: Sequence[PipelineConfig], dat
         initial_hidden_sha256=initial[i], history=result.histories[i],
         best_val_error=result.best_val_error[i], best_epoch=result.best_epoch[i],
         epochs_run=len(result.histories[i]), stopped_early=result.stopped_early[i],
-        train_seconds=result.seconds / len(arms))
+        train_seconds=result.seconds, trained_together=len(arms))
         for i, (arm, seed, state, path) in enumerate(zip(arms, seeds, result.states, paths))]
 
 

@@ -8,7 +8,9 @@ P = 1, so member p starts from the weights, noise, data order and dropout seeds 
 single run and equals it up to floating-point rounding (``tests/test_population.py``).
 
 Each member's files and result records are those of a single run, in
-``out_dir / f"member-{p}"``; ``train_seconds`` is the member's share of the wall time.
+``out_dir / f"member-{p}"``. A layer's ``train_seconds`` is the member's share of the
+wall time; a fine-tuned member's is the population's wall time, ``trained_together`` its
+number of members (the ablation's table shows the share).
 
 Cache keys are the members' single-run keys under a population stage name, never the
 single-run keys themselves: a population result is not bit-identical to a single run, so

@@ -15,6 +15,7 @@ from runtime.checkpoints import Checkpoint, load_state, save_state, tensor_sha25
 from config.autoencoder import layer_activation, layer_optimizer
 from config.stages import PipelineConfig
 from runtime.errors import DivergenceError
+from runtime.progress import current_observer
 from runtime.environment import (Seed, derive_seed, eval_device, fit, make_trainer,
                                  runtime_key, stage_dir, stage_key)
 from tasks.pretrain_figures import layer_figures
@@ -167,7 +168,8 @@ def pretrain_layers(k: int, configs: Sequence[PipelineConfig], data: Any,
             order_seeds=[derive_seed(s, Seed.PRETRAIN_ORDER, k) for s in seeds],
             epochs=p.epochs, batch_size=p.batch_size, optimizer=layer_optimizer(configs[0], k),
             eval_batch_size=rt.eval_batch_size, stage=f"pretrain/layer_{k + 1}",
-            names=[f"seed {s}" for s in seeds], trainer=make_trainer(rt, p.epochs), fit=fit)
+            names=[f"seed {s}" for s in seeds], trainer=make_trainer(rt, p.epochs), fit=fit,
+            observer=current_observer(), resume_dir=out_dirs[0] / "resume")
     except FloatingPointError as exc:
         raise DivergenceError(f"{exc}. Lower pretrain.optimizer.lr or check the input "
                               "normalisation.") from exc

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from config.autoencoder import layer_activation
 from config.stages import PipelineConfig
 from runtime.checkpoints import save_state, tensor_sha256
+from runtime.progress import current_observer
 from runtime.environment import (Seed, derive_seed, eval_device, fit, make_trainer, stage_dir,
                                  runtime_key, stage_key)
 from runtime.errors import DivergenceError
@@ -104,7 +105,8 @@ def autoencoder_members(arms: Sequence[Arm], configs: Sequence[PipelineConfig], 
             improvement_threshold=f.improvement_threshold, patience_epochs=f.patience_epochs,
             eval_batch_size=rt.eval_batch_size, stage="autoencoder fine-tuning",
             names=[f"autoencoder/{a} (seed {s})" for a, s in zip(arms, seeds)],
-            trainer=make_trainer(rt, f.max_epochs), fit=fit)
+            trainer=make_trainer(rt, f.max_epochs), fit=fit,
+            observer=current_observer(), resume_dir=Path(paths[0]).parent / "resume")
     except FloatingPointError as exc:
         raise DivergenceError(f"{exc}. Lower finetune.optimizer.lr.") from exc
     return [AutoencoderResult(
@@ -112,7 +114,7 @@ def autoencoder_members(arms: Sequence[Arm], configs: Sequence[PipelineConfig], 
         initial_hidden_sha256=initial[i], history=result.histories[i],
         best_val_error=result.best_val_error[i], best_epoch=result.best_epoch[i],
         epochs_run=len(result.histories[i]), stopped_early=result.stopped_early[i],
-        train_seconds=result.seconds / len(arms))
+        train_seconds=result.seconds, trained_together=len(arms))
         for i, (arm, seed, state, path) in enumerate(zip(arms, seeds, result.states, paths))]
 
 

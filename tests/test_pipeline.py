@@ -224,7 +224,7 @@ def test_resume_after_a_failed_finetune(shared_data_dir, prefect_harness, layerw
     status = {r.data.tags.get("layerwise.stage", "parent"): r.info.status for r in runs}
     assert status == {"parent": "FAILED", "load-data": "FINISHED",
                       "pretrain-layer-1": "FINISHED", "pretrain-layer-2": "FINISHED",
-                      "finetune-pretrained": "FAILED"}
+                      "finetune-pretrained": "FAILED", "finetune-random": "FAILED"}
 
     monkeypatch.setattr(tasks.finetune, "finetune_members", real)
     result = run_pipeline(config, preset="quick", tracking_uri=uri, experiment="resume")

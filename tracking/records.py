@@ -63,11 +63,17 @@ def log_data(tracker: Tracker, run: str, data: Any) -> Optional[str]:
     return upload_once(tracker, run, f"load-data:{data.digest}", upload)
 
 
-def log_layer(tracker: Tracker, run: str, layer: Any) -> Optional[str]:
+def log_layer(tracker: Tracker, run: str, layer: Any, history: bool = True) -> Optional[str]:
     """History, weights and figures of one pretrained layer. Returns the run whose
-    artifacts were reused, if any."""
+    artifacts were reused, if any.
+
+    Args:
+        history: Log the per-epoch history; False when its epochs were logged as they
+            ended (``tracking.live``).
+    """
     prefix = f"pretrain/layer_{layer.layer}"
-    tracker.log_history(run, prefix, layer.history)
+    if history:
+        tracker.log_history(run, prefix, layer.history)
     tracker.log_params(run, {"layer": layer.layer, "n_visible": layer.n_visible,
                              "n_hidden": layer.n_hidden, "checkpoint.sha256":
                              layer.checkpoint.sha256, "encoder.sha256": layer.encoder_sha256})
@@ -81,13 +87,22 @@ def log_layer(tracker: Tracker, run: str, layer: Any) -> Optional[str]:
     return upload_once(tracker, run, f"pretrain:{layer.checkpoint.sha256}", upload)
 
 
-def log_classifier_run(tracker: Tracker, run: str, result: Any) -> Optional[str]:
+def log_classifier_run(tracker: Tracker, run: str, result: Any, history: bool = True
+                       ) -> Optional[str]:
     """History, stopping point and final weights of one fine-tuned arm, under the same
     keys in both arms' runs (``finetune/val_error``…) so that MLflow overlays the arms; the
-    arm is the tag ``layerwise.arm``. Returns the run whose artifacts were reused, if any."""
+    arm is the tag ``layerwise.arm``. ``finetune/train_seconds`` is the wall time of the
+    population the arm trained in (the twins share theirs). Returns the run whose artifacts
+    were reused, if any.
+
+    Args:
+        history: Log the per-epoch history; False when its epochs were logged as they
+            ended (``tracking.live``).
+    """
     prefix = "finetune"
     tracker.set_tags(run, {ARM_TAG: result.arm})
-    tracker.log_history(run, prefix, result.history)
+    if history:
+        tracker.log_history(run, prefix, result.history)
     tracker.log_params(run, {"arm": result.arm, "checkpoint.sha256": result.checkpoint.sha256,
                              "initial_hidden_sha256": result.initial_hidden_sha256})
     tracker.log_metrics(run, {f"{prefix}/best_val_error": result.best_val_error,

@@ -63,6 +63,19 @@ def mark_failed(client: Any, run_ids: Iterable[str]) -> list[str]:
     return done
 
 
+def end_dead_runs(client: Any, experiment: str = "layerwise") -> list[str]:
+    """End as KILLED the RUNNING runs started on this host by a process that is gone (a
+    ``kill -9``, the OOM killer): a rerun calls it before it starts, so the attempt it
+    resumes is not left RUNNING. Runs of other hosts are left alone (their processes
+    cannot be checked from here). Returns their ids."""
+    here = socket.gethostname()
+    dead = stale_runs(client, experiment, older_than_hours=float("inf"))
+    ids = [r.run_id for r in dead.itertuples() if r.host == here]
+    for run_id in ids:
+        call(client.set_terminated, run_id, "KILLED")
+    return ids
+
+
 def _pid_alive(pid: int, started_ms: int) -> bool:
     """Whether ``pid`` is a live process that could have started the run."""
     if pid <= 0:

@@ -6,6 +6,9 @@ PID_TAG, HOST_TAG = "layerwise.pid", "layerwise.host"
 ARTIFACTS_KEY_TAG = "layerwise.artifacts_key"  # the content key of a stage's artifacts
 ARTIFACTS_FROM_TAG = "layerwise.artifacts_from"  # identical artifacts kept by an earlier run
 ARM_TAG = "layerwise.arm"  # a fine-tuning arm's run: pretrained | random
+#: Stage runs that trained as one population, so each holds the wall time they shared.
+TRAINED_TOGETHER_TAG = "layerwise.trained_together"
+RESUMED_TAG = "layerwise.resumed_from_epoch"  # epochs a resumed stage's checkpoint held
 FORMAT_TAG = "layerwise.model_format"
 NOT_REGISTERED_TAG = "layerwise.not_registered"  # why a run's model was not registered
 CELL_TAG, STATUS_TAG, ERROR_TAG = "layerwise.cell", "layerwise.status", "layerwise.error"

@@ -1,0 +1,283 @@
+"""Epoch checkpoints: a stage killed after any epoch and run again continues from its last
+checkpoint and ends bit for bit where the uninterrupted stage ends (weights, histories,
+stopping), for every stage kind, P = 1 and P > 1, in 32-true and bf16-mixed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.autoencoder import AutoencoderPopulation, random_state
+from models.autoencoder_training import train_autoencoder_population
+from models.classifier import DeepClassifier
+from models.dae import DenoisingAutoencoder
+from models.engine import make_trainer
+from models.epoch_checkpoint import SLOTS
+from models.observer import EpochObserver
+from models.population_training import train_classifier_population, train_dae_population
+
+SGD = {"name": "sgd", "lr": 0.1}
+MOMENTUM = {"name": "sgd", "lr": 0.05, "momentum": 0.9}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAfter(EpochObserver):
+    """Raises once epoch ``epoch`` has ended (its checkpoint is written by then)."""
+
+    def __init__(self, epoch: int):
+        self.epoch, self.resumed, self.notes = epoch, {}, []
+
+    def on_resume(self, member, epoch, history):
+        self.resumed[member] = (epoch, len(history))
+
+    def on_progress(self, epoch, max_epochs, epoch_seconds, active):
+        if epoch == self.epoch:
+            raise Killed(f"killed after epoch {epoch}")
+
+    def on_note(self, text):
+        self.notes.append(text)
+
+
+def dae_stage(P, precision, resume_dir=None, observer=None):
+    x = torch.rand(60, 20, generator=gen(0))
+    daes = [DenoisingAutoencoder(20, 7, corruption_level=0.3, generator=gen(s))
+            for s in range(P)]
+    return train_dae_population(
+        daes, x, x[:20], noise_seeds=[10 + s for s in range(P)],
+        order_seeds=[20 + s for s in range(P)], epochs=5, batch_size=10,
+        optimizer=MOMENTUM, trainer=make_trainer(5, precision=precision),
+        observer=observer, resume_dir=resume_dir)
+
+
+def classifier_stage(P, precision, resume_dir=None, observer=None):
+    g = gen(1)
+    x, y = torch.rand(80, 10, generator=g), torch.randint(0, 3, (80,), generator=g)
+    clfs = [DeepClassifier.random_init(10, [8, 6], 3, dropout=0.2, generator=gen(100 + s))
+            for s in range(P)]
+    # patience 2: member 1 (at P > 1) stops before the kill in some seeds; the rest run on
+    return train_classifier_population(
+        clfs, x, y, x[:30], y[:30], order_seeds=[5] * P, max_epochs=7, batch_size=10,
+        optimizer=SGD if P == 1 else MOMENTUM, early_stopping="patience", patience_epochs=2,
+        dropout_seeds=[7 + s for s in range(P)], trainer=make_trainer(7, precision=precision),
+        observer=observer, resume_dir=resume_dir)
+
+
+def autoencoder_stage(P, precision, resume_dir=None, observer=None):
+    x = torch.rand(60, 12, generator=gen(2))
+    acts = ["sigmoid", "linear"]
+    states = [random_state([12, 6, 3], acts, "tutorial", tied=False, generator=gen(200 + s))
+              for s in range(P)]
+    population = AutoencoderPopulation(states, acts, "cross_entropy")
+    return train_autoencoder_population(
+        population, x, x[:20], order_seeds=[3] * P, max_epochs=5, batch_size=10,
+        optimizer={"name": "adam", "lr": 0.01}, early_stopping="none",
+        trainer=make_trainer(5, precision=precision), observer=observer,
+        resume_dir=resume_dir)
+
+
+def same(a, b):
+    assert len(a.states) == len(b.states)
+    for sa, sb in zip(a.states, b.states):
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.histories == b.histories
+    assert (a.best_val_error, a.best_epoch, a.stopped_early) == (
+        b.best_val_error, b.best_epoch, b.stopped_early)
+
+
+STAGES = {"dae": dae_stage, "classifier": classifier_stage, "autoencoder": autoencoder_stage}
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("P", [1, 2])
+@pytest.mark.parametrize("kind", sorted(STAGES))
+def test_a_stage_killed_and_run_again_ends_bit_identical(kind, P, precision, tmp_path):
+    stage = STAGES[kind]
+    uninterrupted = stage(P, precision)
+    kill = KillAfter(2)
+    with pytest.raises(Killed):
+        stage(P, precision, tmp_path, kill)
+    assert any((tmp_path / slot).is_file() for slot in SLOTS)
+    watch = KillAfter(-1)
+    resumed = stage(P, precision, tmp_path, watch)
+    same(resumed, uninterrupted)
+    assert {e for e, _ in watch.resumed.values()} == {3}
+    assert all(n == min(3, len(h)) for (_, n), h in
+               zip(watch.resumed.values(), uninterrupted.histories))
+    assert not tmp_path.exists()  # removed once the stage has its result
+
+
+def test_a_checkpoint_cut_short_is_skipped_with_one_line(tmp_path):
+    """The newest slot damaged (as by a kill during a write that was not atomic) and a
+    write left unfinished: the older slot is used, said once, and the end is the same."""
+    uninterrupted = classifier_stage(2, "32-true")
+    with pytest.raises(Killed):
+        classifier_stage(2, "32-true", tmp_path, KillAfter(3))
+    newest = tmp_path / SLOTS[4 % 2]  # 4 epochs done after epoch 3
+    newest.write_bytes(newest.read_bytes()[:200])
+    (tmp_path / ".epoch-b.safetensors.x1.tmp").write_bytes(b"partial")
+    watch = KillAfter(-1)
+    resumed = classifier_stage(2, "32-true", tmp_path, watch)
+    same(resumed, uninterrupted)
+    assert {e for e, _ in watch.resumed.values()} == {3}
+    assert len(watch.notes) == 1 and "cut short" in watch.notes[0]
+    assert "epoch 3" in watch.notes[0]
+
+
+def test_a_checkpoint_of_another_stage_is_not_resumed(tmp_path):
+    with pytest.raises(Killed):
+        dae_stage(1, "32-true", tmp_path, KillAfter(1))
+    watch = KillAfter(-1)
+    classifier_stage(1, "32-true", tmp_path, watch)
+    assert watch.resumed == {}
+
+
+# --- the pipeline ------------------------------------------------------------------------
+
+TINY = ["data.n_train=300", "data.n_valid=100", "model.hidden_sizes=[16,8]",
+        "pretrain.epochs=2", "finetune.max_epochs=4", "finetune.early_stopping=none"]
+
+
+def _finetune_record(client, result, home):
+    """Per arm: the digest of the fine-tuned tensors, the resume tag and the steps of its
+    history. (The tensors' digest, not the file's: safetensors writes its header's
+    metadata in an order that varies between processes.)"""
+    from safetensors.torch import load_file
+
+    from runtime.checkpoints import tensor_sha256
+
+    record = {}
+    for s in result.stages:
+        if s.name.startswith("finetune-"):
+            run = client.get_run(s.mlflow_run_id)
+            steps = sorted(m.step for m in client.get_metric_history(s.mlflow_run_id,
+                                                                      "finetune/val_error"))
+            path, = home.glob(f"stages/finetune-twins-*/classifier_{s.name[9:]}.safetensors")
+            record[s.name] = (tensor_sha256(load_file(path)),
+                              run.data.tags.get("layerwise.resumed_from_epoch"), steps)
+    return record
+
+
+def test_a_pipeline_killed_in_finetuning_resumes_there_bit_identical(
+        shared_data_dir, prefect_harness, tmp_path, monkeypatch):
+    """Killed after fine-tuning's epoch 2 (in process: raised from the progress line), the
+    same call again continues that stage from its checkpoint: the runs say
+    ``resumed_from_epoch=2``, every epoch once, and the digests and test errors are the
+    uninterrupted run's. No run is left RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from config.overrides import resolve_config
+    from flows.pipeline import run_pipeline
+    from runtime.progress import ProgressLine
+
+    config = resolve_config("quick", data_dir=shared_data_dir, sets=TINY)
+
+    def run(home):
+        monkeypatch.setenv("LAYERWISE_HOME", str(home))
+        return run_pipeline(config, preset="quick", tracking_uri=f"sqlite:///{home}/mlflow.db",
+                            experiment="resume")
+
+    straight = run(tmp_path / "straight")
+    real = ProgressLine.on_progress
+
+    def kill_in_finetuning(self, epoch, *args):
+        real(self, epoch, *args)
+        if self.stage == "finetune-twins" and epoch == 1:
+            raise Killed("killed in fine-tuning")
+
+    monkeypatch.setattr(ProgressLine, "on_progress", kill_in_finetuning)
+    with pytest.raises(Killed):
+        run(tmp_path / "killed")
+    monkeypatch.setattr(ProgressLine, "on_progress", real)
+    resumed = run(tmp_path / "killed")
+
+    a = _finetune_record(MlflowClient(straight.tracking_uri), straight, tmp_path / "straight")
+    b = _finetune_record(MlflowClient(resumed.tracking_uri), resumed, tmp_path / "killed")
+    assert {k: v[0] for k, v in a.items()} == {k: v[0] for k, v in b.items()}
+    assert {v[1] for v in b.values()} == {"2"} and {v[1] for v in a.values()} == {None}
+    assert all(v[2] == [0, 1, 2, 3] for v in b.values())
+    assert (resumed.test_error_pretrained, resumed.test_error_random) == (
+        straight.test_error_pretrained, straight.test_error_random)
+    client = MlflowClient(resumed.tracking_uri)
+    assert not client.search_runs([resumed.experiment_id], "attributes.status = 'RUNNING'")
+    assert not list((tmp_path / "killed" / "stages").glob("*/resume"))
+
+
+@pytest.mark.slow
+def test_kill_9_during_quick_finetuning_then_the_same_command_resumes(shared_data_dir,
+                                                                      tmp_path):
+    """``kill -9`` of the whole process group once fine-tuning's third epoch is in MLflow;
+    the same command again exits 0, resumes fine-tuning from epoch >= 3, leaves no run
+    RUNNING and ends with the uninterrupted run's test errors."""
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def command(home):
+        env = {**os.environ, "LAYERWISE_HOME": str(home), "PYTHONPATH": str(root)}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        return [sys.executable, "-m", "cli.main", "run", "--preset", "quick", "--data-dir",
+                str(shared_data_dir)], env
+
+    def parent_metrics(home):
+        with sqlite3.connect(home / "mlflow.db") as con:
+            return dict(con.execute(
+                "SELECT key, value FROM latest_metrics WHERE key LIKE 'test/error_%' AND "
+                "run_uuid IN (SELECT run_uuid FROM runs WHERE status = 'FINISHED' ORDER BY "
+                "start_time DESC LIMIT 1)"))
+
+    args, env = command(tmp_path / "straight")
+    subprocess.run(args, env=env, cwd=root, check=True, capture_output=True, timeout=900)
+    home = tmp_path / "killed"
+    args, env = command(home)
+    proc = subprocess.Popen(args, env=env, cwd=root, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    query = ("SELECT count(*) FROM metrics m JOIN runs r ON r.run_uuid = m.run_uuid "
+             "WHERE m.key = 'finetune/val_error' AND r.status = 'RUNNING'")
+    try:
+        while time.monotonic() < deadline:
+            try:
+                with sqlite3.connect(home / "mlflow.db", timeout=5) as con:
+                    if con.execute(query).fetchone()[0] >= 2 * 3:  # both arms, 3 epochs
+                        break
+            except sqlite3.Error:
+                pass
+            assert proc.poll() is None, "the run ended before fine-tuning's third epoch"
+            time.sleep(0.2)
+        else:
+            pytest.fail("fine-tuning's third epoch never reached MLflow")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    rerun = subprocess.run(args, env=env, cwd=root, capture_output=True, text=True,
+                           timeout=900)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    with sqlite3.connect(home / "mlflow.db") as con:
+        resumed = [int(v) for (v,) in con.execute(
+            "SELECT value FROM tags WHERE key = 'layerwise.resumed_from_epoch'")]
+        running = con.execute("SELECT count(*) FROM runs WHERE status = 'RUNNING'").fetchone()
+    assert len(resumed) == 2 and min(resumed) >= 3, rerun.stdout
+    assert running == (0,)
+    assert parent_metrics(home) == parent_metrics(tmp_path / "straight")
