@@ -50,7 +50,7 @@ def log_cell(tracker: Tracker, parent: str, cell: Cell, row: dict[str, Any]) -> 
     """A nested child run per cell: every factor as a tag, its status, its errors."""
     from mlflow.entities import RunStatus
 
-    from tracking.tracker import with_retries
+    from tracking.retries import with_retries
 
     tags = {CELL_TAG: cell.id, STATUS_TAG: row["status"], "layerwise.arm": cell.arm,
             **{k: str(v) for k, v in cell.factors.items()}}

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from runtime.console import mlflow_prints_quiet
-from tracking.tracker import Tracker, quote_filter, with_retries
+from tracking.retries import with_retries
+from tracking.tracker import Tracker, quote_filter
 
 MODEL_DESCRIPTION = (
     "Classifiers from layerwise pipeline runs (greedy layer-wise pretraining of stacked "
