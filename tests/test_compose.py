@@ -321,6 +321,7 @@ def test_flow_runs_get_their_environment_from_the_deployment(services):
     for key in ("LAYERWISE_HOME", "LAYERWISE_DATA_DIR"):
         assert env[key] in targets, key
     assert env["PREFECT_LOCAL_STORAGE_PATH"].startswith(env["LAYERWISE_HOME"] + "/")
+    assert env["PYTHONPYCACHEPREFIX"].startswith(env["LAYERWISE_HOME"] + "/")  # not in /app
     assert env["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] == "true"
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["LAYERWISE_APP_DIR"] == "/app"

@@ -639,7 +639,8 @@ def test_make_deploy_on_a_fresh_server_and_a_worker_that_needs_only_the_api_url(
                    "LAYERWISE_DATA_DIR": str(stack["data"]),
                    "MLFLOW_TRACKING_URI": stack["mlflow"],
                    "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
-                   "PREFECT_LOCAL_STORAGE_PATH": f"{stack['home']}/prefect-results"}
+                   "PREFECT_LOCAL_STORAGE_PATH": f"{stack['home']}/prefect-results",
+                   "PYTHONPYCACHEPREFIX": f"{stack['home']}/pycache"}
 
     worker = background["start_worker"]()
     try:
