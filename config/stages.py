@@ -84,9 +84,7 @@ class DataConfig(StageConfig):
         ge=1,
         description="Seeded, class-stratified subset of the training split (None: all of it).",
     )
-    subset_seed: int = Field(
-        0, ge=0, description="Seed of the n_train subset and of fraction splits."
-    )
+    subset_seed: int = Field(0, ge=0, description="Seed of the n_train subset and fraction splits.")
     variant_seed: int = Field(0, ge=0, description="Seed of mnist-bg-rand / mnist-rot.")
     normalization: Normalization = Field(
         "unit", description="'unit' ([0,1]), 'standardize' (per feature) or 'zca' whitening."
@@ -219,6 +217,8 @@ class RuntimeConfig(StageConfig):
         "where the hardware computes bf16 natively, else 32-true (runtime/precision.py).")
     deterministic: bool = Field(False, description="torch deterministic algorithms.")
     eval_batch_size: int = Field(4096, ge=1, description="Batch size for codes and evaluation.")
+    checkpoint_seconds: Optional[float] = Field(300.0, gt=0, description="Also checkpoint "
+        "inside an epoch after this many seconds (epoch ends: always); null: never inside.")
 
 
 class PipelineConfig(StageConfig):

@@ -99,6 +99,7 @@ def train_autoencoder_population(
     fit: Optional[Fit] = None,
     observer: Optional[EpochObserver] = None,
     resume_dir: Optional[Path] = None,
+    checkpoint_seconds: Optional[float] = None,
 ) -> PopulationResult:
     """Fine-tune P autoencoders at once, each with its own ``EarlyStopping``.
 
@@ -118,6 +119,7 @@ def train_autoencoder_population(
         fit: How to run it (None: ``trainer.fit``).
         observer: Told every member's metrics as each epoch ends (``models.observer``).
         resume_dir: Where the stage keeps its epoch checkpoint (None: none is kept).
+        checkpoint_seconds: Also checkpoint inside an epoch this often (None: at its end).
     """
     stopping = stopping_rule(early_stopping, patience_batches=patience_batches,
                              patience_increase=patience_increase,
@@ -127,5 +129,6 @@ def train_autoencoder_population(
     system = AutoencoderSystem(population, x_train, x_valid, order_seeds=order_seeds,
                                batch_size=batch_size, optimizer=optimizer, stopping=stopping,
                                eval_batch_size=eval_batch_size, stage=stage, names=names)
-    _fit(system, max_epochs, x_train.device, trainer, fit, observer, resume_dir)
+    _fit(system, max_epochs, x_train.device, trainer, fit, observer, resume_dir,
+         checkpoint_seconds)
     return _finish(system, system.result())

@@ -39,7 +39,8 @@ class EpochChunks:
     index tensors, one per optimiser step. Member p's epoch e is
     ``epoch_permutation(n, order_seeds[p], e)`` cut into batches of ``batch_size`` (the last
     one may be short). The seeds are read from the system at every epoch, so members that
-    stopped early are left out.
+    stopped early are left out. An epoch resumed inside (``skip``) yields its chunks done
+    before as empty lists, so the rest keep their places.
 
     Args:
         system: The ``PopulationSystem`` whose ``order_seeds`` and device are used.
@@ -52,6 +53,7 @@ class EpochChunks:
         self.steps_per_epoch = math.ceil(n / batch_size)
         self.steps_per_chunk = max(1, CHUNK_EXAMPLES // batch_size)
         self.epoch = 0
+        self.skip = 0  # chunks of the next epoch already done (a resume inside an epoch)
 
     def __len__(self) -> int:
         return math.ceil(self.steps_per_epoch / self.steps_per_chunk)
@@ -62,5 +64,6 @@ class EpochChunks:
         order = order.to(self.system.device)  # (P, n)
         self.epoch += 1
         batches = [order[:, s : s + self.batch_size] for s in range(0, self.n, self.batch_size)]
-        for start in range(0, len(batches), self.steps_per_chunk):
-            yield batches[start : start + self.steps_per_chunk]
+        skip, self.skip = self.skip, 0
+        for i, start in enumerate(range(0, len(batches), self.steps_per_chunk)):
+            yield [] if i < skip else batches[start : start + self.steps_per_chunk]

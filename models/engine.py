@@ -71,6 +71,8 @@ class PopulationSystem(L.LightningModule):
         self.checkpoint: Optional[EpochCheckpoint] = None
         self.restored: Optional[TrainingState] = None
         self.start_epoch, self.max_epochs = 0, 0  # a resumed fit starts at ``start_epoch``
+        #: Also checkpoint inside an epoch once this many seconds passed since the last one.
+        self.checkpoint_seconds: Optional[float] = None
 
     @property
     def epoch(self) -> int:
@@ -80,6 +82,8 @@ class PopulationSystem(L.LightningModule):
     def train_dataloader(self) -> EpochChunks:
         self.chunks = EpochChunks(self, self.n, self.batch_size)
         self.chunks.epoch = self.start_epoch
+        if self.restored is not None:
+            self.chunks.skip = self.restored[1].get("position", 0)
         return self.chunks
 
     def configure_optimizers(self) -> None:
@@ -97,9 +101,12 @@ class PopulationSystem(L.LightningModule):
                 load_optimizer_state(self.opt, under("opt", self.restored[0]),
                                      self.restored[1]["optimizer"])
         if self.restored is not None:
+            self._sums = self.restored[0].get("sums")  # the partial epoch's, if any
+            if self._sums is not None:
+                self._sums = self._sums.to(self.device)
             for m in range(len(self.histories)):
                 self.observer.on_resume(m, self.start_epoch, self.histories[m])
-        self._started = time.perf_counter()
+        self._started = self._saved = time.perf_counter()
 
     def on_fit_end(self) -> None:
         self.seconds += time.perf_counter() - self._started
@@ -154,6 +161,14 @@ class PopulationSystem(L.LightningModule):
             sums = sums.to(wide(sums.dtype))  # bf16 under autocast: summed in float32
             self._sums = sums if self._sums is None else self._sums + sums
             self.steps += 1
+        last = batch_idx + 1 >= len(self.chunks)
+        if (self.checkpoint is not None and self.checkpoint_seconds is not None and not last
+                and time.perf_counter() - self._saved >= self.checkpoint_seconds):
+            tensors, meta = self.training_state(self.epoch)
+            if self._sums is not None:
+                tensors["sums"] = self._sums
+            self.checkpoint.save((tensors, {**meta, "position": batch_idx + 1}))
+            self._saved = time.perf_counter()
 
     def autograd_step(self, losses: torch.Tensor) -> None:
         """Backward of the members' summed losses (P,), then one optimiser step: the sum
@@ -174,6 +189,7 @@ class PopulationSystem(L.LightningModule):
         self.end_epoch(sums / self.n)
         if self.checkpoint is not None:  # before anyone is told: never ahead of a resume
             self.checkpoint.save(self.training_state(epoch + 1))
+            self._saved = time.perf_counter()
         self.report(epoch, time.perf_counter() - self._epoch_started)
 
     def report(self, epoch: int, seconds: float) -> None:

@@ -7,10 +7,13 @@ weights, the random-number states of noise and dropout, and, in the header, the 
 step count, the early-stopping state, the members still training and the histories. The
 data order needs no state: epoch e's order is a function of (seed, e).
 
+An epoch that runs longer than a set number of seconds is also checkpointed inside, between
+two chunks of minibatches (``position``: the chunks done; the epoch's partial sums kept).
+
 Two slots, written in turn (``epoch-a``, ``epoch-b``), each atomically
 (``runtime.checkpoints.atomic_write``) and carrying the digest of its tensors (``digest``): a write cut
 short (a ``.tmp`` file left over, or a slot whose tensors no longer match their digest)
-leaves the other slot, one epoch older, to continue from. Disk use is at most two
+leaves the other slot, one checkpoint older, to continue from. Disk use is at most two
 checkpoints; ``remove`` deletes them when the stage has finished.
 """
 
@@ -45,6 +48,7 @@ class EpochCheckpoint:
         self.folder = Path(folder)
         self.identity = json.dumps(identity, sort_keys=True)
         self.notes: list[str] = []  # what ``load`` found worth saying
+        self.newest: Optional[str] = None  # the slot of the newest intact checkpoint
 
     def save(self, state: TrainingState) -> Path:
         """Write ``state`` over the older slot (the newer one stays until this succeeds)."""
@@ -52,16 +56,17 @@ class EpochCheckpoint:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         header = {"format": FORMAT, "identity": self.identity, "sha256": digest(tensors),
                   "meta": json.dumps(meta)}
-        path = self.folder / SLOTS[meta["epoch"] % 2]
+        path = self.folder / (SLOTS[1] if self.newest == SLOTS[0] else SLOTS[0])
         from safetensors.torch import save_file
 
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+        self.newest = path.name
         return path
 
     def load(self) -> Optional[TrainingState]:
         """The newest intact checkpoint of this identity, or None. A slot cut short or
         damaged, or a write left unfinished, is skipped with a note in ``notes``."""
-        found, broken = [], [p.name for p in self.folder.glob(".epoch-*.tmp")]
+        found, broken = {}, [p.name for p in self.folder.glob(".epoch-*.tmp")]
         for name in SLOTS:
             path = self.folder / name
             if not path.is_file():
@@ -70,12 +75,13 @@ class EpochCheckpoint:
             if state is None:
                 broken.append(name)
             elif state != "other":
-                found.append(state)
+                found[name] = state
         for leftover in self.folder.glob(".epoch-*.tmp"):
             leftover.unlink(missing_ok=True)
-        best = max(found, key=lambda s: s[1]["epoch"], default=None)
+        self.newest = max(found, key=lambda n: _when(found[n][1]), default=None)
+        best = found.get(self.newest) if self.newest else None
         if broken:
-            where = (f"continuing from the one of epoch {best[1]['epoch']}" if best
+            where = (f"continuing from the one of {_describe(best[1])}" if best
                      else "no intact one is left, starting the stage over")
             self.notes.append(f"a checkpoint in {self.folder} was cut short while it was "
                               f"written ({', '.join(sorted(broken))}): {where}")
@@ -89,6 +95,16 @@ class EpochCheckpoint:
             leftover.unlink(missing_ok=True)
         if self.folder.is_dir() and not any(self.folder.iterdir()):
             self.folder.rmdir()
+
+
+def _when(meta: dict[str, Any]) -> tuple[int, int]:
+    """How far a checkpoint is: (epochs done, chunks done of the epoch after them)."""
+    return meta["epoch"], meta.get("position", 0)
+
+
+def _describe(meta: dict[str, Any]) -> str:
+    epoch, position = _when(meta)
+    return f"epoch {epoch}" + (f" and {position} chunks of the next" if position else "")
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:

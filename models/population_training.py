@@ -40,15 +40,16 @@ def _check_seeds(P: int, **seeds: Optional[Sequence[int]]) -> None:
 
 def _fit(system: PopulationSystem, max_epochs: int, device: torch.device,
          trainer: Optional[Any], fit: Optional[Fit],
-         observer: Optional[EpochObserver] = None, resume_dir: Optional[Path] = None) -> None:
+         observer: Optional[EpochObserver] = None, resume_dir: Optional[Path] = None,
+         checkpoint_seconds: Optional[float] = None) -> None:
     """Fit ``system`` for ``max_epochs``; with ``resume_dir``, from the epoch checkpoint
-    there (``models.epoch_checkpoint``) when one is left, writing one every epoch, and
-    removing it once the stage has its result."""
+    there (``models.epoch_checkpoint``) when one is left, writing one every epoch (and
+    inside an epoch every ``checkpoint_seconds``), removed once the stage has its result."""
     if trainer is None:
         trainer = make_trainer(max_epochs, accelerator="gpu" if device.type == "cuda" else "cpu")
     if observer is not None:
         system.observer = observer
-    system.max_epochs = max_epochs
+    system.max_epochs, system.checkpoint_seconds = max_epochs, checkpoint_seconds
     if resume_dir is not None:
         system.checkpoint = EpochCheckpoint(resume_dir, {
             "stage": system.stage, "names": system.names, "order_seeds": system.order_seeds,
@@ -138,6 +139,7 @@ def train_dae_population(
     fit: Optional[Fit] = None,
     observer: Optional[EpochObserver] = None,
     resume_dir: Optional[Path] = None,
+    checkpoint_seconds: Optional[float] = None,
 ) -> PopulationResult:
     """Pretrain P autoencoders at once, one ``DAESystem``.
 
@@ -157,12 +159,14 @@ def train_dae_population(
         fit: How to run it (None: ``trainer.fit``).
         observer: Told every member's metrics as each epoch ends (``models.observer``).
         resume_dir: Where the stage keeps its epoch checkpoint (None: none is kept).
+        checkpoint_seconds: Also checkpoint inside an epoch this often (None: at its end).
     """
     system = DAESystem(daes, x_train, x_valid, noise_seeds=noise_seeds,
                        order_seeds=order_seeds, batch_size=batch_size, optimizer=optimizer,
                        eval_batch_size=eval_batch_size, fused=fused, stage=stage,
                        names=names)
-    _fit(system, epochs, x_train.device, trainer, fit, observer, resume_dir)
+    _fit(system, epochs, x_train.device, trainer, fit, observer, resume_dir,
+         checkpoint_seconds)
     return _finish(system, system.result())
 
 
@@ -251,6 +255,7 @@ def train_classifier_population(
     fit: Optional[Fit] = None,
     observer: Optional[EpochObserver] = None,
     resume_dir: Optional[Path] = None,
+    checkpoint_seconds: Optional[float] = None,
 ) -> PopulationResult:
     """Fine-tune P classifiers at once, each with its own ``EarlyStopping``.
 
@@ -273,6 +278,7 @@ def train_classifier_population(
         fit: How to run it (None: ``trainer.fit``).
         observer: Told every member's metrics as each epoch ends (``models.observer``).
         resume_dir: Where the stage keeps its epoch checkpoint (None: none is kept).
+        checkpoint_seconds: Also checkpoint inside an epoch this often (None: at its end).
     """
     stopping = stopping_rule(early_stopping, patience_batches=patience_batches,
                              patience_increase=patience_increase,
@@ -284,5 +290,6 @@ def train_classifier_population(
                               optimizer=optimizer, stopping=stopping,
                               dropout_seeds=dropout_seeds, eval_batch_size=eval_batch_size,
                               fused=fused, stage=stage, names=names)
-    _fit(system, max_epochs, x_train.device, trainer, fit, observer, resume_dir)
+    _fit(system, max_epochs, x_train.device, trainer, fit, observer, resume_dir,
+         checkpoint_seconds)
     return _finish(system, system.result())

@@ -57,8 +57,9 @@ def stage_key(stage: str, *, kind: str, **parts: Any) -> str:
 def runtime_key(runtime: RuntimeConfig) -> dict[str, Any]:
     """The runtime settings of a stage's cache key: ``auto`` precision resolved (a result
     trained in bf16 on one machine is not a float32 result on another), the evaluation
-    batch size left out (it changes no result)."""
-    return {**runtime.model_dump(mode="json", exclude={"eval_batch_size"}),
+    batch size and the checkpoint interval left out (they change no result)."""
+    unchanging = {"eval_batch_size", "checkpoint_seconds"}
+    return {**runtime.model_dump(mode="json", exclude=unchanging),
             "precision": precision_used(runtime)}
 
 

@@ -169,7 +169,8 @@ def pretrain_layers(k: int, configs: Sequence[PipelineConfig], data: Any,
             epochs=p.epochs, batch_size=p.batch_size, optimizer=layer_optimizer(configs[0], k),
             eval_batch_size=rt.eval_batch_size, stage=f"pretrain/layer_{k + 1}",
             names=[f"seed {s}" for s in seeds], trainer=make_trainer(rt, p.epochs), fit=fit,
-            observer=current_observer(), resume_dir=out_dirs[0] / "resume")
+            observer=current_observer(), resume_dir=out_dirs[0] / "resume",
+            checkpoint_seconds=rt.checkpoint_seconds)
     except FloatingPointError as exc:
         raise DivergenceError(f"{exc}. Lower pretrain.optimizer.lr or check the input "
                               "normalisation.") from exc

@@ -106,7 +106,8 @@ def autoencoder_members(arms: Sequence[Arm], configs: Sequence[PipelineConfig], 
             eval_batch_size=rt.eval_batch_size, stage="autoencoder fine-tuning",
             names=[f"autoencoder/{a} (seed {s})" for a, s in zip(arms, seeds)],
             trainer=make_trainer(rt, f.max_epochs), fit=fit,
-            observer=current_observer(), resume_dir=Path(paths[0]).parent / "resume")
+            observer=current_observer(), resume_dir=Path(paths[0]).parent / "resume",
+            checkpoint_seconds=rt.checkpoint_seconds)
     except FloatingPointError as exc:
         raise DivergenceError(f"{exc}. Lower finetune.optimizer.lr.") from exc
     return [AutoencoderResult(

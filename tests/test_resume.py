@@ -12,7 +12,7 @@ from models.autoencoder_training import train_autoencoder_population
 from models.classifier import DeepClassifier
 from models.dae import DenoisingAutoencoder
 from models.engine import make_trainer
-from models.epoch_checkpoint import SLOTS
+from models.epoch_checkpoint import SLOTS, EpochCheckpoint
 from models.observer import EpochObserver
 from models.population_training import train_classifier_population, train_dae_population
 
@@ -53,7 +53,7 @@ class KillAfter(EpochObserver):
         self.notes.append(text)
 
 
-def dae_stage(P, precision, resume_dir=None, observer=None):
+def dae_stage(P, precision, resume_dir=None, observer=None, **kw):
     x = torch.rand(60, 20, generator=gen(0))
     daes = [DenoisingAutoencoder(20, 7, corruption_level=0.3, generator=gen(s))
             for s in range(P)]
@@ -61,10 +61,10 @@ def dae_stage(P, precision, resume_dir=None, observer=None):
         daes, x, x[:20], noise_seeds=[10 + s for s in range(P)],
         order_seeds=[20 + s for s in range(P)], epochs=5, batch_size=10,
         optimizer=MOMENTUM, trainer=make_trainer(5, precision=precision),
-        observer=observer, resume_dir=resume_dir)
+        observer=observer, resume_dir=resume_dir, **kw)
 
 
-def classifier_stage(P, precision, resume_dir=None, observer=None):
+def classifier_stage(P, precision, resume_dir=None, observer=None, **kw):
     g = gen(1)
     x, y = torch.rand(80, 10, generator=g), torch.randint(0, 3, (80,), generator=g)
     clfs = [DeepClassifier.random_init(10, [8, 6], 3, dropout=0.2, generator=gen(100 + s))
@@ -74,10 +74,10 @@ def classifier_stage(P, precision, resume_dir=None, observer=None):
         clfs, x, y, x[:30], y[:30], order_seeds=[5] * P, max_epochs=7, batch_size=10,
         optimizer=SGD if P == 1 else MOMENTUM, early_stopping="patience", patience_epochs=2,
         dropout_seeds=[7 + s for s in range(P)], trainer=make_trainer(7, precision=precision),
-        observer=observer, resume_dir=resume_dir)
+        observer=observer, resume_dir=resume_dir, **kw)
 
 
-def autoencoder_stage(P, precision, resume_dir=None, observer=None):
+def autoencoder_stage(P, precision, resume_dir=None, observer=None, **kw):
     x = torch.rand(60, 12, generator=gen(2))
     acts = ["sigmoid", "linear"]
     states = [random_state([12, 6, 3], acts, "tutorial", tied=False, generator=gen(200 + s))
@@ -87,7 +87,7 @@ def autoencoder_stage(P, precision, resume_dir=None, observer=None):
         population, x, x[:20], order_seeds=[3] * P, max_epochs=5, batch_size=10,
         optimizer={"name": "adam", "lr": 0.01}, early_stopping="none",
         trainer=make_trainer(5, precision=precision), observer=observer,
-        resume_dir=resume_dir)
+        resume_dir=resume_dir, **kw)
 
 
 def same(a, b):
@@ -122,13 +122,44 @@ def test_a_stage_killed_and_run_again_ends_bit_identical(kind, P, precision, tmp
     assert not tmp_path.exists()  # removed once the stage has its result
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("kind", sorted(STAGES))
+def test_a_stage_killed_inside_an_epoch_resumes_there_bit_identical(kind, precision, tmp_path,
+                                                                    monkeypatch):
+    """Chunks of 2 minibatches and ``checkpoint_seconds=0``: a checkpoint after every chunk.
+    Killed just before the sixth write (the fifth was inside epoch 1), the stage continues
+    from the middle of that epoch and ends as the uninterrupted one."""
+    import models.batches
+
+    monkeypatch.setattr(models.batches, "CHUNK_EXAMPLES", 20)
+    stage = STAGES[kind]
+    uninterrupted = stage(2, precision)
+    written, real = [], EpochCheckpoint.save
+
+    def save(self, state):
+        if len(written) == 5:
+            raise Killed("killed between two chunks")
+        written.append((state[1]["epoch"], state[1].get("position", 0)))
+        return real(self, state)
+
+    monkeypatch.setattr(EpochCheckpoint, "save", save)
+    with pytest.raises(Killed):
+        stage(2, precision, tmp_path, checkpoint_seconds=0.0)
+    assert written[-1][1] > 0, written  # the newest checkpoint is inside an epoch
+    monkeypatch.setattr(EpochCheckpoint, "save", real)
+    watch = KillAfter(-1)
+    resumed = stage(2, precision, tmp_path, watch, checkpoint_seconds=0.0)
+    same(resumed, uninterrupted)
+    assert {e for e, _ in watch.resumed.values()} == {written[-1][0]}
+
+
 def test_a_checkpoint_cut_short_is_skipped_with_one_line(tmp_path):
     """The newest slot damaged (as by a kill during a write that was not atomic) and a
     write left unfinished: the older slot is used, said once, and the end is the same."""
     uninterrupted = classifier_stage(2, "32-true")
     with pytest.raises(Killed):
         classifier_stage(2, "32-true", tmp_path, KillAfter(3))
-    newest = tmp_path / SLOTS[4 % 2]  # 4 epochs done after epoch 3
+    newest = max((tmp_path / slot for slot in SLOTS), key=lambda p: p.stat().st_mtime_ns)
     newest.write_bytes(newest.read_bytes()[:200])
     (tmp_path / ".epoch-b.safetensors.x1.tmp").write_bytes(b"partial")
     watch = KillAfter(-1)
