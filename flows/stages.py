@@ -21,7 +21,7 @@ from tasks.pretrain import pretrain_layer_task
 from tracking.conventions import dataset_inputs, run_name, stage_description
 from tracking.live import LiveMetrics
 from tracking.records import log_data, log_layer
-from tracking.tracker import Tracker
+from tracking.tracker import Tracker, interrupt_cause, is_interrupt
 from tracking.vocabulary import CACHED_TAG, NOTE_TAG, STAGE_TAG, TRAINED_TOGETHER_TAG
 
 
@@ -79,8 +79,15 @@ class StageRecorder:
                 info["live"] = metrics.logged
             progress = ProgressLine(label, lambda line, console: self.echo(line,
                                                                            console=console))
-            with watching(Observers(metrics if live else None, progress)):
-                yield opened
+            try:
+                with watching(Observers(metrics if live else None, progress)):
+                    yield opened
+            except BaseException as exc:
+                if is_interrupt(exc):  # the Prefect log's last line; the CLI prints its own
+                    self.echo(f"  stopped {label} ({interrupt_cause(exc)}): rerun the same "
+                              "command to continue from its last epoch checkpoint",
+                              console=False)
+                raise
             for run_id, info in opened:
                 self.tracker.set_tags(run_id, {CACHED_TAG: str(info["cached"]).lower()})
         seconds = time.perf_counter() - started

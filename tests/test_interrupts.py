@@ -1,7 +1,10 @@
 """An interrupt Python swallowed (a ``KeyboardInterrupt`` raised inside a garbage-collector
-callback is only printed) is raised again at the next chunk of training."""
+callback is only printed) is raised again at the next chunk of training; a stopped stage
+says so in the flow run's log."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -30,3 +33,35 @@ def test_a_remembered_interrupt_stops_training_at_the_next_chunk(monkeypatch):
     assert isinstance(swallowed, KeyboardInterrupt)  # ... and, say, lost in a GC callback
     with pytest.raises(KeyboardInterrupt, match="training interrupted"):
         train()
+
+
+class _Tracker:
+    """Just enough of ``tracking.tracker.Tracker`` for a stage's runs."""
+
+    @contextlib.contextmanager
+    def run(self, name, tags, parent_id=None):
+        yield f"run-{name}"
+
+    def set_tags(self, run_id, tags):
+        pass
+
+
+@pytest.mark.parametrize("exc,cause", [(KeyboardInterrupt("signal 2"), "Ctrl-C"),
+                                       (KeyboardInterrupt("signal 15"), "SIGTERM")])
+def test_a_stopped_stage_leaves_a_last_line_saying_what_stopped_it(exc, cause):
+    """The flow run's Prefect log (``console=False``: the CLI prints its own line once)."""
+    from flows.stages import StageRecorder
+
+    lines = []
+    recorder = StageRecorder(_Tracker(), "parent", lambda line, console=True:
+                             lines.append((line, console)))
+    with pytest.raises(KeyboardInterrupt):
+        with recorder.stage("pretrain-layer-2", live="pretrain/layer_2"):
+            raise exc
+    assert lines == [(f"  stopped pretrain-layer-2 ({cause}): rerun the same command to "
+                      "continue from its last epoch checkpoint", False)]
+    lines.clear()
+    with pytest.raises(ValueError):  # a failure is not an interruption
+        with recorder.stage("pretrain-layer-2"):
+            raise ValueError("x")
+    assert lines == []

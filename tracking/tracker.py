@@ -49,6 +49,16 @@ def is_interrupt(exc: BaseException) -> bool:
     return isinstance(exc, TerminationSignal)
 
 
+def interrupt_cause(exc: BaseException) -> str:
+    """What stopped a run, in a few words: "Ctrl-C", "SIGTERM" or "exit"."""
+    text = str(exc)
+    if isinstance(exc, SystemExit):
+        return "exit"
+    if isinstance(exc, KeyboardInterrupt) and "signal 15" not in text:
+        return "Ctrl-C"
+    return "SIGTERM"
+
+
 def git_commit() -> str:
     """The commit of the checkout the code runs from, with ``-dirty`` if modified."""
     root = Path(__file__).resolve().parent.parent
