@@ -29,6 +29,7 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from typing import Any, Optional
@@ -54,16 +55,19 @@ class _Server:
         self.process: Optional[subprocess.Popen[Any]] = None
         self.port = 0
         self.started = 0.0
+        self.stopping = False
 
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
 
-    def start(self) -> None:
+    def start(self, port: int = 0) -> None:
+        """Start the server on ``port`` (0: a free one)."""
         import prefect
         from prefect.settings import get_current_settings
 
-        self.port = _free_port()
+        self.port = port or _free_port()
+        self.stopping = False
         command = [sys.executable, "-m", "runtime.orphan_guard", str(os.getpid()),
                    "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
                    "--factory", "prefect.server.api.server:create_app",
@@ -107,8 +111,28 @@ class _Server:
                 raise TimeoutError(f"no answer from {self.api_url} within {timeout} s")
             time.sleep(0.1)
 
+    def keep_alive(self) -> None:
+        """Restart the server on its port whenever it dies during the run, at most
+        ``MAX_RESTARTS`` times, in a daemon thread. Its database keeps the flow run's
+        state, and Prefect's client retries a refused call for about a minute, so the run
+        goes on instead of waiting minutes and ending as a bug with every stage done."""
+        def watch() -> None:
+            restarts = 0
+            while not self.stopping and restarts < MAX_RESTARTS:
+                process = self.process
+                code = process.poll() if process is not None else None
+                if code is not None and not self.stopping:
+                    restarts += 1
+                    sys.stderr.write(f"layerwise: the run's Prefect API server stopped "
+                                     f"(status {code}); restarting it on port {self.port}\n")
+                    self.start(self.port)
+                time.sleep(0.5)
+
+        threading.Thread(target=watch, name="prefect-api-keep-alive", daemon=True).start()
+
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 5 s, as Prefect stops its own."""
+        self.stopping = True
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
@@ -194,6 +218,7 @@ def ready() -> None:
             raise _startup_error(exc, again) from None
     if os.environ.get("PREFECT_API_URL") != _server.api_url:  # a restart took another port
         _point_prefect_at(_server)
+    _server.keep_alive()
 
 
 def _startup_error(exc: BaseException, again: BaseException) -> BaseException:

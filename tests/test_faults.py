@@ -167,3 +167,33 @@ def test_a_disk_that_fills_during_the_run_is_a_clear_error(tmp_path, shared_data
         assert not list((mnt / "home").rglob("*.tmp")), output
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _server_pid(run_pid: int) -> int:
+    """The pid of the run's guarded Prefect API server (``runtime.orphan_guard``)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"runtime.orphan_guard" in cmd and str(run_pid).encode() in cmd:
+            return int(proc.name)
+    raise AssertionError(f"no Prefect API server of run {run_pid}")
+
+
+@pytest.mark.slow
+def test_the_runs_prefect_server_dying_mid_run_is_restarted_and_the_run_completes(
+        tmp_path, shared_data_dir):
+    """SIGKILL to the run's ephemeral Prefect API server after the first layer: it is
+    started again on its port (its database holds the flow run), the run finishes, prints
+    its test errors and exits 0. Before, it waited 3.5 minutes and ended as a bug."""
+    proc = _run(tmp_path / "home", shared_data_dir)
+    lines = _until(proc, "done  pretrain-layer-1")
+    os.kill(_server_pid(proc.pid), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=900)
+    output = "".join(lines) + out
+    assert proc.returncode == 0, output
+    assert "restarting it on port" in output and "test error" in output, output
+    assert "Traceback" not in output and "bug" not in output, output
