@@ -152,9 +152,21 @@ def record_table(tracker: Tracker, parent: str, grid: Grid, rows: list[dict[str,
     summary = summarize(table, by, resamples=grid.bootstrap.resamples,
                         level=grid.bootstrap.level, seed=grid.bootstrap.seed)
     files = write_outputs(out_dir, grid, table, summary, by)
+    text = format_summary(summary, by, grid.bootstrap.level)
+    if factor := grid.select_on_validation:  # chosen on validation, scored on test
+        from reports.selection import (format_validation, select_on_validation,
+                                       selection_keys, write_selection)
+
+        chosen, means = select_on_validation(table, by, factor, grid.bootstrap.resamples,
+                                             grid.bootstrap.level, grid.bootstrap.seed)
+        files |= write_selection(out_dir, chosen, means)
+        text += (f"\n\n{factor} chosen on validation (lowest mean validation error of the "
+                 f"pretrained arm, *):\n{format_validation(means, factor)}\n\nTest error at "
+                 f"the chosen {factor}:\n"
+                 + format_summary(chosen, selection_keys(by, factor), grid.bootstrap.level))
     record(tracker, parent, table, files)
     summary_artifact(summary, grid)
-    return table, files, format_summary(summary, by, grid.bootstrap.level)
+    return table, files, text
 
 
 def run_ablation(grid: Grid, workers: int = 1, dask_address: Optional[str] = None,
