@@ -53,6 +53,23 @@ def test_the_random_twin_is_one_run_per_dataset_and_seed(name, tmp_path):
         assert len(found) == (1 if arm == "random" else 3)
 
 
+def test_each_random_twin_is_submitted_once():
+    from flows.ablation_stages import distinct_runs
+
+    cells = expand(load_grid(GRIDS_DIR / "vincent-tiny.yaml"))
+    alias = distinct_runs(cells)
+    runs = {c.id for c in cells if alias[c.id] == c.id}
+    assert len(runs) == 12 + 4  # every pretrained cell; one random run per dataset and seed
+    for c in cells:
+        rep = next(r for r in cells if r.id == alias[c.id])
+        assert (rep.arm, rep.factors["variant"], rep.factors["seed"]) == (
+            c.arm, c.factors["variant"], c.factors["seed"])
+        if c.arm == "random":
+            assert rep.factors["corruption_level"] == 0.1  # the first level in grid order
+    tiny = expand(load_grid(GRIDS_DIR / "tiny.yaml"))  # depth changes the random network
+    assert all(k == v for k, v in distinct_runs(tiny).items())
+
+
 @pytest.mark.slow  # about 2 minutes on 2 busy cores: 24 cells, 36 tiny layer trainings
 def test_vincent_tiny_chooses_nu_on_validation_and_scores_both_arms(
         shared_data_dir, prefect_harness, tmp_path, monkeypatch):
