@@ -1,8 +1,9 @@
 """The ablation's stages, what a worker runs: one pretraining layer or one cell through the
 pipeline's own cached tasks, on data the worker loads itself; and the plan of the distinct
 pretraining layers that the cells' stacks share, and of the distinct fine-tuning runs (a
-random-init twin that differs only in pretraining settings is one run). ``flows.ablation`` (one task per layer and
-per cell) and ``flows.populations`` (seeds grouped into populations) submit them.
+random-init twin that differs only in pretraining settings is one run). ``flows.ablation``
+(one task per layer and per cell) and ``flows.populations`` (seeds grouped into
+populations) submit them.
 """
 
 from __future__ import annotations
