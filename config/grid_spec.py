@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.corruption import check_level
 from config.autoencoder import Objective
@@ -152,6 +152,18 @@ class Grid(_Strict):
     retries: int = Field(0, ge=0, description="Retries of a failed cell before it is recorded.")
     retry_delay_seconds: float = Field(0.0, ge=0)
     bootstrap: Bootstrap = Field(default_factory=Bootstrap)
+    select_on_validation: Optional[str] = Field(
+        None, description="A listed factor (e.g. corruption_level) chosen per group on the "
+        "pretrained arm's mean validation error; the report adds both arms' test errors at "
+        "the chosen value (reports/selection.py).")
+
+    @model_validator(mode="after")
+    def _selectable(self) -> "Grid":
+        factor = self.select_on_validation
+        if factor is not None and factor not in self.factors.listed()[:-2]:
+            raise ValueError(f"select_on_validation: {factor!r} is not a factor of this grid "
+                             f"(choose one of {', '.join(self.factors.listed()[:-2]) or 'none'})")
+        return self
 
 
 class Cell(BaseModel):

@@ -20,7 +20,8 @@ from typing import Any, Optional
 from prefect import flow
 from pydantic import BaseModel
 
-from flows.ablation_stages import CellOutcome, Status, pretrain_layer, pretraining_plan, run_cell
+from flows.ablation_stages import (CellOutcome, Status, distinct_runs, pretrain_layer,
+                                   pretraining_plan, run_cell)
 from config.grid import expand, grid_params
 from config.grid_spec import GROUPING, Cell, Grid
 from reports.ablation_outputs import (cell_row, format_summary, log_cell, progress_line, record,
@@ -114,11 +115,25 @@ def task_runner(workers: int = 1, dask_address: Optional[str] = None) -> Any:
 def submit_work(cells: list[Cell], nodes: dict[str, Any], stacks: dict[str, list[str]],
                 population: int, home: str, threads: Optional[int], retry: dict[str, Any],
                 echo: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
-    """Submit every distinct pretraining layer once and every cell on its stack.
+    """Submit every distinct pretraining layer once and every distinct run on its stack
+    (``distinct_runs``: a cell that is the same run as an earlier one shares its future).
 
     Returns:
         The cells' futures by cell id, and each cell's pretraining futures (bottom first).
     """
+    alias = distinct_runs(cells)
+    runs = [c for c in cells if alias[c.id] == c.id]
+    futures, below = _submit(runs, nodes, stacks, population, home, threads, retry, echo)
+    if len(runs) < len(cells):
+        echo(f"  {len(cells) - len(runs)} cells repeat the random-init run of another cell "
+             "(they differ only in pretraining settings)")
+    return ({c.id: futures[alias[c.id]] for c in cells},
+            {c.id: below[alias[c.id]] for c in cells})
+
+
+def _submit(cells: list[Cell], nodes: dict[str, Any], stacks: dict[str, list[str]],
+            population: int, home: str, threads: Optional[int], retry: dict[str, Any],
+            echo: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     if population > 1:  # seeds of a layer or a cell trained as one batched model
         from flows.populations import submit
 
@@ -152,9 +167,21 @@ def record_table(tracker: Tracker, parent: str, grid: Grid, rows: list[dict[str,
     summary = summarize(table, by, resamples=grid.bootstrap.resamples,
                         level=grid.bootstrap.level, seed=grid.bootstrap.seed)
     files = write_outputs(out_dir, grid, table, summary, by)
+    text = format_summary(summary, by, grid.bootstrap.level)
+    if factor := grid.select_on_validation:  # chosen on validation, scored on test
+        from reports.selection import (format_validation, select_on_validation,
+                                       selection_keys, write_selection)
+
+        chosen, means = select_on_validation(table, by, factor, grid.bootstrap.resamples,
+                                             grid.bootstrap.level, grid.bootstrap.seed)
+        files |= write_selection(out_dir, chosen, means)
+        text += (f"\n\n{factor} chosen on validation (lowest mean validation error of the "
+                 f"pretrained arm, *):\n{format_validation(means, factor)}\n\nTest error at "
+                 f"the chosen {factor}:\n"
+                 + format_summary(chosen, selection_keys(by, factor), grid.bootstrap.level))
     record(tracker, parent, table, files)
     summary_artifact(summary, grid)
-    return table, files, format_summary(summary, by, grid.bootstrap.level)
+    return table, files, text
 
 
 def run_ablation(grid: Grid, workers: int = 1, dask_address: Optional[str] = None,

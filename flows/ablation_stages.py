@@ -1,7 +1,9 @@
 """The ablation's stages, what a worker runs: one pretraining layer or one cell through the
 pipeline's own cached tasks, on data the worker loads itself; and the plan of the distinct
-pretraining layers that the cells' stacks share. ``flows.ablation`` (one task per layer and
-per cell) and ``flows.populations`` (seeds grouped into populations) submit them.
+pretraining layers that the cells' stacks share, and of the distinct fine-tuning runs (a
+random-init twin that differs only in pretraining settings is one run). ``flows.ablation``
+(one task per layer and per cell) and ``flows.populations`` (seeds grouped into
+populations) submit them.
 """
 
 from __future__ import annotations
@@ -185,3 +187,27 @@ def pretraining_plan(cells: list[Cell]) -> tuple[dict[str, LayerNode], dict[str,
             chain.append(key)
         stacks[cell.id] = chain
     return nodes, stacks
+
+
+def distinct_runs(cells: list[Cell]) -> dict[str, str]:
+    """Each cell's representative: the first cell that is the same fine-tuning run.
+
+    A random-init classifier does not depend on pretraining, so random cells that differ
+    only in a pretraining factor (``corruption_level``, ``noise``; Vincent et al.'s ν) share
+    one fine-tuning cache key (``tasks.finetune.finetune_cache_key``) and are trained once,
+    whatever the task runner; each still gets its row. Every other cell is its own run.
+
+    Returns:
+        cell id -> the id of the cell that trains it (itself for a representative).
+    """
+    from tasks.finetune import finetune_cache_key
+
+    first: dict[str, str] = {}
+    alias = {}
+    for cell in cells:
+        if cell.arm == "random" and cell.config.objective == "classify":
+            key = finetune_cache_key("random", cell.config, cell.config.data.digest(), None)
+            alias[cell.id] = first.setdefault(key, cell.id)
+        else:
+            alias[cell.id] = cell.id
+    return alias

@@ -1,5 +1,6 @@
 """The ablation's standard figures (Erhan et al. 2010, figs. 1-3 and 7): test-error histograms
-with and without pretraining per depth, test error against depth and against the number of
+with and without pretraining per depth (each panel with both arms' std and the Brown–Forsythe
+p of equal spread), test error against depth and against the number of
 training examples, with bootstrap confidence bands.
 
 Plain functions: the tidy cell table and its summary (``reports.stats.summarize``) in, PNG
@@ -69,11 +70,14 @@ def histograms(table: pd.DataFrame, by: Sequence[str], path: Path) -> Path:
                 if errors.size else 10
             for init in _inits(panel):
                 e = scale * panel.loc[panel["init"] == init, "test_error"].to_numpy(dtype=float)
+                sd = f", std {e.std(ddof=1):.2f}" if e.size > 1 else ""
                 ax.hist(e, bins=bins, histtype="stepfilled", alpha=0.45,
                         color=COLORS.get(init, "gray"), edgecolor=COLORS.get(init, "gray"),
                         label=f"{_name(init)} (mean {e.mean():.2f}{'%' if scale == 100 else ''}"
-                              f", n={e.size})")
+                              f"{sd}, n={e.size})")
             title = f"depth {depth}" + (f"\n{_label(others, values)}" if others else "")
+            if note := spread_note(panel):
+                title += f"\n{note}"
             ax.set_title(title, fontsize=9)
             ax.set_xlabel(unit)
             if c == 0:
@@ -83,6 +87,22 @@ def histograms(table: pd.DataFrame, by: Sequence[str], path: Path) -> Path:
     path = _save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+def spread_note(panel: pd.DataFrame) -> str:
+    """The Brown–Forsythe p of equal spread, pretrained against each random scheme of one
+    panel (``reports.stats.brown_forsythe``), e.g. ``spread: BF p=0.003 (tutorial)``;
+    empty when a side has fewer than 2 finished seeds."""
+    from reports.stats import brown_forsythe
+
+    errors = {init: panel.loc[panel["init"] == init, "test_error"].to_numpy(dtype=float)
+              for init in _inits(panel)}
+    pre = errors.pop("pretrained", None)
+    if pre is None:
+        return ""
+    notes = [f"BF p={p:.2g} ({init})" for init, e in errors.items()
+             if (p := brown_forsythe(pre, e)[1]) == p]  # p == p: not nan
+    return ("spread: " + ", ".join(notes)) if notes else ""
 
 
 def error_against(summary: pd.DataFrame, x: str, by: Sequence[str], path: Path,

@@ -100,7 +100,8 @@ def record(tracker: Tracker, parent: str, table: Any, files: dict[str, Path]) ->
 
 def format_summary(summary: Any, by: list[str], level: float) -> str:
     """The summary as a plain-text table: errors in percent (Δ in points), or for the
-    reconstruct objective as squared error per test image (``unit`` column)."""
+    reconstruct objective as squared error per test image (``unit`` column); the p-values
+    of the means (Wilcoxon, Welch) and of the spreads (Brown–Forsythe F and p)."""
     import pandas as pd
 
     sq = [reconstructs(row) for _, row in summary.iterrows()]
@@ -123,6 +124,8 @@ def format_summary(summary: Any, by: list[str], level: float) -> str:
         "Δ CI": ci(summary.diff_ci_low, summary.diff_ci_high),
         "pairs": summary["n_pairs"].map(lambda v: "" if pd.isna(v) else str(int(v))),
         "p Wilcoxon": summary["p_wilcoxon"].map(sig), "p Welch": summary["p_welch"].map(sig),
+        # the spread: Brown–Forsythe F of pretrained against this row's random arm, its p
+        "BF F": summary["bf_stat"].map(sig), "p BF": summary["p_brown_forsythe"].map(sig),
     })
     return view.to_string(index=False)
 

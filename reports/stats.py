@@ -2,8 +2,10 @@
 
 Everything an ablation summary reports per group of factors (Erhan et al. 2010, §6):
 the spread of test error over seeds, a percentile-bootstrap confidence interval of its
-mean, and the pretrained-minus-random difference over shared seeds with its bootstrap
-interval, a Wilcoxon signed-rank p-value (paired) and Welch's t-test p-value (unpaired).
+mean, the pretrained-minus-random difference over shared seeds with its bootstrap
+interval, a Wilcoxon signed-rank p-value (paired) and Welch's t-test p-value (unpaired),
+and the Brown–Forsythe test of equal spreads (the paper's second claim: pretraining also
+narrows the spread of test error across seeds).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ PRETRAINED = "pretrained"
 #: Columns of :func:`summarize`'s table after the group columns.
 SUMMARY_COLUMNS = ("init", "n", "n_failed", "mean", "std", "median", "ci_low", "ci_high",
                    "n_pairs", "diff_mean", "diff_ci_low", "diff_ci_high", "p_wilcoxon",
-                   "p_welch")
+                   "p_welch", "bf_stat", "p_brown_forsythe")
 
 
 def bootstrap_ci(values: Sequence[float], resamples: int = 10_000, level: float = 0.95,
@@ -77,6 +79,42 @@ def welch_t(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float
     return float(res.statistic), float(res.df), float(res.pvalue)
 
 
+def brown_forsythe(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Brown–Forsythe test of equal spread (Levene's test with group medians) of two samples.
+
+    With z_ij = |x_ij − median_i| the absolute deviations of group i from its median, it is
+    the one-way ANOVA F of the z's (Brown & Forsythe 1974), k = 2 groups, N = n_a + n_b::
+
+        F = (N − k) Σ_i n_i (z̄_i − z̄)² / ((k − 1) Σ_i Σ_j (z_ij − z̄_i)²)
+
+    and p = P(F(k − 1, N − k) > F), the F distribution's survival function
+    (``scipy.stats.f.sf``, the regularised incomplete beta). The same as
+    ``scipy.stats.levene(a, b, center="median")``.
+
+    Args:
+        a: (n_a,) one arm's test errors over seeds.
+        b: (n_b,) the other arm's.
+
+    Returns:
+        (F, p); nan when a sample has fewer than 2 values or every deviation equals its
+        group's mean deviation (no within-group variation of the z's).
+    """
+    from scipy.stats import f as f_dist
+
+    groups = [np.asarray(x, dtype=float) for x in (a, b)]
+    if any(g.size < 2 for g in groups):
+        return float("nan"), float("nan")
+    z = [np.abs(g - np.median(g)) for g in groups]  # absolute deviations from the medians
+    n_total, k = sum(g.size for g in z), len(z)
+    grand = np.concatenate(z).mean()
+    between = sum(g.size * (g.mean() - grand) ** 2 for g in z) / (k - 1)
+    within = sum(((g - g.mean()) ** 2).sum() for g in z) / (n_total - k)
+    if within == 0:
+        return float("nan"), float("nan")
+    stat = float(between / within)
+    return stat, float(f_dist.sf(stat, k - 1, n_total - k))
+
+
 def paired_t(differences: Sequence[float]) -> tuple[float, float]:
     """Paired t-test of mean difference 0 (``scipy.stats.ttest_1samp`` on the differences,
     the same as ``ttest_rel``): t = d̄ / (s_d / sqrt(n)), n − 1 degrees of freedom. Returns
@@ -117,7 +155,8 @@ def summarize(table: pd.DataFrame, by: Sequence[str], value: str = "test_error",
     Only rows with ``status == "ok"`` enter the statistics; ``n_failed`` counts the others.
     Each random-init row also carries the paired difference *pretrained − this scheme* over
     the seeds where both finished (``n_pairs``, ``diff_mean``, its bootstrap CI,
-    ``p_wilcoxon``) and Welch's p-value over all finished seeds of both (``p_welch``).
+    ``p_wilcoxon``), Welch's p-value over all finished seeds of both (``p_welch``) and the
+    Brown–Forsythe test of equal spread of the two (``bf_stat``, ``p_brown_forsythe``).
 
     Args:
         table: One row per cell with columns ``by``, ``init``, ``seed``, ``status``, ``value``.
@@ -143,6 +182,7 @@ def summarize(table: pd.DataFrame, by: Sequence[str], value: str = "test_error",
                         "diff_mean": float(d.mean()) if d.size else float("nan"),
                         "diff_ci_low": lo, "diff_ci_high": hi,
                         "p_wilcoxon": wilcoxon_p(d), "p_welch": welch_t(pre, errors)[2]}
+                row["bf_stat"], row["p_brown_forsythe"] = brown_forsythe(pre, errors)
             rows.append(row)
     out = pd.DataFrame(rows, columns=[*by, *SUMMARY_COLUMNS])
     return out.astype({"n": int, "n_failed": int, "n_pairs": "Int64"})

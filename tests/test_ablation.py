@@ -176,6 +176,16 @@ def test_figures_cover_depth_and_n_train(tmp_path):
         with Image.open(path) as img:
             img.load()
             assert img.size[0] > 300 and img.size[1] > 200
+    from reports.ablation_figures import spread_note
+    from reports.stats import brown_forsythe
+
+    panel = table[(table.variant == "relu") & (table.depth == 2) & (table.n_train == 1000)]
+    p_tut = brown_forsythe(panel[panel.init == "pretrained"].test_error,
+                           panel[panel.init == "tutorial"].test_error)[1]
+    note = spread_note(panel)
+    assert note.startswith("spread: BF p=") and f"BF p={p_tut:.2g} (tutorial)" in note
+    assert "(he)" in note and spread_note(panel[panel.init != "pretrained"]) == ""
+    assert spread_note(panel[panel.seed == 0]) == ""  # one seed per arm: no spread to test
     # Without an n_train factor there is no n_train figure.
     one = table[table.n_train == 1000]
     files = draw_all(one, summarize(one, ["depth"], resamples=200), ["depth"], tmp_path / "b")

@@ -241,7 +241,8 @@ def test_summary_shows_reconstruct_errors_in_their_own_units():
         "n_failed": [0, 0], "mean": [0.125, 12.5], "std": [0.01, 1.0], "median": [0.125, 12.5],
         "ci_low": [0.1, 12.0], "ci_high": [0.15, 13.0], "diff_mean": [-0.01, -3.25],
         "diff_ci_low": [nan, -4.0], "diff_ci_high": [nan, -2.5], "n_pairs": [2, 2],
-        "p_wilcoxon": [0.5, 0.5], "p_welch": [0.5, 0.5]})
+        "p_wilcoxon": [0.5, 0.5], "p_welch": [0.5, 0.5], "bf_stat": [nan, 1.5],
+        "p_brown_forsythe": [nan, 0.25]})
     text = format_summary(summary, ["objective"], 0.95)
     classify, reconstruct = text.splitlines()[1:3]
     assert "12.50" in classify and " % " in f" {classify} " and "-1.00" in classify

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from reports.stats import bootstrap_ci, describe, paired_differences, summarize, welch_t, wilcoxon_p
+from reports.stats import (bootstrap_ci, brown_forsythe, describe, paired_differences, summarize,
+                           welch_t, wilcoxon_p)
 
 
 def test_bootstrap_ci_covers_the_true_mean_about_95_percent_of_the_time():
@@ -61,6 +62,44 @@ def test_welch_t_against_a_hand_computation():
     assert math.isnan(welch_t([1.0], b)[2])
 
 
+def _p_f_1_4(f: float) -> float:
+    """P(F(1, 4) > f) in closed form: F(1, ν) = t², and Student's t with ν = 4 has
+    P(|T| > t) = 1 − t (t² + 6) / (t² + 4)^(3/2)."""
+    t = math.sqrt(f)
+    return 1 - t * (t * t + 6) / (t * t + 4) ** 1.5
+
+
+def test_brown_forsythe_against_a_hand_computation():
+    # a = [1, 2, 3]: median 2, |deviations| z = [1, 0, 1], mean 2/3
+    # b = [0, 3, 6]: median 3, z = [3, 0, 3], mean 2; grand mean of the z's 4/3
+    # between = 3 (2/3 − 4/3)² + 3 (2 − 4/3)² = 8/3 over k − 1 = 1
+    # within = (1/9 + 4/9 + 1/9) + (1 + 4 + 1) = 20/3 over N − k = 4, i.e. 5/3
+    # F = (8/3) / (5/3) = 1.6 on (1, 4) degrees of freedom
+    f, p = brown_forsythe([1.0, 2.0, 3.0], [0.0, 3.0, 6.0])
+    assert f == pytest.approx(1.6)
+    assert p == pytest.approx(_p_f_1_4(1.6)) and p == pytest.approx(0.2745766, abs=1e-6)
+    # b = [0, 5, 10]: z = [5, 0, 5], mean 10/3; grand mean 2; between = 32/3;
+    # within = (2/3 + 50/3) / 4 = 13/3; F = 32/13
+    f, p = brown_forsythe([0.0, 1.0, 2.0], [0.0, 5.0, 10.0])
+    assert f == pytest.approx(32 / 13) and p == pytest.approx(_p_f_1_4(32 / 13))
+    assert p < 0.2745766  # a larger spread ratio, a smaller p
+
+
+def test_brown_forsythe_matches_scipy_and_ignores_location_and_order():
+    rng = np.random.default_rng(3)
+    narrow, wide = rng.normal(0.06, 0.001, 100), rng.normal(0.07, 0.003, 100)
+    f, p = brown_forsythe(narrow, wide)
+    ref = sps.levene(narrow, wide, center="median")
+    assert (f, p) == pytest.approx((ref.statistic, ref.pvalue))
+    assert p < 1e-6  # 100 seeds each, a threefold spread: clearly different
+    assert brown_forsythe(wide, narrow) == pytest.approx((f, p))
+    assert brown_forsythe(narrow + 5.0, wide - 1.0) == pytest.approx((f, p))
+    same = brown_forsythe(rng.normal(0, 1, 100), rng.normal(3, 1, 100))[1]
+    assert same > 0.01  # equal spreads, different means: no evidence against equal spread
+    assert all(math.isnan(v) for v in brown_forsythe([1.0], [1.0, 2.0, 3.0]))
+    assert all(math.isnan(v) for v in brown_forsythe([1.0, 1.0], [2.0, 2.0]))  # no variation
+
+
 def test_paired_differences_use_shared_seeds_only():
     pre = pd.Series([0.1, 0.2, 0.3], index=[0, 1, 2])
     rnd = pd.Series([0.5, 0.7, 0.9], index=[2, 1, 5])
@@ -102,11 +141,16 @@ def test_summary_puts_each_factor_combination_in_its_own_row():
     assert row.diff_mean == pytest.approx(-0.02)
     assert row.diff_ci_low == pytest.approx(-0.02) and row.diff_ci_high == pytest.approx(-0.02)
     assert row.p_wilcoxon == pytest.approx(2 / 64)  # 6 differences, all of one sign
+    pre_e = table[(table.depth == 2) & (table.width == 16) & (table.init == "pretrained")]
+    tut_e = table[(table.depth == 2) & (table.width == 16) & (table.init == "tutorial")]
+    assert (row.bf_stat, row.p_brown_forsythe) == pytest.approx(
+        brown_forsythe(pre_e.test_error, tut_e.test_error), nan_ok=True)
     he = s[(s.depth == 1) & (s.width == 8) & (s.init == "he")].iloc[0]
     assert he.diff_mean == pytest.approx(-0.05)
     pre = s[(s.depth == 1) & (s.width == 8) & (s.init == "pretrained")].iloc[0]
     assert pd.isna(pre.n_pairs) and math.isnan(pre.diff_mean)
     assert pre.p_welch != pre.p_welch  # nan: the pretrained row has nothing to compare
+    assert math.isnan(pre.bf_stat) and math.isnan(pre.p_brown_forsythe)
 
 
 def test_summary_excludes_failed_cells_and_counts_them():
