@@ -11,7 +11,8 @@ project raises on purpose, whose message names the fix) a filter on those two lo
 - marks it, so the console handlers, which get it by propagation, leave it out: the CLI
   prints the same message once, as ``error: ...``;
 - marks Prefect's closing "Finished in state Failed(... DataError: ...)" lines the same
-  way (kept in the UI, left out of the console);
+  way (kept in the UI, left out of the console), and its "Crash detected!" line for a run
+  stopped by Ctrl-C or SIGTERM, which the CLI reports itself;
 - keeps the traceback at DEBUG level, on ``layerwise.errors``, for whoever asks for it.
 
 Any other exception is left alone: its traceback is how a bug gets fixed.
@@ -30,6 +31,11 @@ _MARK = "layerwise_expected"
 #: Prefect's closing line of a failed run: "Finished in state Failed('Task run encountered
 #: an exception DataError: ...')" (flow runs: "... an exception: DataError: ...").
 _FAILED_STATE = re.compile(r"encountered an exception:? (\w+):")
+#: Prefect's line for a run stopped by Ctrl-C or SIGTERM ("Crash detected! Execution was
+#: aborted by an interrupt signal."): kept in the UI, not printed, since the CLI says once
+#: that the run was interrupted and how to resume.
+_INTERRUPTED = re.compile(r"^Crash detected! Execution was (aborted by an interrupt signal|"
+                          r"aborted by a termination signal|cancelled by the runtime)")
 debug_log = logging.getLogger("layerwise.errors")
 
 
@@ -67,7 +73,8 @@ class ExpectedErrorFilter(logging.Filter):
             # The run's closing state line repeats the message: the UI keeps it, the
             # console (where the CLI prints it) does not.
             found = record.exc_info is None and _FAILED_STATE.search(str(record.msg))
-            if found and found.group(1) in _error_names():
+            if (found and found.group(1) in _error_names()) or _INTERRUPTED.match(
+                    str(record.msg)):
                 setattr(record, _MARK, True)
             return True
         debug_log.debug("%s", exc, exc_info=record.exc_info)

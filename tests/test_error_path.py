@@ -91,6 +91,19 @@ def test_prefects_closing_state_line_stays_out_of_the_console(engine_logger):
     assert [r.getMessage() for r in console.records] == [ui.records[1].getMessage()]
 
 
+def test_prefects_crash_line_for_an_interrupt_stays_out_of_the_console(engine_logger):
+    """A run stopped by Ctrl-C or SIGTERM: the UI keeps Prefect's line, the console has the
+    CLI's own (it said "Crash detected!" for a served run that ended CANCELLED)."""
+    logger, ui, console = engine_logger
+    for message in ("Execution was aborted by an interrupt signal.",
+                    "Execution was aborted by a termination signal.",
+                    "Execution was cancelled by the runtime environment."):
+        logger.error(f"Crash detected! {message}")
+    logger.error("Crash detected! Request to http://127.0.0.1:1/api failed: ConnectError.")
+    assert len(ui.records) == 4
+    assert [r.getMessage() for r in console.records] == [ui.records[3].getMessage()]
+
+
 def test_an_unexpected_error_keeps_its_traceback(engine_logger):
     logger, ui, console = engine_logger
     _log_failure(logger, ZeroDivisionError("a bug"))
