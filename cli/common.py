@@ -50,7 +50,9 @@ def interrupts_on_signals() -> Callable[[], None]:
     """SIGTERM ends a run like Ctrl-C: MLflow runs are marked KILLED, exit is non-zero.
 
     Both are remembered (``runtime.environment.note_interrupt``), so one that Python swallows is
-    raised again at the next chunk of training.
+    raised again at the next chunk of training. Only the first is raised: a second Ctrl-C
+    while Prefect and MLflow record the runs' end left the flow run "Running" in Prefect;
+    it now only says that the run is already stopping.
 
     Returns:
         A function that restores the previous handlers (for callers in the same process,
@@ -58,7 +60,14 @@ def interrupts_on_signals() -> Callable[[], None]:
     """
     from runtime.environment import note_interrupt
 
+    stopping = []
+
     def handler(signum, frame):  # noqa: ARG001
+        if stopping:  # a second Ctrl-C while the runs' end is recorded would cut it short
+            sys.stderr.write("layerwise: already stopping (recording the runs' end, a few "
+                             "seconds); Ctrl-\\ quits at once\n")
+            return
+        stopping.append(signum)
         raise note_interrupt(f"signal {signum}")
 
     previous_int = signal.getsignal(signal.SIGINT)

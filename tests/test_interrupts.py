@@ -65,3 +65,23 @@ def test_a_stopped_stage_leaves_a_last_line_saying_what_stopped_it(exc, cause):
         with recorder.stage("pretrain-layer-2"):
             raise ValueError("x")
     assert lines == []
+
+
+def test_only_the_first_signal_interrupts_the_second_says_it_is_stopping(monkeypatch, capsys):
+    """A second Ctrl-C while the runs' end is being recorded cut that short (Prefect then
+    logged "Finished in state Running()"); it is now only acknowledged."""
+    import signal
+
+    from cli.common import interrupts_on_signals
+
+    monkeypatch.setattr(runtime, "_INTERRUPTS", [])
+    restore = interrupts_on_signals()
+    try:
+        handler = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, None)
+        handler(signal.SIGINT, None)  # acknowledged, not raised
+        handler(signal.SIGTERM, None)
+    finally:
+        restore()
+    assert capsys.readouterr().err.count("already stopping") == 2
