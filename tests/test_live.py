@@ -16,17 +16,7 @@ from runtime.progress import ProgressLine, duration
 
 SGD = {"name": "sgd", "lr": 0.1}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from test_population import gen, one_thread  # noqa: E402,F401 - the one-thread fixture
 
 
 def classification_data(n=120, d=10, c=3):

@@ -19,17 +19,7 @@ from models.population_training import train_classifier_population, train_dae_po
 SGD = {"name": "sgd", "lr": 0.1}
 MOMENTUM = {"name": "sgd", "lr": 0.05, "momentum": 0.9}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from test_population import gen, one_thread  # noqa: E402,F401 - the one-thread fixture
 
 
 class Killed(Exception):
