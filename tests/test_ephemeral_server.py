@@ -229,7 +229,11 @@ def fake_server(monkeypatch):
         def stop(self):
             pass
 
+        def keep_alive(self):
+            Fake.kept_alive += 1
+
     Fake.outcomes, Fake.waits, Fake.pointed, Fake.starts = [], [], [], 0
+    Fake.kept_alive = 0
     monkeypatch.setattr(ephemeral_api, "_Server", Fake)
     monkeypatch.setattr(ephemeral_api, "_server", None)
     monkeypatch.setattr(ephemeral_api, "configured", lambda: False)
@@ -253,6 +257,7 @@ def test_a_start_that_times_out_twice_is_raised_by_ready_once(fake_server):
     first = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
     assert fake_server.waits == [first, 2 * first]  # Prefect's own wait, then twice as long
     assert "did not start: no answer, and again on a second try: no answer" in str(err.value)
+    assert fake_server.kept_alive == 0  # nothing to keep alive
     ephemeral_api.ready()  # reported once; nothing left to wait for
 
 
@@ -263,6 +268,7 @@ def test_a_start_that_times_out_once_is_retried_and_succeeds(fake_server):
     ephemeral_api.prestart()
     ephemeral_api.ready()  # no error: the second, longer try answered
     assert fake_server.starts == 2 and len(fake_server.waits) == 2
+    assert fake_server.kept_alive == 1  # restarted on its port should it die mid-run
     # Prefect is pointed at the first server, then at the second one's port
     assert fake_server.pointed == ["http://127.0.0.1:8001/api", "http://127.0.0.1:8002/api"]
     ephemeral_api.prestart()  # started once per process
