@@ -11,22 +11,21 @@ An epoch that runs longer than a set number of seconds is also checkpointed insi
 two chunks of minibatches (``position``: the chunks done; the epoch's partial sums kept).
 
 Two slots, written in turn (``epoch-a``, ``epoch-b``), each atomically
-(``runtime.checkpoints.atomic_write``) and carrying the digest of its tensors (``digest``): a write cut
-short (a ``.tmp`` file left over, or a slot whose tensors no longer match their digest)
+(``runtime.checkpoints.atomic_write``) and carrying the digest of its tensors
+(``runtime.checkpoints.tensor_sha256``): a write cut short (a ``.tmp`` file left over, or a slot whose tensors no longer match their digest)
 leaves the other slot, one checkpoint older, to continue from. Disk use is at most two
 checkpoints; ``remove`` deletes them when the stage has finished.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from runtime.checkpoints import atomic_write
+from runtime.checkpoints import atomic_write, tensor_sha256
 
 SLOTS = ("epoch-a.safetensors", "epoch-b.safetensors")
 FORMAT = "layerwise-epoch-checkpoint-1"
@@ -54,7 +53,7 @@ class EpochCheckpoint:
         """Write ``state`` over the older slot (the newer one stays until this succeeds)."""
         tensors, meta = state
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        header = {"format": FORMAT, "identity": self.identity, "sha256": digest(tensors),
+        header = {"format": FORMAT, "identity": self.identity, "sha256": tensor_sha256(tensors),
                   "meta": json.dumps(meta)}
         path = self.folder / (SLOTS[1] if self.newest == SLOTS[0] else SLOTS[0])
         from safetensors.torch import save_file
@@ -107,17 +106,6 @@ def _describe(meta: dict[str, Any]) -> str:
     return f"epoch {epoch}" + (f" and {position} chunks of the next" if position else "")
 
 
-def digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over named tensors (name, dtype, shape, bytes), 0-d ones included (an Adam
-    state's ``step``)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def _read(path: Path, identity: str) -> Any:
     """The state in ``path``; ``"other"`` for another stage's; None when it is damaged."""
     from safetensors import safe_open
@@ -132,7 +120,7 @@ def _read(path: Path, identity: str) -> Any:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception:  # noqa: BLE001 - any failure to parse is a damaged file
         return None
-    if digest(tensors) != header.get("sha256"):
+    if tensor_sha256(tensors) != header.get("sha256"):
         return None
     return tensors, json.loads(header["meta"])
 

@@ -66,12 +66,13 @@ def file_sha256(path: Path) -> str:
 
 
 def tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over named tensors (name, dtype, shape, bytes), independent of file format."""
+    """SHA-256 over named tensors (name, dtype, shape, bytes), independent of file format;
+    0-d tensors (an Adam state's ``step``) included."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
