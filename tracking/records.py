@@ -129,7 +129,6 @@ def log_evaluation(tracker: Tracker, run: str, parent: str, evaluation: Any,
         was reused, the run whose evaluation artifacts were reused (None if uploaded), and
         why the model was not registered (None: it was).
     """
-    import numpy as np
     import torch
 
     from tasks.evaluate import ARMS, release_problem
@@ -159,7 +158,7 @@ def log_evaluation(tracker: Tracker, run: str, parent: str, evaluation: Any,
         raw = raw_test_split(config.data)
         model = served_classifier(results["pretrained"].checkpoint, config, data,
                                   pixels=raw.dtype == "uint8")
-        x_raw = np.ascontiguousarray(raw, dtype=np.float32)  # (M, D) as the user has them
+        x_raw = as_inputs(raw)  # (M, D) as the user has them
         problem = release_problem(model, torch.from_numpy(x_raw), data.y_test, data.y_train,
                                   metrics[TEST_ERROR_PRETRAINED])
         if problem:
@@ -201,9 +200,14 @@ def raw_test_split(cfg: Any) -> Any:
 
 def raw_test_inputs(cfg: Any) -> Any:
     """The test split as a user has it: float32 (N, D) pixels, unnormalised (MNIST: 0-255)."""
+    return as_inputs(raw_test_split(cfg))
+
+
+def as_inputs(raw: Any) -> Any:
+    """Stored features as the served model takes them: contiguous float32 (N, D)."""
     import numpy as np
 
-    return np.ascontiguousarray(raw_test_split(cfg), dtype=np.float32)
+    return np.ascontiguousarray(raw, dtype=np.float32)
 
 
 def model_description(config: Any, data: Any, test_error: float) -> str:
