@@ -20,10 +20,11 @@ from typing import Any, Optional
 from prefect import flow
 from pydantic import BaseModel
 
-from flows.ablation_stages import (CellOutcome, Status, distinct_runs, pretrain_layer,
-                                   pretraining_plan, run_cell)
 from config.grid import expand, grid_params
 from config.grid_spec import GROUPING, Cell, Grid
+from tasks.ablation_cells import CellOutcome, Status, pretrain_layer, run_cell
+from tasks.ablation_plan import LayerNode, distinct_runs, population_plan, pretraining_plan
+from tasks.ablation_populations import pretrain_population, run_population_cells
 from reports.ablation_outputs import (cell_row, format_summary, log_cell, progress_line, record,
                                       summary_artifact, write_outputs)
 from tracking.tracker import KIND_TAG, Tracker, environment_params
@@ -58,7 +59,7 @@ def ablation(
     """Pretrained vs random initialisation over every cell of ``grid``, recorded in MLflow.
 
     ``population`` > 1 trains up to that many seeds of a layer or a cell as one batched
-    model (``flows.populations``); the table, runs and figures are the same.
+    model (``tasks.ablation_populations``); the table, runs and figures are the same.
     """
     echo = print if verbose else (lambda line: None)
     cells = expand(grid)  # 1. the plan: every cell, and the distinct pretraining layers
@@ -135,9 +136,7 @@ def _submit(cells: list[Cell], nodes: dict[str, Any], stacks: dict[str, list[str
             population: int, home: str, threads: Optional[int], retry: dict[str, Any],
             echo: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     if population > 1:  # seeds of a layer or a cell trained as one batched model
-        from flows.populations import submit
-
-        futures, below, n_tasks = submit(cells, nodes, stacks, population, home, threads, retry)
+        futures, below, n_tasks = submit_populations(cells, nodes, stacks, population, home, threads, retry)
         echo(f"  populations of up to {population} seeds: {n_tasks} tasks")
         return futures, below
     layers: dict[str, Any] = {}
@@ -149,6 +148,45 @@ def _submit(cells: list[Cell], nodes: dict[str, Any], stacks: dict[str, list[str
     futures = {cell.id: run_cell.with_options(task_run_name=f"cell/{cell.id}", **retry)
                .submit(cell, below[cell.id], home, threads) for cell in cells}
     return futures, below
+
+
+class MemberFuture:
+    """Member ``index`` of a population task's future, read like a single task's future."""
+
+    def __init__(self, future: Any, index: int):
+        self.future, self.index = future, index
+
+    def wait(self) -> None:
+        self.future.wait()
+
+    @property
+    def state(self) -> Any:
+        return self.future.state
+
+
+def submit_populations(cells: list[Cell], nodes: dict[str, LayerNode], stacks: dict[str, list[str]],
+           size: int, home: str, threads: Optional[int], retry: dict[str, Any]
+           ) -> tuple[dict[str, MemberFuture], dict[str, list[Any]], int]:
+    """Submit every population task. Returns each cell's member future, the futures of the
+    population layers its stack reads (for failure messages), and the number of tasks."""
+    pop_nodes, groups = population_plan(cells, nodes, stacks, size)
+    layers: dict[str, Any] = {}
+    for node in pop_nodes.values():
+        layers[node.id] = pretrain_population.with_options(
+            task_run_name=f"layer-{node.k + 1}/{node.id[:8]}x{len(node.keys)}", **retry,
+        ).submit(node.k, list(node.configs), [layers[i] for i in node.inputs],
+                 [list(m) for m in node.lower], home, threads)
+    futures: dict[str, MemberFuture] = {}
+    below: dict[str, list[Any]] = {}
+    for group in groups:
+        future = run_population_cells.with_options(
+            task_run_name=f"cells/{group.id}x{len(group.cells)}", **retry,
+        ).submit(list(group.cells), [layers[i] for i in group.inputs],
+                 [list(s) for s in group.stacks], home, threads)
+        for index, cell in enumerate(group.cells):
+            futures[cell.id] = MemberFuture(future, index)
+            below[cell.id] = [layers[i] for i in group.inputs]
+    return futures, below, len(pop_nodes) + len(groups)
 
 
 def record_table(tracker: Tracker, parent: str, grid: Grid, rows: list[dict[str, Any]],

@@ -1,34 +1,40 @@
-"""The main job: load data, pretrain layer by layer, fine-tune the pretrained and the
-random-init twins, evaluate both. Every stage is a Prefect task with its own nested MLflow
-run under one parent run."""
+"""The main job, as the README's diagram draws it: load the data, pretrain layer by layer,
+fine-tune the pretrained and the random-init twins, evaluate both, compare them, register
+the pretrained network. The objective (``classify``: the deep classifier; ``reconstruct``:
+the deep autoencoder, against PCA) chooses the fine-tuning and evaluation tasks; nothing
+else differs. Every stage is a Prefect task recorded in its own nested MLflow run under
+one parent run (``tracking.recorder``)."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from prefect import flow
 from pydantic import BaseModel
 
 from config.parameters import complete, resolve_flow_config
-from config.stages import PipelineConfig, flatten
-from flows.stages import (StageRecorder, StageReport, data_and_pretraining, flow_run_name,
-                          run_task)
-from runtime.console import announce
-from runtime.environment import eval_device, layerwise_home, precision_used
+from config.stages import PipelineConfig
+from runtime.environment import layerwise_home
 from runtime.errors import ConfigError
-from tasks.evaluate import ARMS, evaluate_task, per_class_table
-from tasks.finetune import finetune_twins_task
-from tracking.conventions import results_note, run_description, run_name
-from tracking.links import run_link
-from tracking.records import log_classifier_run, log_evaluation
-from tracking.stale import end_dead_runs
-from tracking.tracker import Tracker, environment_params
-from tracking.vocabulary import (KIND_TAG, NOT_REGISTERED_TAG, NOTE_TAG, TEST_ERROR_DIFF,
-                                 TEST_ERROR_PRETRAINED, TEST_ERROR_RANDOM)
+from tasks.compare import Comparison, compare
+from tasks.data import check_sizes, load_data_task
+from tasks.evaluate import evaluate_task, per_class_table
+from tasks.finetune import ARMS, finetune_twins_task
+from tasks.pretrain import pretrain_layer_task
+from tasks.reconstruct import finetune_autoencoders_task
+from tasks.reconstruct_eval import METHODS, evaluate_reconstruction_task
+from tasks.release import release_task
+from tracking.conventions import run_name
+from tracking.recorder import PipelineRecorder, StageReport
+from tracking.registration import Registered
+from tracking.tracker import Tracker
+from tracking.vocabulary import (KNN_ACCURACY, RECON_ERROR, RECON_ERROR_DIFF, RECON_LOSS,
+                                 TEST_ERROR_DIFF, TEST_ERROR_PRETRAINED, TEST_ERROR_RANDOM,
+                                 VAL_ERROR_PRETRAINED)
 
 
 class PipelineResult(BaseModel):
-    """What ``layerwise run`` prints and tests check."""
+    """What ``layerwise run`` prints and tests check (objective ``classify``)."""
 
     run_id: str
     experiment_id: str
@@ -44,6 +50,44 @@ class PipelineResult(BaseModel):
     stages: list[StageReport]
 
 
+class ReconstructResult(BaseModel):
+    """What ``layerwise run --objective reconstruct`` prints and tests check."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    recon_error: dict[str, float]  # method -> squared error per test image
+    recon_loss: dict[str, float]  # method -> the fine-tuning loss on the test images
+    knn_accuracy: dict[str, float]  # method -> k-NN accuracy of its code
+    recon_error_diff: float  # pretrained − random
+    val_error_pretrained: float
+    model_versions: dict[str, str]  # registered name -> version
+    models_reused: bool = False
+    data: dict[str, Any]
+    stages: list[StageReport]
+
+
+class Objective(NamedTuple):
+    """What an objective chooses: its fine-tuning and evaluation tasks, and its result."""
+
+    finetune: Any
+    evaluate: Any
+    result: Any  # (recorder, data, comparison, registered, names) -> its result
+
+
+def flow_run_name() -> str:
+    """The Prefect flow run's name: the MLflow parent run's, ``<preset>-s<seed>-<UTC mmdd-HHMMSS>``."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    try:
+        config, preset, _ = resolve_flow_config(params.get("config"), params.get("preset"),
+                                                params.get("overrides") or [])
+    except (ConfigError, ValueError, TypeError):  # the flow itself reports the mistake
+        return run_name(str(params.get("preset") or "invalid"), 0)
+    return run_name(preset, config.runtime.seed)
+
+
 @flow(name="layerwise-pipeline", validate_parameters=True, flow_run_name=flow_run_name)
 def pipeline(
     config: Optional[PipelineConfig] = None,
@@ -51,101 +95,119 @@ def pipeline(
     overrides: Optional[list[str]] = None,
     tracking_uri: Optional[str] = None,
     experiment: str = "layerwise",
-    registered_model_name: str = "layerwise-classifier",
+    registered_model_name: Optional[str] = None,
+    encoder_model_name: str = "layerwise-encoder",
     fresh: bool = False,
-) -> PipelineResult:
+) -> Any:
     """Greedy layer-wise pretraining vs random initialisation, recorded in MLflow.
 
     Args:
         config: A complete config (``layerwise config --format json``); None to build it
             from ``preset`` and ``overrides``.
         preset: Preset name (default ``default``); recorded with the overrides relative to it.
-        overrides: ``section.field=value`` items, as ``layerwise run --set`` takes them.
+        overrides: ``section.field=value`` items, as ``layerwise run --set`` takes them
+            (``objective=reconstruct`` for the deep autoencoder).
         tracking_uri: MLflow tracking URI (default: ``$MLFLOW_TRACKING_URI`` or the embedded
             store).
         experiment: MLflow experiment name.
-        registered_model_name: Registered model that the pretrained classifier joins.
+        registered_model_name: Registered model the pretrained network joins (default
+            ``layerwise-classifier``, or ``layerwise-autoencoder`` for ``reconstruct``).
+        encoder_model_name: Registered model the autoencoder's encoder joins.
         fresh: Recompute every stage instead of reusing cached results.
+
+    Returns:
+        ``PipelineResult``, or ``ReconstructResult`` for ``objective=reconstruct``.
     """
+    config, preset, overrides = setup(config, preset, overrides)
+    objective, names = OBJECTIVES[config.objective], model_names(
+        config, registered_model_name, encoder_model_name)
+    tracker = Tracker(tracking_uri, experiment, source_name="flows/pipeline.py")
+    with PipelineRecorder(tracker, config, preset, overrides, fresh, run_label()) as record:
+        data = record.stage("load-data", load_data_task, config.data)
+        check_sizes(config, data)
+        stack = []
+        for k in range(config.model.n_layers):
+            stack.append(record.stage(f"pretrain-layer-{k + 1}", pretrain_layer_task, k,
+                                      config, data, stack, live=f"pretrain/layer_{k + 1}"))
+        arms = record.twins(objective.finetune, config, data, stack)
+        evaluation = record.stage("evaluate", objective.evaluate, config, data, arms)
+        comparison = record.compare(compare(evaluation))
+        registered = record.register(release_task(config, data, arms, evaluation), names)
+        return objective.result(record, data, comparison, registered, names, evaluation)
+
+
+def run_label() -> str:
+    """The parent run's name: the flow run's (``flow_run_name``)."""
     from prefect.runtime import flow_run
 
+    return flow_run.name or flow_run_name()
+
+
+def setup(config: Optional[PipelineConfig], preset: Optional[str],
+          overrides: Optional[list[str]]) -> tuple[PipelineConfig, str, list[str]]:
+    """The flow run's config, preset and overrides (``resolve_flow_config``), with the
+    project's own errors logged without tracebacks (also when the flow is served)."""
     from runtime.expected_errors import install
 
-    install()  # the project's own errors are logged without tracebacks (also when served)
-    echo = announce  # printed, and in the flow run's logs in the Prefect UI
-    config, preset, overrides = resolve_flow_config(config, preset, overrides or [])
-    if config.objective != "classify":
-        raise ConfigError("objective='reconstruct' runs in the flow layerwise-reconstruct "
-                          "(flows/reconstruct.py; `layerwise run` picks it by itself)")
-    tracker = Tracker(tracking_uri, experiment, source_name="flows/pipeline.py")
-    if killed := end_dead_runs(tracker.client, experiment):
-        echo(f"  marked {len(killed)} MLflow run(s) of an earlier, killed attempt KILLED")
-    device = str(eval_device(config.runtime))
-    name = flow_run.name or run_name(preset, config.runtime.seed)
-    description = run_description("pipeline", preset, config)
-    with tracker.run(name, {KIND_TAG: "pipeline", NOTE_TAG: description}) as parent:
-        link = run_link(tracker.uri, tracker.experiment_id, parent)
-        echo(f"MLflow run: {link}", console=False)
-        tracker.log_params(parent, {**flatten(config), "preset": preset,
-                                    "overrides": overrides,
-                                    **environment_params(device, precision_used(config.runtime))})
-        stages = StageRecorder(tracker, parent, echo)
+    install()
+    return resolve_flow_config(config, preset, overrides or [])
 
-        data, stack = data_and_pretraining(config, tracker, parent, stages, fresh)
 
-        # The twins fine-tune as one population of two (one pass over the data, the same
-        # data order by construction); each arm keeps its own run, open while they train.
-        results = {}
-        with stages.together([f"finetune-{arm}" for arm in ARMS], "finetune",
-                             "finetune-twins") as runs:
-            info = runs[0][1]
-            twins = run_task(finetune_twins_task, "finetune-twins", fresh, info, config, data,
-                             stack)
-            for arm, (run, arm_info) in zip(ARMS, runs):
-                arm_info["cached"] = info["cached"]
-                results[arm] = twins.arms[arm]
-                arm_info["artifacts_from"] = log_classifier_run(
-                    tracker, run, results[arm], history=run not in info["live"])
+def model_names(config: PipelineConfig, registered: Optional[str], encoder: str
+                ) -> dict[str, str]:
+    """The registered model each served kind joins (``tasks.release``)."""
+    if config.objective == "reconstruct":
+        return {"autoencoder": registered or "layerwise-autoencoder", "encoder": encoder}
+    return {"classifier": registered or "layerwise-classifier"}
 
-        with stages.stage("evaluate") as (run, info):
-            evaluation = run_task(evaluate_task, "evaluate", fresh, info, config, data, results)
-            metrics, version, model_reused, info["artifacts_from"], refused = log_evaluation(
-                tracker, run, parent, evaluation, results, config, data, registered_model_name)
-        tracker.log_metrics(parent, metrics)
-        reused = stages.reused_note(registered_model_name, version, model_reused)
-        arm_runs = [r.mlflow_run_id for r in stages.reports if r.name.startswith("finetune-")]
-        registered = ({"layerwise.model_version": version,
-                       "layerwise.registered_model": f"{registered_model_name}/{version}",
-                       NOTE_TAG: description + "\n\n" + results_note(
-                           tracker.experiment_id, arm_runs, registered_model_name, version)}
-                      if version else {NOT_REGISTERED_TAG: refused})
-        tracker.set_tags(parent, {**registered,
-                                  **({"layerwise.reused": reused} if reused else {})})
-        if reused:
-            echo(f"  reused {reused}")
-        if refused:
-            echo(f"warning: model {registered_model_name} not registered: {refused}")
-        model = f"model {registered_model_name} v{version}" if version else "no model registered"
-        echo(f"test error: pretrained {100 * metrics[TEST_ERROR_PRETRAINED]:.2f} %, random "
-             f"{100 * metrics[TEST_ERROR_RANDOM]:.2f} %; {model}; MLflow run: {link}",
-             console=False)
-        result = PipelineResult(
-            run_id=parent, experiment_id=tracker.experiment_id, tracking_uri=tracker.uri,
-            test_error_pretrained=metrics[TEST_ERROR_PRETRAINED],
-            test_error_random=metrics[TEST_ERROR_RANDOM],
-            test_error_diff=metrics[TEST_ERROR_DIFF],
-            model_name=registered_model_name, model_version=version, model_reused=model_reused,
-            not_registered=refused,
-            data=data.summary(), stages=stages.reports,
-        )
-        summary_markdown(result, per_class_table(evaluation))
+
+def classifier_result(record: PipelineRecorder, data: Any, comparison: Comparison,
+                      registered: Registered, names: dict[str, str],
+                      evaluation: Any) -> PipelineResult:
+    """The classify objective's result; its Prefect summary and last log line."""
+    m, version = comparison.metrics, registered.versions.get("classifier")
+    model = f"model {names['classifier']} v{version}" if version else "no model registered"
+    record.echo(f"{comparison.line}; {model}; MLflow run: {record.link}", console=False)
+    result = PipelineResult(
+        run_id=record.parent, experiment_id=record.tracker.experiment_id,
+        tracking_uri=record.tracker.uri, test_error_pretrained=m[TEST_ERROR_PRETRAINED],
+        test_error_random=m[TEST_ERROR_RANDOM], test_error_diff=m[TEST_ERROR_DIFF],
+        model_name=names["classifier"], model_version=version,
+        model_reused=registered.reused and version is not None,
+        not_registered=registered.refused, data=data.summary(), stages=record.reports)
+    summary_markdown(result, per_class_table(evaluation))
     return result
 
 
+def reconstruct_result(record: PipelineRecorder, data: Any, comparison: Comparison,
+                       registered: Registered, names: dict[str, str],
+                       evaluation: Any) -> ReconstructResult:
+    """The reconstruct objective's result and its Prefect summary."""
+    m = comparison.metrics
+    record.echo(f"{comparison.line}; MLflow run: {record.link}", console=False)
+    result = ReconstructResult(
+        run_id=record.parent, experiment_id=record.tracker.experiment_id,
+        tracking_uri=record.tracker.uri,
+        recon_error={k: m[RECON_ERROR.format(k)] for k in METHODS},
+        recon_loss={k: m[RECON_LOSS.format(k)] for k in METHODS},
+        knn_accuracy={k: m[KNN_ACCURACY.format(k)] for k in METHODS},
+        recon_error_diff=m[RECON_ERROR_DIFF], val_error_pretrained=m[VAL_ERROR_PRETRAINED],
+        model_versions={names[k]: v for k, v in registered.versions.items()},
+        models_reused=registered.reused, data=data.summary(), stages=record.reports)
+    reconstruct_summary(result, evaluation.knn_k)
+    return result
+
+
+OBJECTIVES = {
+    "classify": Objective(finetune_twins_task, evaluate_task, classifier_result),
+    "reconstruct": Objective(finetune_autoencoders_task, evaluate_reconstruction_task,
+                             reconstruct_result),
+}
+
+
 def run_pipeline(config: PipelineConfig, **kwargs: Any) -> Any:
-    """Run the flow of ``config.objective`` (this module's ``pipeline``, or
-    ``flows.reconstruct.reconstruct``, which returns a ``ReconstructResult``) with its cached
-    task results stored beside the checkpoints they point to, under
+    """Run the pipeline flow on ``config`` with its cached task results stored beside the
+    checkpoints they point to, under
     ``$LAYERWISE_HOME/prefect-results`` (the flow reads the setting at start)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
@@ -166,12 +228,8 @@ def run_pipeline(config: PipelineConfig, **kwargs: Any) -> Any:
     import mlflow.pytorch  # noqa: F401
 
     ready()
-    if config.objective == "reconstruct":
-        from flows.reconstruct import reconstruct as flow_fn
-    else:
-        flow_fn = pipeline
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: layerwise_home() / "prefect-results"}):
-        return flow_fn(config=complete(config), **kwargs)
+        return pipeline(config=complete(config), **kwargs)
 
 
 def summary_markdown(result: PipelineResult, per_class: Any) -> str:
@@ -201,4 +259,28 @@ def summary_markdown(result: PipelineResult, per_class: Any) -> str:
     return markdown
 
 
-__all__ = ["pipeline", "run_pipeline", "PipelineResult", "ARMS"]
+def reconstruct_summary(result: ReconstructResult, knn_k: int) -> str:
+    """A Prefect markdown artifact summarising the run; returns the markdown."""
+    from prefect.artifacts import create_markdown_artifact
+
+    lines = [
+        "# layerwise deep autoencoder", "",
+        f"| method | squared error per test image | loss | {knn_k}-NN accuracy of the code |",
+        "| --- | --- | --- | --- |",
+        *[f"| {m} | {result.recon_error[m]:.3f} | {result.recon_loss[m]:.3f} | "
+          f"{100 * result.knn_accuracy[m]:.2f} % |" for m in METHODS], "",
+        f"Difference (pretrained − random): {result.recon_error_diff:+.3f}. MLflow run "
+        f"`{result.run_id}` at `{result.tracking_uri}`; models "
+        + ", ".join(f"`{n}` v{v}" for n, v in result.model_versions.items())
+        + f"; data digest `{result.data['digest'][:16]}`.",
+        "", "| stage | seconds | cached |", "| --- | --- | --- |",
+        *[f"| {s.name} | {s.seconds:.1f} | {s.cached} |" for s in result.stages],
+    ]
+    markdown = "\n".join(lines)
+    create_markdown_artifact(markdown, key="layerwise-reconstruct-summary",
+                             description="Reconstruction error of the pretrained and "
+                             "random-init autoencoders and PCA")
+    return markdown
+
+
+__all__ = ["pipeline", "run_pipeline", "PipelineResult", "ReconstructResult", "ARMS"]

@@ -5,20 +5,17 @@ artifacts, and the summary as text and as a Prefect table artifact."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from config.grid_spec import Cell, Grid
 from tracking.tracker import Tracker
 
-if TYPE_CHECKING:
-    from flows.ablation_stages import CellOutcome, Status
-
 from tracking.vocabulary import CELL_TAG, ERROR_TAG, STATUS_TAG  # noqa: F401
 
 
-def cell_row(cell: Cell, outcome: Optional[CellOutcome], status: Status,
-             error: str) -> dict[str, Any]:
-    """One row of the tidy table: the cell's factors, its results and its status."""
+def cell_row(cell: Cell, outcome: Optional[Any], status: str, error: str) -> dict[str, Any]:
+    """One row of the tidy table: the cell's factors, its results (a
+    ``tasks.ablation_cells.CellOutcome``, None when it has none) and its status."""
     fields = outcome.model_dump(exclude={"status", "error"}) if outcome else {}
     return {"cell": cell.id, **cell.factors, "arm": cell.arm, "status": status,
             "test_error": fields.get("test_error"), "val_error": fields.get("val_error"),

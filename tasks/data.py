@@ -22,7 +22,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from config.stages import DataConfig
+from config.stages import DataConfig, PipelineConfig
 from tasks.data_files import NPZ_KEYS, load_npz_raw, peek_npz_train_size, read_npz  # noqa: F401
 from tasks.data_idx import (IDX_SOURCES, MNIST_SHA256, MNIST_SIZES, load_idx_raw,  # noqa: F401
                             sha256_file, verify_idx, verify_mnist)
@@ -257,3 +257,16 @@ def load_data(cfg: DataConfig) -> DataBundle:
 def load_data_task(cfg: DataConfig) -> DataBundle:
     """Prefect task over :func:`load_data`; never cached (tensors do not hash stably)."""
     return load_data(cfg)
+
+
+def check_sizes(config: PipelineConfig, data: DataBundle) -> None:
+    """``ConfigError`` when ``data.n_train`` or a stage's batch size exceeds the training
+    split that was loaded (``config.stages.check_train_size``)."""
+    from config.stages import check_train_size
+    from runtime.errors import ConfigError
+
+    try:
+        check_train_size(config, len(data.x_train) if config.data.n_train is None
+                         else config.data.n_train)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc

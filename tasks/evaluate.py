@@ -4,7 +4,7 @@ confusion matrices, learning curves and the pretrained-minus-random difference."
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from prefect import task
@@ -34,6 +34,8 @@ class Evaluation(BaseModel):
     error_diff: float
     n_test: int
     files: dict[str, Path]
+    val_error_pretrained: float  # the pretrained arm's best validation error
+    artifacts_key: str  # what the files are a function of: the data and both checkpoints
 
 
 def load_classifier(checkpoint: Any, config: PipelineConfig, n_features: int, n_classes: int):
@@ -90,6 +92,9 @@ def evaluate(config: PipelineConfig, data: Any, results: dict[str, ClassifierRes
         error_diff=arms["pretrained"].test_error - arms["random"].test_error,
         n_test=len(y_true),
         files=files,
+        val_error_pretrained=results["pretrained"].best_val_error,
+        artifacts_key=f"evaluate:{data.digest}:"
+                      + ":".join(results[a].checkpoint.sha256 for a in ARMS),
     )
 
 
@@ -109,48 +114,3 @@ def evaluate_task(config: PipelineConfig, data: Any,
     key = stage_key("evaluate", kind="evaluate", data=data.digest,
                     checkpoints=[results[a].checkpoint.sha256 for a in ARMS])
     return evaluate(config, data, results, stage_dir("evaluate", key))
-
-
-
-def chance_error(y_train: torch.Tensor, y_test: torch.Tensor) -> tuple[float, int]:
-    """The test error of always answering the most frequent training class (what a model
-    that learned nothing from the features reaches), and that class.
-
-    Args:
-        y_train: int64 (N,) training labels.
-        y_test: int64 (M,) test labels.
-    """
-    majority = int(torch.bincount(y_train).argmax())
-    return float((y_test != majority).double().mean()), majority
-
-
-@torch.no_grad()
-def release_problem(served: torch.nn.Module, x_raw: torch.Tensor, y_test: torch.Tensor,
-                    y_train: torch.Tensor, test_error: float,
-                    batch_size: int = 4096) -> Optional[str]:
-    """Why the served model (raw inputs in, probabilities out) must not be registered, or
-    None: its outputs on the test set must all be finite, and both the run's test error and
-    the served model's must beat :func:`chance_error`.
-
-    Args:
-        served: The model as registered (``models.served.RawPixelClassifier``).
-        x_raw: float32 (M, D) test inputs as the dataset stores them.
-        y_test: int64 (M,) test labels.
-        y_train: int64 (N,) training labels (for the chance level).
-        test_error: The run's logged test error (the pretrained arm).
-        batch_size: Rows per forward pass.
-    """
-    outputs = torch.cat([served(x_raw[i : i + batch_size])
-                         for i in range(0, len(x_raw), batch_size)])  # (M, K)
-    bad_rows = int((~torch.isfinite(outputs)).any(dim=1).sum())
-    if bad_rows:
-        return (f"its outputs are NaN or inf on {bad_rows} of {len(x_raw)} test rows (the "
-                "served model's normalisation or weights overflow)")
-    served_error = float((outputs.argmax(dim=1) != y_test).double().mean())
-    chance, majority = chance_error(y_train, y_test)
-    worst = max(test_error, served_error)
-    if worst >= chance:
-        return (f"its test error {100 * worst:.2f} % is not better than chance "
-                f"({100 * chance:.2f} %: always answering class {majority}, the most "
-                "frequent in training)")
-    return None

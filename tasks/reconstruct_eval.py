@@ -41,6 +41,8 @@ class ReconstructEvaluation(BaseModel):
     code_size: int
     knn_k: int
     files: dict[str, Path]
+    val_error_pretrained: float  # the pretrained arm's best validation squared error
+    artifacts_key: str  # what the files are a function of: data, checkpoints, k
 
 
 def pca_fit(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,7 +161,10 @@ def evaluate_reconstruction(config: PipelineConfig, data: Any, results: dict[str
         methods=methods, n_test=len(data.x_test), code_size=code_size, knn_k=a.knn_k,
         error_diff=(methods["pretrained"].sq_error_per_image
                     - methods["random"].sq_error_per_image),
-        files=files)
+        files=files, val_error_pretrained=results["pretrained"].best_val_error,
+        artifacts_key=":".join(["evaluate-reconstruction", data.digest,
+                                *(results[arm].checkpoint.sha256 for arm in ARMS),
+                                str(a.knn_k)]))
 
 
 @task(name="evaluate-reconstruction", task_run_name="evaluate", cache_policy=NO_CACHE,

@@ -196,7 +196,7 @@ def test_figures_cover_depth_and_n_train(tmp_path):
 
 
 def test_pretraining_plan_shares_lower_layers_and_stacks():
-    from flows.ablation import pretraining_plan
+    from tasks.ablation_plan import pretraining_plan
 
     cells = expand(load_grid(GRIDS_DIR / "tiny.yaml"))
     nodes, stacks = pretraining_plan(cells)
@@ -500,8 +500,8 @@ def test_process_pool_reproduces_the_in_process_results(tiny, tmp_path, monkeypa
 
 
 def test_population_plan_groups_the_seeds_of_each_layer_and_cell():
-    from flows.ablation import pretraining_plan
-    from flows.populations import population_plan
+    from tasks.ablation_plan import pretraining_plan
+    from tasks.ablation_plan import population_plan
 
     cells = expand(load_grid(GRIDS_DIR / "tiny.yaml"))
     nodes, stacks = pretraining_plan(cells)

@@ -122,7 +122,7 @@ class Constant(torch.nn.Module):
 
 
 def test_a_model_with_non_finite_outputs_or_at_chance_is_not_released():
-    from tasks.evaluate import chance_error, release_problem
+    from tasks.release import chance_error, release_problem
 
     x = torch.zeros(6, 3)
     y_train, y_test = torch.tensor([0, 0, 0, 1, 2]), torch.tensor([0, 0, 1, 1, 2, 2])

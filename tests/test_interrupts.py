@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -46,24 +48,38 @@ class _Tracker:
         pass
 
 
+class _Task:
+    """A stage's Prefect task that raises ``exc`` when run."""
+
+    name = "pretrain-layer-2"
+
+    def __init__(self, exc):
+        self.exc = exc
+
+    def with_options(self, **options):
+        def run(*args, return_state=False):
+            raise self.exc
+        return run
+
+
 @pytest.mark.parametrize("exc,cause", [(KeyboardInterrupt("signal 2"), "Ctrl-C"),
                                        (KeyboardInterrupt("signal 15"), "SIGTERM")])
 def test_a_stopped_stage_leaves_a_last_line_saying_what_stopped_it(exc, cause):
     """The flow run's Prefect log (``console=False``: the CLI prints its own line once)."""
-    from flows.stages import StageRecorder
+    from tracking.recorder import PipelineRecorder
 
     lines = []
-    recorder = StageRecorder(_Tracker(), "parent", lambda line, console=True:
-                             lines.append((line, console)))
+    recorder = PipelineRecorder(_Tracker(), SimpleNamespace(runtime=SimpleNamespace(seed=0)),
+                                "quick", [], fresh=False, name="parent",
+                                echo=lambda line, console=True: lines.append((line, console)))
+    recorder.parent = "parent"
     with pytest.raises(KeyboardInterrupt):
-        with recorder.stage("pretrain-layer-2", live="pretrain/layer_2"):
-            raise exc
+        recorder.stage("pretrain-layer-2", _Task(exc), live="pretrain/layer_2")
     assert lines == [(f"  stopped pretrain-layer-2 ({cause}): rerun the same command to "
                       "continue from its last epoch checkpoint", False)]
     lines.clear()
     with pytest.raises(ValueError):  # a failure is not an interruption
-        with recorder.stage("pretrain-layer-2"):
-            raise ValueError("x")
+        recorder.stage("pretrain-layer-2", _Task(ValueError("x")))
     assert lines == []
 
 

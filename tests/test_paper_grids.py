@@ -54,7 +54,7 @@ def test_the_random_twin_is_one_run_per_dataset_and_seed(name, tmp_path):
 
 
 def test_each_random_twin_is_submitted_once():
-    from flows.ablation_stages import distinct_runs
+    from tasks.ablation_plan import distinct_runs
 
     cells = expand(load_grid(GRIDS_DIR / "vincent-tiny.yaml"))
     alias = distinct_runs(cells)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from pydantic import BaseModel
+
 from runtime.console import mlflow_prints_quiet
 from tracking.retries import with_retries
 from tracking.tracker import Tracker, quote_filter
+from tracking.vocabulary import FORMAT_TAG, NOT_REGISTERED_TAG
 
 MODEL_DESCRIPTION = (
     "Classifiers from layerwise pipeline runs (greedy layer-wise pretraining of stacked "
@@ -72,3 +75,47 @@ def register_classifier(tracker: Tracker, run_id: str, model: Any, input_example
     if not with_retries(client.get_registered_model, name).description:
         with_retries(client.update_registered_model, name, MODEL_DESCRIPTION)
     return version
+
+
+class Registered(BaseModel):
+    """What became of a run's release: the version of each registered model (empty when
+    refused), whether every one was an existing identical version, and why nothing was
+    registered (None: it was)."""
+
+    versions: dict[str, str]
+    reused: bool
+    refused: Optional[str] = None
+
+
+def register_release(tracker: Tracker, run: str, parent: str, release: Any,
+                     names: dict[str, str]) -> Registered:
+    """Register each served model of ``release`` (``tasks.release.Release``) as a version of
+    ``names[kind]``, logged in the evaluation run ``run``, unless a READY version with the
+    same identity and format exists (it is reused) or the release has a problem (nothing is
+    registered; the reason is the run's tag ``layerwise.not_registered``)."""
+    from runtime.errors import TrackingError
+
+    versions: dict[str, str] = {}
+    reused = True
+    try:
+        for kind, model in release.models.items():
+            identity = {**release.identity, FORMAT_TAG: release.formats[kind]}
+            version = find_model_version(tracker, names[kind], identity)
+            if version is None and release.problem:
+                tracker.set_tags(run, {NOT_REGISTERED_TAG: release.problem})
+                return Registered(versions={}, reused=False, refused=release.problem)
+            if version is None:
+                reused = False
+                version = register_classifier(
+                    tracker, run, model, release.example, names[kind],
+                    {**identity, "layerwise.run_id": parent,
+                     "val_error": repr(release.val_error),
+                     "test_error": repr(release.test_error)},
+                    description=release.descriptions[kind],
+                    artifact="model" if kind == "classifier" else kind)
+            versions[kind] = version
+    except Exception as exc:  # noqa: BLE001 - whatever broke, say where the work is
+        raise TrackingError(f"could not log or register the {' and '.join(release.models)} "
+                            f"in MLflow ({exc}); the fine-tuned weights are kept at "
+                            f"{', '.join(release.kept)}") from exc
+    return Registered(versions=versions, reused=reused)

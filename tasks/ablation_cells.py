@@ -1,17 +1,14 @@
-"""The ablation's stages, what a worker runs: one pretraining layer or one cell through the
-pipeline's own cached tasks, on data the worker loads itself; and the plan of the distinct
-pretraining layers that the cells' stacks share, and of the distinct fine-tuning runs (a
-random-init twin that differs only in pretraining settings is one run). ``flows.ablation``
-(one task per layer and per cell) and ``flows.populations`` (seeds grouped into
-populations) submit them.
+"""The ablation's tasks, what a worker runs: one pretraining layer or one cell through the
+pipeline's own cached tasks, on data the worker loads itself. ``flows.ablation`` submits
+them, one task per distinct layer and per cell (``tasks.ablation_plan``), or grouped into
+populations of seeds (``tasks.ablation_populations``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, Optional
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -20,7 +17,7 @@ from pydantic import BaseModel
 from config.grid_spec import Cell
 from config.stages import DataConfig, PipelineConfig
 from runtime.errors import DivergenceError
-from tasks.pretrain import LayerResult, pretrain_cache_key, pretrain_layer_task
+from tasks.pretrain import LayerResult, pretrain_layer_task
 
 Status = Literal["ok", "diverged", "failed"]
 
@@ -152,62 +149,3 @@ def score_cell(config: PipelineConfig, data: Any, result: Any,
         wall_seconds=time.perf_counter() - started,
         cached=cached,
     )
-
-
-# --- the plan: which layers the flow trains -----------------------------------------------
-
-
-class LayerNode(NamedTuple):
-    """One distinct pretraining layer: trained once, shared by every stack that has it."""
-
-    key: str
-    k: int
-    config: PipelineConfig
-    lower: tuple[str, ...]
-
-
-def pretraining_plan(cells: list[Cell]) -> tuple[dict[str, LayerNode], dict[str, list[str]]]:
-    """The distinct layers of every pretrained cell's stack, bottom up, and each cell's stack.
-
-    Layer k is identified by its own ``pretrain_cache_key`` (layers below left out, the data
-    config standing for the data) chained with the identity of layer k-1: so the depth-1 and
-    depth-2 cells of a seed share layer 1, and cells that differ only in fine-tuning
-    settings share the whole stack. Returns (nodes in topological order, cell id -> keys).
-    """
-    nodes: dict[str, LayerNode] = {}
-    stacks: dict[str, list[str]] = {}
-    for cell in cells:
-        if cell.arm != "pretrained":
-            continue
-        chain: list[str] = []
-        for k in range(cell.config.model.n_layers):
-            own = pretrain_cache_key(k, cell.config, cell.config.data.digest(), [])
-            key = hashlib.sha256(f"{chain[-1] if chain else ''}/{own}".encode()).hexdigest()
-            nodes.setdefault(key, LayerNode(key, k, cell.config, tuple(chain)))
-            chain.append(key)
-        stacks[cell.id] = chain
-    return nodes, stacks
-
-
-def distinct_runs(cells: list[Cell]) -> dict[str, str]:
-    """Each cell's representative: the first cell that is the same fine-tuning run.
-
-    A random-init classifier does not depend on pretraining, so random cells that differ
-    only in a pretraining factor (``corruption_level``, ``noise``; Vincent et al.'s ν) share
-    one fine-tuning cache key (``tasks.finetune.finetune_cache_key``) and are trained once,
-    whatever the task runner; each still gets its row. Every other cell is its own run.
-
-    Returns:
-        cell id -> the id of the cell that trains it (itself for a representative).
-    """
-    from tasks.finetune import finetune_cache_key
-
-    first: dict[str, str] = {}
-    alias = {}
-    for cell in cells:
-        if cell.arm == "random" and cell.config.objective == "classify":
-            key = finetune_cache_key("random", cell.config, cell.config.data.digest(), None)
-            alias[cell.id] = first.setdefault(key, cell.id)
-        else:
-            alias[cell.id] = cell.id
-    return alias
