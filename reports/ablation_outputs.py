@@ -10,7 +10,7 @@ from typing import Any, Optional
 from config.grid_spec import Cell, Grid
 from tracking.tracker import Tracker
 
-from tracking.vocabulary import CELL_TAG, ERROR_TAG, STATUS_TAG  # noqa: F401
+from tracking.vocabulary import CELL_TAG, ERROR_TAG, RESUMED_TAG, STATUS_TAG  # noqa: F401
 
 
 def cell_row(cell: Cell, outcome: Optional[Any], status: str, error: str) -> dict[str, Any]:
@@ -23,7 +23,7 @@ def cell_row(cell: Cell, outcome: Optional[Any], status: str, error: str) -> dic
             "train_seconds": fields.get("train_seconds"),
             "pretrain_seconds": fields.get("pretrain_seconds"),
             "wall_seconds": fields.get("wall_seconds"), "cached": fields.get("cached", False),
-            "error": error}
+            "resumed_from_epoch": fields.get("resumed_from_epoch", 0), "error": error}
 
 
 def reconstructs(row: Any) -> bool:
@@ -53,6 +53,8 @@ def log_cell(tracker: Tracker, parent: str, cell: Cell, row: dict[str, Any]) -> 
             **{k: str(v) for k, v in cell.factors.items()}}
     if row["error"]:
         tags[ERROR_TAG] = row["error"][:5000]
+    if row.get("resumed_from_epoch"):  # its fine-tuning continued from an epoch checkpoint
+        tags[RESUMED_TAG] = str(row["resumed_from_epoch"])
     run = with_retries(tracker.client.create_run, tracker.experiment_id, run_name=cell.id,
                        tags={**tags, "mlflow.parentRunId": parent})
     run_id = run.info.run_id

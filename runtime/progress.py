@@ -1,6 +1,6 @@
 """Who watches the stage that is training now, and the progress line it shows.
 
-The recorder that wraps a stage (``flows.stages.StageRecorder``) installs its observer
+The recorder that wraps a stage (``tracking.recorder.PipelineRecorder``) installs its observer
 (``models.observer.EpochObserver``) with ``watching`` around the stage's task; the task
 hands ``current_observer()`` to the training function. A context variable, not a task
 argument: it is not part of what a stage computes, so it stays out of the task's

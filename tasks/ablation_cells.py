@@ -16,7 +16,9 @@ from pydantic import BaseModel
 
 from config.grid_spec import Cell
 from config.stages import DataConfig, PipelineConfig
+from models.observer import EpochObserver
 from runtime.errors import DivergenceError
+from runtime.progress import watching
 from tasks.pretrain import LayerResult, pretrain_layer_task
 
 Status = Literal["ok", "diverged", "failed"]
@@ -65,6 +67,18 @@ class CellOutcome(BaseModel):
     pretrain_seconds: Optional[float] = None
     wall_seconds: float = 0.0
     cached: bool = False
+    resumed_from_epoch: int = 0  # epochs its fine-tuning's checkpoint held (0: from scratch)
+
+
+class ResumePoints(EpochObserver):
+    """Notes where each member's training resumed: the epochs its checkpoint held (a
+    worker lost mid-cell, or an interrupted run rerun)."""
+
+    def __init__(self) -> None:
+        self.epochs: dict[int, int] = {}
+
+    def on_resume(self, member: int, epoch: int, history: Any) -> None:
+        self.epochs[member] = epoch
 
 
 @task(name="ablation-pretrain-layer", cache_policy=NO_CACHE, persist_result=False)
@@ -109,18 +123,19 @@ def single_cell(cell: Cell, stack: list[LayerOutcome], data: Any, started: float
     encoders = [o.layer for o in stack] if cell.arm == "pretrained" else None
     fine_tune = finetune_autoencoder_task if config.objective == "reconstruct" else finetune_task
     try:
-        state = fine_tune.with_options(task_run_name=f"finetune-{cell.arm}")(
-            cell.arm, config, data, encoders, return_state=True)
-        result = state.result()
+        with watching(ResumePoints()) as resumed:
+            state = fine_tune.with_options(task_run_name=f"finetune-{cell.arm}")(
+                cell.arm, config, data, encoders, return_state=True)
+            result = state.result()
     except DivergenceError as exc:
         return CellOutcome(status="diverged", error=f"fine-tuning: {exc}")
     return score_cell(config, data, result, stack if encoders else None, started,
-                      cached=state.name == "Cached")
+                      cached=state.name == "Cached", resumed=resumed.epochs.get(0, 0))
 
 
 def score_cell(config: PipelineConfig, data: Any, result: Any,
-               stack: Optional[list[LayerOutcome]], started: float, cached: bool
-               ) -> CellOutcome:
+               stack: Optional[list[LayerOutcome]], started: float, cached: bool,
+               resumed: int = 0) -> CellOutcome:
     """A fine-tuned cell's outcome: its test error (the classifier's checkpoint, read back
     and verified; for the reconstruct objective the autoencoder's squared error per test
     image) and how training went; ``stack`` is its pretraining (None: random)."""
@@ -148,4 +163,5 @@ def score_cell(config: PipelineConfig, data: Any, result: Any,
         pretrain_seconds=sum(o.layer.train_seconds for o in stack) if stack else None,
         wall_seconds=time.perf_counter() - started,
         cached=cached,
+        resumed_from_epoch=resumed,
     )

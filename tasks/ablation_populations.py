@@ -31,8 +31,9 @@ from prefect.cache_policies import NO_CACHE
 from config.grid_spec import Cell
 from config.stages import PipelineConfig
 from runtime.errors import DivergenceError
-from tasks.ablation_cells import (CellOutcome, LayerOutcome, score_cell, single_cell,
-                                  single_layer, worker_data)
+from runtime.progress import watching
+from tasks.ablation_cells import (CellOutcome, LayerOutcome, ResumePoints, score_cell,
+                                  single_cell, single_layer, worker_data)
 from tasks.ablation_plan import Slot
 
 
@@ -103,14 +104,16 @@ def run_population_cells(cells: list[Cell], inputs: list[list[LayerOutcome]],
         encoders = ([[o.layer for o in stack_of[i]] for i in ok] if arm == "pretrained"
                     else None)
         try:
-            state = finetune_population_task.with_options(
-                task_run_name=f"finetune-{arm}-population")(
-                arm, [cells[i].config for i in ok], data, encoders, return_state=True)
-            trained = state.result().members
-            for i, result in zip(ok, trained):
+            with watching(ResumePoints()) as resumed:
+                state = finetune_population_task.with_options(
+                    task_run_name=f"finetune-{arm}-population")(
+                    arm, [cells[i].config for i in ok], data, encoders, return_state=True)
+                trained = state.result().members
+            for member, (i, result) in enumerate(zip(ok, trained)):
                 outcomes[i] = score_cell(cells[i].config, data, result,
                                          stack_of[i] if arm == "pretrained" else None,
-                                         started, cached=state.name == "Cached")
+                                         started, cached=state.name == "Cached",
+                                         resumed=resumed.epochs.get(member, 0))
         except DivergenceError:  # find the members that diverge, one by one
             for i in ok:
                 outcomes[i] = single_cell(cells[i], stack_of[i], data, time.perf_counter())

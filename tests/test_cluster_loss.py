@@ -242,3 +242,9 @@ def test_a_worker_lost_mid_cell_is_continued_from_its_checkpoint(stack, tmp_path
         assert len(runs) == 3, [(r.info.run_name, r.info.status) for r in runs]
         assert {r.info.status for r in runs} == {"FINISHED"}, [
             (r.info.run_name, r.info.status) for r in runs]
+        resumed = {r.info.run_name: int(r.data.tags.get("layerwise.resumed_from_epoch", 0))
+                   for r in runs if r.info.run_name in CELLS.values()}
+        if experiment == "client":  # the lost cell says where it went on from
+            assert resumed[CELLS["pretrained"]] >= 1, resumed
+        else:
+            assert set(resumed.values()) == {0}, resumed
