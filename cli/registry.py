@@ -2,7 +2,7 @@
 
 Only typer is imported here at module level; mlflow and pandas are imported inside the
 commands, so ``layerwise --help`` stays fast. The functions that read the store are in
-``tracking/registry.py``, ``tracking/stale.py`` and ``tracking/models.py``; these commands
+``tracking/queries.py``, ``tracking/stale.py`` and ``tracking/model_registry.py``; these commands
 print them.
 """
 
@@ -113,7 +113,7 @@ def runs(
     tracking_uri: Optional[str] = UriOpt,
 ) -> None:
     """List recent parent runs with their key params and test errors (or --stale runs)."""
-    from tracking import registry
+    from tracking import queries
 
     if mark_failed and not stale:
         fail("--mark-failed needs --stale", code=2)
@@ -121,7 +121,7 @@ def runs(
     if stale:
         _stale(client, experiment, older_than, mark_failed, fmt)
         return
-    df = _guarded(registry.list_runs, client, experiment, kind.value if kind else None,
+    df = _guarded(queries.list_runs, client, experiment, kind.value if kind else None,
                   filter_string, limit)
 
     def table(df):
@@ -155,10 +155,10 @@ def show(
     tracking_uri: Optional[str] = UriOpt,
 ) -> None:
     """Print a run's config (params), final metrics, stages and artifacts."""
-    from tracking import registry
+    from tracking import queries
 
     client = _client(tracking_uri)
-    rec = _guarded(registry.show_run, client, run_id)
+    rec = _guarded(queries.show_run, client, run_id)
     info = rec["info"]
     typer.echo(f"run {info['run_id']}  ({info['kind'] or info['name']}, {info['status']})  "
                f"experiment {info['experiment']}")
@@ -193,10 +193,10 @@ def compare(
     """Show runs side by side: the params that differ, and metrics with deltas."""
     import pandas as pd
 
-    from tracking import registry
+    from tracking import queries
 
     client = _client(tracking_uri)
-    rec = _guarded(registry.compare_runs, client, run_ids)
+    rec = _guarded(queries.compare_runs, client, run_ids)
     ids = rec["run_ids"]
     short = {i: i[:8] for i in ids}
     for n, i in enumerate(ids):
@@ -223,10 +223,10 @@ def models(
 
     Errors are shown as stored: a fraction for classifiers, squared error per image for
     autoencoders."""
-    from tracking import models
+    from tracking import model_registry
 
     client = _client(tracking_uri)
-    df = _guarded(models.list_models, client, name)
+    df = _guarded(model_registry.list_models, client, name)
     if fmt is not Format.json:
         df = df.assign(aliases=df["aliases"].map(",".join))
     _emit(df, fmt, lambda d: d.assign(
@@ -252,10 +252,10 @@ def promote(
 ) -> None:
     """Point the alias `champion` at the version with the lowest VALIDATION error (or at
     --version); its test error is reported beside it and never used to choose."""
-    from tracking import models
+    from tracking import model_registry
 
     client = _client(tracking_uri)
-    res = _guarded(models.promote, client, name, version, force)
+    res = _guarded(model_registry.promote, client, name, version, force)
     head = f"{res['name']} v{res['version']}"
     if not res["changed"]:
         typer.echo(f"{head} was already {res['alias']}")

@@ -1,1 +1,2 @@
-"""Prefect flows (the pipeline) and the ``layerwise`` command line."""
+"""The Prefect flows: the pipeline (``flows.pipeline``) and the ablation
+(``flows.ablation``). They compose the tasks of ``tasks/``; the command line is ``cli/``."""

@@ -107,60 +107,6 @@ def _process(noise: str) -> NoiseProcess:
     return PROCESSES[noise]
 
 
-def masking_noise(x: torch.Tensor, level: float, generator: Generator = None) -> torch.Tensor:
-    """Masking noise: x̃_i = 0 with probability ν, else x_i.
-
-    Args:
-        x: Clean input, shape (B, D).
-        level: ν, the probability of zeroing each component.
-        generator: Source of randomness.
-    """
-    return corrupt(x, "masking", level, generator)
-
-
-def gaussian_noise(x: torch.Tensor, level: float, generator: Generator = None) -> torch.Tensor:
-    """Additive isotropic Gaussian noise: x̃ = x + ε, ε ~ N(0, σ² I).
-
-    Args:
-        x: Clean input, shape (B, D).
-        level: σ, the standard deviation of the noise.
-        generator: Source of randomness.
-    """
-    return corrupt(x, "gaussian", level, generator)
-
-
-def salt_and_pepper_noise(
-    x: torch.Tensor,
-    level: float,
-    generator: Generator = None,
-    low: float = 0.0,
-    high: float = 1.0,
-) -> torch.Tensor:
-    """Salt-and-pepper noise: a fraction ν of components set to ``low`` or ``high``, 50/50.
-
-    Args:
-        x: Clean input, shape (B, D).
-        level: ν, the probability that a component is overwritten.
-        generator: Source of randomness.
-        low: The minimum possible value ("pepper"), 0 for inputs in [0,1].
-        high: The maximum possible value ("salt"), 1 for inputs in [0,1].
-    """
-    return corrupt(x, "salt_and_pepper", level, generator, (low, high))
-
-
-def multiplicative_gaussian_noise(
-    x: torch.Tensor, level: float, generator: Generator = None
-) -> torch.Tensor:
-    """Multiplicative Gaussian noise: x̃ = x + ε·x, ε ~ N(0, σ²), drawn per component.
-
-    Args:
-        x: Clean input, shape (B, D).
-        level: σ, the standard deviation of ε.
-        generator: Source of randomness.
-    """
-    return corrupt(x, "multiplicative_gaussian", level, generator)
-
-
 def corrupt(
     x: torch.Tensor,
     noise: str,

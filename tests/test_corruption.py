@@ -11,15 +11,7 @@ import math
 import pytest
 import torch
 
-from models.corruption import (
-    PROCESSES,
-    corrupt,
-    corrupt_members,
-    gaussian_noise,
-    masking_noise,
-    multiplicative_gaussian_noise,
-    salt_and_pepper_noise,
-)
+from models.corruption import PROCESSES, corrupt, corrupt_members
 
 N_ROWS, N_COLS = 1000, 100  # 10^5 components
 N = N_ROWS * N_COLS
@@ -45,14 +37,14 @@ def four_sigma(p: float, n: int) -> float:
 @pytest.mark.parametrize("nu", [0.1, 0.25, 0.5])
 def test_masking_rate_within_4_sigma(nu):
     x = positive_input()
-    x_tilde = masking_noise(x, nu, gen(1))
+    x_tilde = corrupt(x, "masking", nu, gen(1))
     rate = (x_tilde == 0).double().mean().item()
     assert abs(rate - nu) < four_sigma(nu, N), (rate, nu)
 
 
 def test_masking_zeroes_masked_and_keeps_the_rest_exactly():
     x = positive_input()
-    x_tilde = masking_noise(x, 0.3, gen(2))
+    x_tilde = corrupt(x, "masking", 0.3, gen(2))
     masked = x_tilde == 0
     assert masked.any() and (~masked).any()
     # every component is either exactly 0 or exactly the input, bit for bit
@@ -61,9 +53,10 @@ def test_masking_zeroes_masked_and_keeps_the_rest_exactly():
     assert x_tilde.dtype == torch.float64 and x_tilde.shape == x.shape
 
 
-def test_masking_through_corrupt_is_the_same_process():
+def test_the_same_generator_seed_draws_the_same_corruption():
     x = positive_input()
-    assert torch.equal(corrupt(x, "masking", 0.2, gen(3)), masking_noise(x, 0.2, gen(3)))
+    assert torch.equal(corrupt(x, "masking", 0.2, gen(3)), corrupt(x, "masking", 0.2, gen(3)))
+    assert not torch.equal(corrupt(x, "masking", 0.2, gen(3)), corrupt(x, "masking", 0.2, gen(4)))
 
 
 # --- additive gaussian --------------------------------------------------------------------------
@@ -72,7 +65,7 @@ def test_masking_through_corrupt_is_the_same_process():
 @pytest.mark.parametrize("sigma", [0.1, 0.5])
 def test_gaussian_noise_has_the_requested_std_and_zero_mean(sigma):
     x = positive_input()
-    eps = gaussian_noise(x, sigma, gen(4)) - x
+    eps = corrupt(x, "gaussian", sigma, gen(4)) - x
     # sample std of N(0, σ²) over 1e5 draws: relative error ~ 1/sqrt(2n) = 0.22%; allow 2%
     assert abs(eps.std().item() / sigma - 1) < 0.02
     # sample mean: standard error σ/sqrt(n)
@@ -87,7 +80,7 @@ def test_gaussian_noise_has_the_requested_std_and_zero_mean(sigma):
 @pytest.mark.parametrize("nu", [0.1, 0.4])
 def test_salt_and_pepper_rate_and_even_split(nu):
     x = positive_input()
-    x_tilde = salt_and_pepper_noise(x, nu, gen(5))  # low=0, high=1 by default
+    x_tilde = corrupt(x, "salt_and_pepper", nu, gen(5))  # low=0, high=1 by default
     low, high = x_tilde == 0.0, x_tilde == 1.0
     changed = x_tilde != x
     # overwritten components are exactly the low or high ones; the rest are the input
@@ -121,12 +114,12 @@ def test_salt_and_pepper_respects_custom_low_and_high_through_corrupt():
 def test_multiplicative_gaussian_relative_noise_has_std_sigma():
     x = positive_input()
     sigma = 0.2
-    rel = (multiplicative_gaussian_noise(x, sigma, gen(7)) - x) / x
+    rel = (corrupt(x, "multiplicative_gaussian", sigma, gen(7)) - x) / x
     assert abs(rel.std().item() / sigma - 1) < 0.02
     assert abs(rel.mean().item()) < 4 * sigma / math.sqrt(N)
     # zero stays zero: the noise scales with the input
     zeros = torch.zeros(3, 4, dtype=torch.float64)
-    assert torch.equal(multiplicative_gaussian_noise(zeros, sigma, gen(7)), zeros)
+    assert torch.equal(corrupt(zeros, "multiplicative_gaussian", sigma, gen(7)), zeros)
 
 
 # --- properties common to every process ---------------------------------------------------------

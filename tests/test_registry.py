@@ -17,7 +17,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from tracking import models, registry
+from tracking import model_registry, queries
 
 from cli import registry as registry_cli
 from config.overrides import resolve_config
@@ -175,7 +175,7 @@ def test_show_prints_config_metrics_stages_and_artifacts(store, client, cli):
     # no empty config section: it says where the config is
     assert f"the config is on its parent run, `layerwise show {run.run_id}`" in out
 
-    rec = registry.show_run(client, run.run_id[:10])  # a unique prefix is enough
+    rec = queries.show_run(client, run.run_id[:10])  # a unique prefix is enough
     assert rec["stages"]["stage"].tolist() == STAGES
     assert (rec["stages"]["duration_s"] > 0).all()
     assert dict(zip(rec["stages"]["stage"], rec["stages"]["run_id"])) == {
@@ -192,13 +192,13 @@ def test_compare_shows_differing_params_and_metric_deltas(store, client, cli):
     assert re.search(rf"^test/error_pretrained\s+{ma['test/error_pretrained']:.6g}\s+"
                      rf"{mb['test/error_pretrained']:.6g}\s+{delta:.6g}$", out, re.M)
 
-    rec = registry.compare_runs(client, [a, b])
+    rec = queries.compare_runs(client, [a, b])
     assert rec["params"].loc["runtime.seed"].tolist() == [str(s) for s in SEEDS]
     for name in ("test/error_pretrained", "test/error_random", "test/error_diff"):
         assert rec["deltas"].loc[name, b] == mb[name] - ma[name]
     # stage metrics come along, e.g. the fine-tuned arms' best validation errors: each arm's
     # run logs finetune/best_val_error; compare keeps the arms apart
-    kids = {r.data.tags["layerwise.stage"]: r for r in registry.children(client, client.get_run(b))}
+    kids = {r.data.tags["layerwise.stage"]: r for r in queries.children(client, client.get_run(b))}
     for arm in ("pretrained", "random"):
         assert rec["metrics"].loc[f"finetune/{arm}/best_val_error", b] == \
             kids[f"finetune-{arm}"].data.metrics["finetune/best_val_error"]
@@ -247,7 +247,7 @@ def test_runs_follow_mlflow_conventions(store, client):
     assert "test/error_pretrained" in experiment.tags["mlflow.note.content"]
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
-    kids = {k.data.tags["layerwise.stage"]: k for k in registry.children(client, parent)}
+    kids = {k.data.tags["layerwise.stage"]: k for k in queries.children(client, parent)}
     assert all(k.data.tags["mlflow.note.content"] for k in kids.values())
     arms = [kids["finetune-pretrained"], kids["finetune-random"]]
     assert [k.data.tags["layerwise.arm"] for k in arms] == ["pretrained", "random"]
@@ -279,7 +279,7 @@ def test_models_falls_back_to_the_parent_run_metric(store, client):
     name = "reg-untagged"
     client.create_registered_model(name)
     client.create_model_version(name, mv.source, run_id=mv.run_id)
-    row = models.list_models(client, name).iloc[0]
+    row = model_registry.list_models(client, name).iloc[0]
     assert row["test_error"] == _metrics(client, first.run_id)["test/error_pretrained"]
     assert row["test_error_source"] == "parent"
     assert row["run_id"] == first.run_id and row["data_digest"] == first.data["digest"]
@@ -298,7 +298,7 @@ def test_promote_picks_the_lowest_validation_error_on_the_same_data(store, clien
     assert re.search(rf"^  val error   {val[best]:.6g}  \(chooses\)$", out, re.M), out
     assert re.search(rf"^  test error  {test[best]:.6g}  \(reported only\)$", out, re.M), out
     assert results[0].data["digest"] in out
-    row = models.list_models(client, MODEL).set_index("version").loc[int(best)]
+    row = model_registry.list_models(client, MODEL).set_index("version").loc[int(best)]
     assert row["val_error"] == val[best] and row["val_error_source"] == "tag"
 
     other = next(v for v in val if v != best)
@@ -321,12 +321,12 @@ def test_promote_ignores_test_error(store, client, cli):
                  {"test_error": "0.01"}):  # no run: nothing to fall back on
         client.create_model_version(name, f"file://{store['home']}/no-model",
                                     tags={"data.digest": "c" * 64, **tags})
-    table = models.list_models(client, name).set_index("version")
+    table = model_registry.list_models(client, name).set_index("version")
     assert table.loc[3, "val_error"] != table.loc[3, "val_error"]  # NaN: nothing recorded
     out = _ok(cli("promote", "--name", name, "--tracking-uri", uri))
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     assert "val error   0.1" in out and "test error  0.3" in out and "left out v3" in out
-    res = models.promote(client, name)
+    res = model_registry.promote(client, name)
     assert (res["version"], res["val_error"], res["test_error"]) == (1, 0.1, 0.3)
 
 
@@ -575,7 +575,7 @@ def test_a_cached_rerun_reuses_the_version_and_uploads_nothing(store, client, cl
     assert f"model {MODEL} v{first.model_version} (same weights and data)" in note
     assert "the artifacts of " + ", ".join(STAGES) in note
 
-    rec = registry.show_run(client, again.run_id)
+    rec = queries.show_run(client, again.run_id)
     art = rec["artifacts"].set_index("path")
     assert art.loc["weights/classifier_random.safetensors", "from_run"] == \
         earlier["finetune-random"]

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Optional
 import pandas as pd
 
 from tracking.client import call, search_runs, timestamp, to_int
-from tracking.registry import experiment_id
+from tracking.queries import experiment_id
 from tracking.vocabulary import HOST_TAG, KIND_TAG, PARENT_TAG, PID_TAG, STAGE_TAG
 
 

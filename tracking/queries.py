@@ -4,7 +4,7 @@ and runs side by side.
 Plain functions over ``MlflowClient`` and pandas: they return DataFrames and dicts, print
 nothing, and raise ``RegistryError`` (one actionable line) for an unknown experiment or run.
 ``cli/registry.py`` prints them; stale runs are in ``tracking/stale.py``, registered models
-in ``tracking/models.py``. What they read is the contract in docs/recording.md.
+in ``tracking/model_registry.py``. What they read is the contract in docs/recording.md.
 """
 
 from __future__ import annotations
