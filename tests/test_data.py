@@ -21,19 +21,11 @@ import pytest
 import torch
 
 from config.stages import DataConfig
-from tasks.data import (
-    MNIST_SHA256,
-    load_data,
-    load_data_task,
-    load_mnist_raw,
-    load_npz_raw,
-    normalize,
-    peek_npz_train_size,
-    sha256_file,
-    stratified_subset,
-    verify_mnist,
-)
 from runtime.errors import DataError
+from sources.idx import MNIST_SHA256, load_idx_raw, sha256_file, verify_mnist
+from sources.npz import load_npz_raw, peek_npz_train_size
+from sources.sampling import stratified_subset
+from tasks.data import load_data, load_data_task, normalize
 
 RAW_FILES = list(MNIST_SHA256)
 
@@ -216,12 +208,12 @@ def test_download_happens_only_when_files_are_absent_and_is_verified(
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
     root, _ = mnist_copy(tmp_path, shared_data_dir, skip="train-images-idx3-ubyte")
-    x, y, xt, yt = load_mnist_raw(DataConfig(data_dir=root, download=True))
+    x, y, xt, yt = load_idx_raw("mnist", root, download=True)
     assert calls == [(True, True), (True, False), (False, False)]
     assert x.shape == (60000, 784) and x.dtype == np.uint8 and y.dtype == np.int64
     assert xt.shape == (10000, 784) and yt.shape == (10000,)
     calls.clear()  # files now present: no second download
-    load_mnist_raw(DataConfig(data_dir=root, download=True))
+    load_idx_raw("mnist", root, download=True)
     assert calls == [(True, False), (False, False)]
 
 

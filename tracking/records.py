@@ -192,10 +192,9 @@ def served_classifier(checkpoint: Any, config: Any, data: Any, pixels: bool = Fa
 
 def raw_test_split(cfg: Any) -> Any:
     """The test split's features as the source stores them (MNIST: uint8 (N, 784))."""
-    from tasks.data import read_source
+    from sources.read import raw_test_features
 
-    arrays, _ = read_source(cfg)  # every source: idx, variants, .npz, tables
-    return arrays["x_test"]
+    return raw_test_features(cfg)
 
 
 def raw_test_inputs(cfg: Any) -> Any:
