@@ -130,9 +130,7 @@ def data_and_pretraining(config: PipelineConfig, tracker: Tracker, parent: str,
     with stages.stage("load-data") as (run, info):
         data = run_task(load_data_task, "load-data", fresh, info, config.data)
         info["artifacts_from"] = log_data(tracker, run, data)
-    tracker.log_inputs(parent, dataset_inputs(data, str(
-        config.data.data_dir / "MNIST" / "raw" if config.data.is_mnist
-        else config.data.dataset)))
+    tracker.log_inputs(parent, dataset_inputs(data, data.location))
     tracker.log_params(parent, {"data.digest": data.digest})
     try:
         check_train_size(config, len(data.x_train) if config.data.n_train is None

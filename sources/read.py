@@ -1,5 +1,6 @@
 """The way into a data source for the data stage: its arrays before splitting, verified
-(:func:`read_source`) and the test split's features as stored (:func:`raw_test_features`).
+(:func:`read_source`), the test split's features as stored (:func:`raw_test_features`) and
+the place MLflow's dataset inputs name (:func:`source_location`).
 
 Sources: the IDX family and the MNIST variants regenerated from it (``sources.idx``,
 ``sources.variants``), a user's ``.npz`` (``sources.npz``), CSV or Parquet
@@ -55,3 +56,10 @@ def raw_test_features(spec: SourceSpec) -> np.ndarray:
     """
     return read_source(spec)[0]["x_test"]
 
+
+def source_location(spec: SourceSpec) -> str:
+    """Where the data lies, as MLflow's dataset inputs name it: torchvision's raw folder for
+    MNIST, else ``spec.dataset`` (a file's path, or a dataset's name)."""
+    if spec.dataset == "mnist":
+        return str(Path(spec.data_dir) / IDX_SOURCES["mnist"].folder / "raw")
+    return spec.dataset

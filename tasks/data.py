@@ -24,10 +24,12 @@ from config.stages import DataConfig
 from runtime.console import announce
 from runtime.errors import DataError
 from sources.labels import class_set_text, label_warnings
-from sources.read import read_source
+from sources.read import read_source, source_location
 from sources.sampling import stratified_subset
 
 SPLITS = ("x_train", "y_train", "x_valid", "y_valid", "x_test", "y_test")
+#: Test rows kept, as the source stores them, for the registered model's input example.
+N_EXAMPLE = 5
 
 
 def normalize(
@@ -111,7 +113,8 @@ def data_digest(splits: dict[str, np.ndarray], settings: dict) -> str:
 
 @dataclass(frozen=True)
 class DataBundle:
-    """The data stage's output: float32 (N, D) / int64 (N,) CPU tensors and their provenance."""
+    """The data stage's output: float32 (N, D) / int64 (N,) CPU tensors and their provenance,
+    with what later stages need from the source, so that none of them reads it again."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -126,6 +129,9 @@ class DataBundle:
     normalization: str
     norm_stats: dict[str, torch.Tensor]
     digest: str
+    location: str  # where the data lies, as MLflow's dataset inputs name it
+    input_example: np.ndarray  # (5, D): the first test rows as stored; the model's example
+    pixels: bool  # the source stores 8-bit pixels (uint8): the served model expects 0-255
     zca_epsilon: Optional[float] = None  # set only when normalization == "zca"
 
     def summary(self) -> dict:
@@ -211,6 +217,9 @@ def load_data(cfg: DataConfig) -> DataBundle:
         normalization=cfg.normalization,
         norm_stats={k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in stats.items()},
         digest=data_digest(raw, settings),
+        location=source_location(cfg),
+        input_example=raw["x_test"][:N_EXAMPLE].copy(),  # a copy: not a view of the split
+        pixels=raw["x_test"].dtype == np.uint8,
         zca_epsilon=cfg.zca_epsilon if cfg.normalization == "zca" else None,
     )
 

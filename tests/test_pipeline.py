@@ -145,13 +145,14 @@ def test_registered_model_reproduces_logged_test_error(quick_run, shared_data_di
     import mlflow.pytorch
 
     config, result, uri = quick_run
-    from tracking.records import raw_test_inputs
+    from sources.read import raw_test_features
     from tasks.data import load_data
+    from tracking.records import as_inputs
 
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model(f"models:/e2e-classifier/{result.model_version}")
     data = load_data(config.data)
-    raw = torch.from_numpy(raw_test_inputs(config.data))  # (10000, 784) pixels in 0-255
+    raw = torch.from_numpy(as_inputs(raw_test_features(config.data)))  # (10000, 784) 0-255
     assert raw.max() == 255  # the model normalises them itself
     with torch.no_grad():
         pred = model(raw).argmax(dim=1)

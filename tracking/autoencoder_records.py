@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from runtime.errors import TrackingError
-from tracking.records import raw_test_inputs, upload_once
+from tracking.records import as_inputs, upload_once
 from tracking.registration import find_model_version, register_classifier
 from tracking.tracker import Tracker
 from tracking.vocabulary import (FORMAT_TAG, KNN_ACCURACY, RECON_ERROR, RECON_ERROR_DIFF,
@@ -69,7 +69,7 @@ def log_reconstruction(tracker: Tracker, run: str, parent: str, evaluation: Any,
                 version = register_classifier(
                     tracker, run, served_autoencoder(results["pretrained"].checkpoint, config,
                                                      data, code=kind == "encoder"),
-                    raw_test_inputs(config.data)[:5], name,
+                    as_inputs(data.input_example), name,
                     {**identity, "layerwise.run_id": parent,
                      "val_error": repr(metrics[VAL_ERROR_PRETRAINED]),
                      "test_error": repr(metrics[RECON_ERROR.format("pretrained")])},

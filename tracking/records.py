@@ -131,6 +131,7 @@ def log_evaluation(tracker: Tracker, run: str, parent: str, evaluation: Any,
     """
     import torch
 
+    from sources.read import raw_test_features
     from tasks.evaluate import ARMS, release_problem
 
     metrics = {
@@ -155,17 +156,16 @@ def log_evaluation(tracker: Tracker, run: str, parent: str, evaluation: Any,
         version = find_model_version(tracker, model_name, identity)
         if version is not None:
             return metrics, version, True, reused_from, None
-        raw = raw_test_split(config.data)
         model = served_classifier(results["pretrained"].checkpoint, config, data,
-                                  pixels=raw.dtype == "uint8")
-        x_raw = as_inputs(raw)  # (M, D) as the user has them
+                                  pixels=data.pixels)
+        x_raw = as_inputs(raw_test_features(config.data))  # (M, D) as the user has them
         problem = release_problem(model, torch.from_numpy(x_raw), data.y_test, data.y_train,
                                   metrics[TEST_ERROR_PRETRAINED])
         if problem:
             tracker.set_tags(run, {NOT_REGISTERED_TAG: problem})
             return metrics, None, False, reused_from, problem
         version = register_classifier(
-            tracker, run, model, x_raw[:5], model_name,
+            tracker, run, model, as_inputs(data.input_example), model_name,
             {**identity, "layerwise.run_id": parent,
              "val_error": repr(metrics[VAL_ERROR_PRETRAINED]),
              "test_error": repr(metrics[TEST_ERROR_PRETRAINED])},
@@ -188,18 +188,6 @@ def served_classifier(checkpoint: Any, config: Any, data: Any, pixels: bool = Fa
     classifier = load_classifier(checkpoint, config, data.n_features, data.n_classes)
     return RawPixelClassifier(classifier, data.normalization, data.norm_stats,
                               pixel_range=(0.0, 255.0) if pixels else None).eval()
-
-
-def raw_test_split(cfg: Any) -> Any:
-    """The test split's features as the source stores them (MNIST: uint8 (N, 784))."""
-    from sources.read import raw_test_features
-
-    return raw_test_features(cfg)
-
-
-def raw_test_inputs(cfg: Any) -> Any:
-    """The test split as a user has it: float32 (N, D) pixels, unnormalised (MNIST: 0-255)."""
-    return as_inputs(raw_test_split(cfg))
 
 
 def as_inputs(raw: Any) -> Any:
