@@ -122,17 +122,12 @@ def resolve_config(
 
 
 def file_plan(config: PipelineConfig):
-    """The :class:`config.sizes.SplitPlan` of a data file, from its header only."""
+    """The :class:`config.sizes.SplitPlan` of a data file, from its header only
+    (``sources.headers``)."""
     from config.sizes import plan_split
+    from sources.headers import file_sizes
 
-    data = config.data
-    if Path(data.dataset).suffix.lower() == ".npz":
-        from tasks.data_files import peek_npz_sizes
-
-        return plan_split(data, *peek_npz_sizes(Path(data.dataset)))
-    from tasks.data_tables import peek_table_sizes
-
-    return plan_split(data, *peek_table_sizes(data))
+    return plan_split(config.data, *file_sizes(config.data))
 
 
 def check_sizes(config: PipelineConfig) -> None:

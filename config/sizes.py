@@ -16,9 +16,10 @@ server starts, and again on the loaded arrays.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
+
+from sources.fractions import fraction_count
 
 if TYPE_CHECKING:  # the config validates with these rules, so they import no config
     from config.stages import DataConfig
@@ -26,11 +27,6 @@ if TYPE_CHECKING:  # the config validates with these rules, so they import no co
 #: Size of the official MNIST-style training set and the reference validation split.
 MNIST_TRAIN_POOL = 60_000
 MNIST_VALID_SIZE = 10_000
-
-
-def fraction_count(fraction: float, n: int) -> int:
-    """Rows in a ``fraction`` of ``n`` rows: round half up, at least 1."""
-    return max(1, math.floor(fraction * n + 0.5))
 
 
 @dataclass(frozen=True)

@@ -94,10 +94,6 @@ class DataConfig(StageConfig):
     )
 
     @property
-    def is_mnist(self) -> bool:
-        return self.dataset == "mnist"
-
-    @property
     def is_named(self) -> bool:
         """A dataset known by name (60k/10k, 28×28), not a file."""
         return self.dataset in NAMED_DATASETS

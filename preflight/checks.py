@@ -6,7 +6,7 @@ checked, and every problem is reported together (``runtime.errors.PreflightError
 - ``LAYERWISE_HOME`` (checkpoints, the embedded store and its artifacts): writable, with
   free space for the run's checkpoints;
 - the accelerator and precision: available on this machine;
-- the data file: an ``.npz``'s arrays and labels (``tasks.data_files.npz_problems``) and
+- the data file: an ``.npz``'s arrays and labels (``sources.headers.file_shape``) and
   the size rules on it (``config.sizes``);
 - peak memory: the estimate of ``preflight.memory`` against this machine's (and the
   GPU's) free memory.
@@ -23,13 +23,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-
 from config.stages import NAMED_DATASETS
 from preflight.memory import (FLOAT, Shape, available_bytes, classifier_params,
                               dae_params, memory_problem)
 from runtime.errors import LayerwiseError, PreflightError
-from tasks.data_files import npz_problems
+from sources.headers import file_shape
 from tracking.uri import check_reachable, check_tracking_uri, sqlite_path, writable_dir_problem
 
 MNIST_SHAPE = Shape(n_rows=70_000, n_features=784, n_classes=10)
@@ -58,26 +56,15 @@ def name_problems(experiment: str, model_name: Optional[str]) -> list[str]:
 
 @functools.lru_cache(maxsize=8)
 def data_shape(dataset: str) -> tuple[Optional[Shape], list[str]]:
-    """The data's shape and every problem of an ``.npz`` (``tasks.data_files.npz_problems``:
+    """The data's shape and every problem of an ``.npz`` (``sources.headers.file_shape``:
     missing or unpaired arrays, row and feature counts, NaN/inf or values beyond float32,
     labels that are not class indices, test labels that training never has), all at once;
     ``(None, [])`` for a table (the data stage checks it) or a named dataset's files.
-
-    The arrays are read once here and dropped; the data stage reads them again.
     """
     if dataset.lower() in NAMED_DATASETS:  # all 60k + 10k, 28×28, 10 classes
         return MNIST_SHAPE, []
-    path = Path(dataset)
-    if path.suffix.lower() != ".npz":
-        return None, []
-    arrays, problems = npz_problems(path)
-    if arrays is None or problems:
-        return None, problems
-    x_train, x_test = arrays["x_train"], arrays["x_test"]
-    n_rows = sum(len(arrays[k]) for k in ("x_train", "x_valid", "x_test") if k in arrays)
-    top = max(int(arrays[k].max()) for k in ("y_train", "y_valid", "y_test") if k in arrays)
-    d = int(np.prod(x_train.shape[1:]))
-    return Shape(n_rows=n_rows, n_features=d, n_classes=top + 1), []
+    shape, problems = file_shape(dataset)
+    return (None if shape is None else Shape(*shape)), problems
 
 
 def file_problems(config: Any) -> list[str]:

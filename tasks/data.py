@@ -1,9 +1,7 @@
-"""The data stage: read a source, verify it, split, normalise, digest.
+"""The data stage: read a source (``sources.read``), split, normalise, digest.
 
-Plain functions first (testable without Prefect), the Prefect task last. Sources: the IDX
-family and the MNIST variants (``tasks.data_idx``, ``tasks.data_variants``), a user's
-``.npz``, CSV or Parquet (``tasks.data_files``, ``tasks.data_tables``). The validation split
-follows ``config.sizes`` (MNIST: the LAST 10,000 of the official 60k, as in the
+Plain functions first (testable without Prefect), the Prefect task last. The validation
+split follows ``config.sizes`` (MNIST: the LAST 10,000 of the official 60k, as in the
 reference tutorial; test = the official 10k). Normalisation statistics come from the
 training split only, after any ``n_train`` subset.
 """
@@ -14,7 +12,6 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -22,22 +19,17 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from config.stages import DataConfig, PipelineConfig
-from tasks.data_files import NPZ_KEYS, load_npz_raw, peek_npz_train_size, read_npz  # noqa: F401
-from tasks.data_idx import (IDX_SOURCES, MNIST_SHA256, MNIST_SIZES, load_idx_raw,  # noqa: F401
-                            sha256_file, verify_idx, verify_mnist)
 from config.sizes import plan_split, size_problems
-from tasks.data_sampling import stratified_subset  # noqa: F401  (tasks.data's API)
+from config.stages import DataConfig, PipelineConfig
 from runtime.console import announce
 from runtime.errors import DataError
-from tasks.data_labels import class_set_text, label_warnings
+from sources.labels import class_set_text, label_warnings
+from sources.read import read_source, source_location
+from sources.sampling import stratified_subset
 
 SPLITS = ("x_train", "y_train", "x_valid", "y_valid", "x_test", "y_test")
-
-
-def load_mnist_raw(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """MNIST from ``cfg.data_dir`` (:func:`tasks.data_idx.load_idx_raw`)."""
-    return load_idx_raw("mnist", cfg.data_dir, cfg.download)
+#: Test rows kept, as the source stores them, for the registered model's input example.
+N_EXAMPLE = 5
 
 
 def normalize(
@@ -121,7 +113,8 @@ def data_digest(splits: dict[str, np.ndarray], settings: dict) -> str:
 
 @dataclass(frozen=True)
 class DataBundle:
-    """The data stage's output: float32 (N, D) / int64 (N,) CPU tensors and their provenance."""
+    """The data stage's output: float32 (N, D) / int64 (N,) CPU tensors and their provenance,
+    with what later stages need from the source, so that none of them reads it again."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -136,6 +129,9 @@ class DataBundle:
     normalization: str
     norm_stats: dict[str, torch.Tensor]
     digest: str
+    location: str  # where the data lies, as MLflow's dataset inputs name it
+    input_example: np.ndarray  # (5, D): the first test rows as stored; the model's example
+    pixels: bool  # the source stores 8-bit pixels (uint8): the served model expects 0-255
     zca_epsilon: Optional[float] = None  # set only when normalization == "zca"
 
     def summary(self) -> dict:
@@ -150,34 +146,6 @@ class DataBundle:
         for k, y in ys.items():  # (n_classes,) examples per class
             out[f"class_counts_{k}"] = torch.bincount(y, minlength=self.n_classes).tolist()
         return out
-
-
-def read_source(cfg: DataConfig) -> tuple[dict[str, np.ndarray], dict]:
-    """The arrays of ``cfg.dataset`` before splitting, verified, and the source's settings.
-
-    Returns:
-        ``{"x_pool", "y_pool", "x_test", "y_test"[, "x_valid", "y_valid"]}`` (features
-        (N, D), labels int64 (N,)); the validation pair only when the file has its own.
-        Settings: what besides the arrays shaped them (a variant's seed, a table's test split).
-    """
-    from tasks.data_variants import VARIANTS, make_variant
-
-    settings: dict = {}
-    if cfg.dataset in IDX_SOURCES or cfg.dataset in VARIANTS:
-        base = cfg.dataset if cfg.dataset in IDX_SOURCES else "mnist"
-        x_pool, y_pool, x_test, y_test = load_idx_raw(base, cfg.data_dir, cfg.download)
-        if cfg.dataset in VARIANTS:
-            x_pool, x_test = make_variant(cfg.dataset, x_pool, x_test, cfg.variant_seed)
-            settings = {"variant": cfg.dataset, "variant_seed": cfg.variant_seed}
-        return {"x_pool": x_pool, "y_pool": y_pool, "x_test": x_test, "y_test": y_test}, settings
-    if Path(cfg.dataset).suffix.lower() == ".npz":
-        arrays = read_npz(Path(cfg.dataset))
-    else:
-        from tasks.data_tables import read_table
-
-        arrays, settings = read_table(cfg)
-    arrays["x_pool"], arrays["y_pool"] = arrays.pop("x_train"), arrays.pop("y_train")
-    return arrays, settings
 
 
 def split_pool(cfg: DataConfig, arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
@@ -249,6 +217,9 @@ def load_data(cfg: DataConfig) -> DataBundle:
         normalization=cfg.normalization,
         norm_stats={k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in stats.items()},
         digest=data_digest(raw, settings),
+        location=source_location(cfg),
+        input_example=raw["x_test"][:N_EXAMPLE].copy(),  # a copy: not a view of the split
+        pixels=raw["x_test"].dtype == np.uint8,
         zca_epsilon=cfg.zca_epsilon if cfg.normalization == "zca" else None,
     )
 

@@ -21,7 +21,6 @@ from tasks.finetune import ARMS
 SERVED_FORMATS = {"classifier": "raw-pixels-probabilities-v2",  # v2: refuses non-pixels
                   "autoencoder": "raw-pixels-reconstruction-v1",
                   "encoder": "raw-pixels-code-v1"}
-N_EXAMPLE = 5  # rows of the input example logged with each version
 
 
 class Release(BaseModel):
@@ -31,7 +30,7 @@ class Release(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     models: dict[str, Any]  # kind -> nn.Module: float32 (n, D) raw inputs -> outputs
-    example: Any  # float32 (N_EXAMPLE, D) raw test inputs
+    example: Any  # float32 (5, D): the first raw test rows (``DataBundle.input_example``)
     identity: dict[str, str]  # checkpoint.sha256 and data.digest of the pretrained arm
     formats: dict[str, str]  # kind -> its entry of SERVED_FORMATS
     descriptions: dict[str, str]  # kind -> the version's description
@@ -39,14 +38,6 @@ class Release(BaseModel):
     val_error: float  # its best validation score (what `layerwise promote` selects on)
     problem: Optional[str] = None  # why nothing may be registered (None: it may)
     kept: list[str]  # the fine-tuned checkpoints, named when recording fails
-
-
-def raw_test_features(cfg: Any) -> Any:
-    """The test split's features as the source stores them (MNIST: uint8 (N, 784))."""
-    from tasks.data import read_source
-
-    arrays, _ = read_source(cfg)  # every source: idx, variants, .npz, tables
-    return arrays["x_test"]
 
 
 def as_inputs(raw: Any) -> Any:
@@ -131,10 +122,10 @@ def classifier_release(config: PipelineConfig, data: Any, arms: dict[str, Any],
     """The pretrained classifier, checked on the whole raw test split."""
     from models.served import INPUT_DESCRIPTION, OUTPUT_DESCRIPTION
 
-    raw = raw_test_features(config.data)
-    x_raw = as_inputs(raw)  # (M, D) as the user has them
-    model = served_classifier(arms["pretrained"].checkpoint, config, data,
-                              pixels=raw.dtype == "uint8")
+    from sources.read import raw_test_features
+
+    x_raw = as_inputs(raw_test_features(config.data))  # (M, D) as the user has them
+    model = served_classifier(arms["pretrained"].checkpoint, config, data, pixels=data.pixels)
     test_error = evaluation.arms["pretrained"].test_error
     sizes = [data.n_features, *config.model.hidden_sizes, data.n_classes]
     description = (
@@ -145,7 +136,7 @@ def classifier_release(config: PipelineConfig, data: Any, arms: dict[str, Any],
         f"{OUTPUT_DESCRIPTION.format(k=data.n_classes)}. Test error {100 * test_error:.2f}% "
         f"on {data.source} (data digest {data.digest[:12]}).")
     return Release(
-        models={"classifier": model}, example=x_raw[:N_EXAMPLE],
+        models={"classifier": model}, example=as_inputs(data.input_example),
         identity=identity(arms, data), descriptions={"classifier": description},
         formats={"classifier": SERVED_FORMATS["classifier"]},
         test_error=test_error, val_error=arms["pretrained"].best_val_error,
@@ -177,7 +168,7 @@ def autoencoder_release(config: PipelineConfig, data: Any, arms: dict[str, Any],
     return Release(
         models={kind: served_autoencoder(checkpoint, config, data, code=kind == "encoder")
                 for kind in ("autoencoder", "encoder")},
-        example=as_inputs(raw_test_features(config.data)[:N_EXAMPLE]),
+        example=as_inputs(data.input_example),
         identity=identity(arms, data), descriptions=descriptions,
         formats={k: SERVED_FORMATS[k] for k in ("autoencoder", "encoder")},
         test_error=errors["pretrained"], val_error=arms["pretrained"].best_val_error,

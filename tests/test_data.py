@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -21,19 +22,12 @@ import pytest
 import torch
 
 from config.stages import DataConfig
-from tasks.data import (
-    MNIST_SHA256,
-    load_data,
-    load_data_task,
-    load_mnist_raw,
-    load_npz_raw,
-    normalize,
-    peek_npz_train_size,
-    sha256_file,
-    stratified_subset,
-    verify_mnist,
-)
 from runtime.errors import DataError
+from sources.idx import MNIST_SHA256, load_idx_raw, sha256_file, verify_mnist
+from sources.npz import load_npz_raw, peek_npz_train_size
+from sources.read import raw_test_features
+from sources.sampling import stratified_subset
+from tasks.data import load_data, load_data_task, normalize
 
 RAW_FILES = list(MNIST_SHA256)
 
@@ -216,12 +210,12 @@ def test_download_happens_only_when_files_are_absent_and_is_verified(
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
     root, _ = mnist_copy(tmp_path, shared_data_dir, skip="train-images-idx3-ubyte")
-    x, y, xt, yt = load_mnist_raw(DataConfig(data_dir=root, download=True))
+    x, y, xt, yt = load_idx_raw("mnist", root, download=True)
     assert calls == [(True, True), (True, False), (False, False)]
     assert x.shape == (60000, 784) and x.dtype == np.uint8 and y.dtype == np.int64
     assert xt.shape == (10000, 784) and yt.shape == (10000,)
     calls.clear()  # files now present: no second download
-    load_mnist_raw(DataConfig(data_dir=root, download=True))
+    load_idx_raw("mnist", root, download=True)
     assert calls == [(True, False), (False, False)]
 
 
@@ -513,6 +507,35 @@ def test_digest_tracks_content_and_settings_not_location(tmp_path):
 
 
 # --------------------------------------------------------------------------- bundle and task
+
+
+def test_bundle_carries_the_first_test_rows_as_stored_and_where_the_data_lies(
+    mnist, shared_data_dir, tmp_path
+):
+    """What registering the model and naming the dataset need, so that no later stage
+    reads the source again: MNIST's uint8 pixels, an .npz's own dtype, flattened."""
+    oracle = idx(shared_data_dir, "t10k-images-idx3-ubyte")  # (10000, 784) uint8
+    assert mnist.input_example.dtype == np.uint8 and mnist.pixels
+    np.testing.assert_array_equal(mnist.input_example, oracle[:5])
+    assert mnist.location == str(shared_data_dir / "MNIST" / "raw")
+
+    arrays = make_npz(tmp_path / "d.npz")
+    b = load_data(cfg_for(tmp_path / "d.npz"))
+    assert b.input_example.dtype == np.uint8 and b.pixels
+    np.testing.assert_array_equal(b.input_example, arrays["x_test"][:5])
+    assert b.location == str(tmp_path / "d.npz")
+    images = np.random.default_rng(1).normal(size=(60, 4, 4)).astype(np.float32)  # (N, H, W)
+    make_npz(tmp_path / "f.npz", n=40, n_test=20, x_train=images[:40], x_test=images[40:])
+    f = load_data(cfg_for(tmp_path / "f.npz", n_valid=10))
+    assert f.input_example.dtype == np.float32 and f.input_example.shape == (5, 16)
+    np.testing.assert_array_equal(f.input_example, images[40:45].reshape(5, 16))
+    assert not f.pixels
+    np.testing.assert_array_equal(raw_test_features(cfg_for(tmp_path / "f.npz")),
+                                  images[40:].reshape(20, 16))
+    assert f.input_example.base is None  # a copy: the bundle holds no view of the split
+    again = pickle.loads(pickle.dumps(f))
+    np.testing.assert_array_equal(again.input_example, f.input_example)
+    assert again.digest == f.digest and again.location == f.location
 
 
 def test_bundle_is_frozen_and_the_prefect_task_wraps_load_data(tmp_path):

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 from config.overrides import resolve_config
-from tasks import data_idx
 from config.stages import DataConfig
-from tasks.data import load_data
-from tasks.data_idx import IDX_FILES, IdxSource, load_idx_raw
-from tasks.data_variants import background_random, rotate
 from runtime.errors import ConfigError, DataError
+from sources.idx import IDX_FILES, IDX_SOURCES, IdxSource, load_idx_raw
+from sources.variants import background_random, rotate
+from tasks.data import load_data
 
 # --------------------------------------------------------------------------- IDX family
 
@@ -49,15 +48,15 @@ def test_published_md5s_are_torchvisions(name, folder):
     import torchvision.datasets as tvd
 
     published = dict(getattr(tvd, folder).resources)  # {"train-images-idx3-ubyte.gz": md5}
-    assert data_idx.IDX_SOURCES[name].folder == folder
-    assert {f"{k}.gz": v for k, v in data_idx.IDX_SOURCES[name].gz_md5.items()} == published
+    assert IDX_SOURCES[name].folder == folder
+    assert {f"{k}.gz": v for k, v in IDX_SOURCES[name].gz_md5.items()} == published
 
 
 @pytest.mark.parametrize("name, folder", [("fashion-mnist", "FashionMNIST"), ("kmnist", "KMNIST")])
 def test_idx_dataset_loads_when_archives_match(tmp_path, monkeypatch, name, folder):
     raw = tmp_path / folder / "raw"
     arrays = write_idx(raw)
-    monkeypatch.setitem(data_idx.IDX_SOURCES, name, IdxSource(folder, gz_md5=md5s(raw)))
+    monkeypatch.setitem(IDX_SOURCES, name, IdxSource(folder, gz_md5=md5s(raw)))
     b = load_data(DataConfig(dataset=name, data_dir=tmp_path, download=False, n_valid=20))
     x = arrays["train-images-idx3-ubyte"].reshape(100, 784)
     assert b.x_train.shape == (80, 784) and b.x_test.shape == (30, 784)
@@ -71,13 +70,13 @@ def test_idx_bad_archive_raw_mismatch_and_missing_archive(tmp_path, monkeypatch)
     write_idx(raw)
     good = md5s(raw)
     wrong = {**good, "train-labels-idx1-ubyte": "0" * 32}
-    monkeypatch.setitem(data_idx.IDX_SOURCES, "kmnist", IdxSource("KMNIST", gz_md5=wrong))
+    monkeypatch.setitem(IDX_SOURCES, "kmnist", IdxSource("KMNIST", gz_md5=wrong))
     with pytest.raises(DataError) as e:
         load_idx_raw("kmnist", tmp_path, download=False)
     assert f"{raw / 'train-labels-idx1-ubyte.gz'} (expected md5 {'0' * 32}" in str(e.value)
     assert "re-download" in str(e.value)
 
-    monkeypatch.setitem(data_idx.IDX_SOURCES, "kmnist", IdxSource("KMNIST", gz_md5=good))
+    monkeypatch.setitem(IDX_SOURCES, "kmnist", IdxSource("KMNIST", gz_md5=good))
     body = bytearray((raw / "t10k-images-idx3-ubyte").read_bytes())
     body[100] ^= 1  # one pixel of the raw file, the archive untouched
     (raw / "t10k-images-idx3-ubyte").write_bytes(bytes(body))
@@ -152,10 +151,10 @@ def test_rotate_turns_each_image_by_its_drawn_angle():
 
 
 def test_variant_digest_carries_the_generator_seed(mnist_raw, monkeypatch):
-    import tasks.data
+    import sources.read
 
     small = (mnist_raw[0][:3000], mnist_raw[1][:3000], mnist_raw[2][:500], mnist_raw[3][:500])
-    monkeypatch.setattr(tasks.data, "load_idx_raw", lambda name, *a: small)  # MNIST, cut short
+    monkeypatch.setattr(sources.read, "load_idx_raw", lambda name, *a: small)  # MNIST, cut short
     cfg = dict(dataset="mnist-bg-rand", data_dir="unused", download=False, n_valid=1000)
     a = load_data(DataConfig(**cfg))
     mnist = load_data(DataConfig(**{**cfg, "dataset": "mnist"}))

@@ -1,21 +1,24 @@
 """The package layout: arrows point down (cli -> flows -> tasks -> models), no module imports
-itself back through others, and no Python file outside tests grows past 300 lines."""
+itself back through others, only ``sources`` opens data files, and no Python file outside
+tests grows past 300 lines."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("cli", "config", "flows", "models", "preflight", "reports", "runtime", "tasks",
-            "tracking")
+PACKAGES = ("cli", "config", "flows", "models", "preflight", "reports", "runtime", "sources",
+            "tasks", "tracking")
 #: What each layer may not import: the arrows of docs/design.md, read backwards.
 FORBIDDEN = {
-    "models": {"cli", "flows", "tasks", "tracking", "reports", "preflight"},
+    "models": {"cli", "flows", "tasks", "tracking", "reports", "preflight", "sources"},
     "tasks": {"cli", "flows"},
     "flows": {"cli"},
-    # config reads a data file's header through the data stage's peek functions
-    # (tasks.data_files, tasks.data_tables) to check sizes before start-up; nothing more.
-    "config": {"cli", "flows", "tracking", "reports", "preflight"},
-    "runtime": {"cli", "flows", "tasks", "tracking", "reports", "preflight"},
+    # config reads a data file's header through sources.headers to check sizes before
+    # start-up; the data stage's tasks are above it.
+    "config": {"cli", "flows", "tasks", "tracking", "reports", "preflight"},
+    # the one reader of data files: it takes a data config's fields, not the config
+    "sources": {"cli", "flows", "tasks", "tracking", "reports", "preflight", "config"},
+    "runtime": {"cli", "flows", "tasks", "tracking", "reports", "preflight", "sources"},
     "tracking": {"cli", "flows"},
     "reports": {"cli", "flows"},
     "preflight": {"cli", "flows"},
@@ -28,13 +31,13 @@ def project_modules() -> dict[str, Path]:
             for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
 
 
-def imports(path: Path, known: set[str]) -> set[str]:
+def imports(path: Path, known: set[str], typing: bool = False) -> set[str]:
     """Project modules that a file imports anywhere (module level or inside functions),
-    except under ``if TYPE_CHECKING:``, which never runs."""
+    and, with ``typing``, under ``if TYPE_CHECKING:``, which never runs."""
     tree = ast.parse(path.read_text())
-    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                   and getattr(block.test, "id", None) == "TYPE_CHECKING"
-                   for n in ast.walk(block)}
+    typing_only = set() if typing else {
+        id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+        and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
     found = set()
     for node in ast.walk(tree):
         if id(node) in typing_only:
@@ -57,6 +60,15 @@ def graph() -> dict[str, set[str]]:
 def test_arrows_point_down():
     wrong = sorted(f"{m} imports {t}" for m, targets in graph().items() for t in targets
                    if t.split(".")[0] in FORBIDDEN.get(m.split(".")[0], ()))
+    assert not wrong, wrong
+
+
+def test_config_and_sources_import_nothing_above_them_even_for_type_hints():
+    mods = project_modules()
+    wrong = sorted(f"{m} imports {t}" for m, p in mods.items()
+                   if (pkg := m.split(".")[0]) in ("config", "sources")
+                   for t in imports(p, set(mods), typing=True)
+                   if t.split(".")[0] in FORBIDDEN[pkg])
     assert not wrong, wrong
 
 
@@ -96,3 +108,46 @@ def test_no_python_file_outside_tests_is_over_300_lines():
             if not {"tests", ".venv", "build"} & set(p.relative_to(ROOT).parts)
             and (n := len(p.read_text().splitlines())) > 300}
     assert not long, long
+
+
+#: Modules that open data files: archives, compressed IDX files, Parquet, torchvision's sets.
+DATA_MODULES = ("zipfile", "gzip", "pyarrow", "torchvision")
+#: numpy's and pandas's readers of files.
+DATA_CALLS = {"np": {"load", "memmap", "fromfile", "loadtxt", "genfromtxt"},
+              "numpy": {"load", "memmap", "fromfile", "loadtxt", "genfromtxt"},
+              "pd": {"read_*"}, "pandas": {"read_*"}}
+
+
+def data_file_reads(path: Path) -> set[str]:
+    """What in a file opens a data file: an import of :data:`DATA_MODULES` (or of a reader
+    from numpy or pandas), or a call such as ``np.load`` or ``pd.read_csv``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            names = [f"{node.value.id}.{node.attr}"]
+        else:
+            continue
+        for name in names:
+            head, _, attr = name.partition(".")
+            readers = DATA_CALLS.get(head, set())
+            if (head in DATA_MODULES or attr in readers
+                    or ("read_*" in readers and attr.startswith("read_"))):
+                found.add(name)
+    return found
+
+
+def test_only_sources_opens_data_files():
+    """Headers, sources, the raw test split: every package asks ``sources``, none reads a
+    data file itself."""
+    found = {m: reads for m, p in project_modules().items()
+             if m.split(".")[0] != "sources" and (reads := data_file_reads(p))}
+    assert not found, found
+    readers = {m: data_file_reads(p) for m, p in project_modules().items()
+               if m.split(".")[0] == "sources"}  # the check sees the readers where they are
+    assert {"zipfile", "np.load"} <= readers["sources.npz"]
+    assert {"gzip", "torchvision.datasets"} <= readers["sources.idx"]
+    assert {"pd.read_csv", "pd.read_parquet", "pyarrow.parquet"} <= readers["sources.tables"]

@@ -145,8 +145,9 @@ def test_registered_model_reproduces_logged_test_error(quick_run, shared_data_di
     import mlflow.pytorch
 
     config, result, uri = quick_run
-    from tasks.release import as_inputs, raw_test_features
+    from sources.read import raw_test_features
     from tasks.data import load_data
+    from tasks.release import as_inputs
 
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model(f"models:/e2e-classifier/{result.model_version}")

@@ -238,6 +238,8 @@ def test_runs_follow_mlflow_conventions(store, client):
     for name, rows in (("mnist-train", 1000), ("mnist-valid", 2000), ("mnist-test", 10000)):
         dataset = inputs[name].dataset
         assert dataset.digest == first.data["digest"][:36]
+        assert json.loads(dataset.source) == {
+            "uri": str(store["config"].data.data_dir / "MNIST" / "raw")}
         assert json.loads(dataset.profile) == {
             "num_rows": rows, "num_features": 784, "normalization": "unit",
             "data_digest": first.data["digest"]}

@@ -169,9 +169,7 @@ class PipelineRecorder:
 
     def _data_inputs(self, data: Any) -> None:
         """The data as the parent run's MLflow dataset input, and its digest as a param."""
-        cfg = self.config.data
-        source = str(cfg.data_dir / "MNIST" / "raw" if cfg.is_mnist else cfg.dataset)
-        self.tracker.log_inputs(self.parent, dataset_inputs(data, source))
+        self.tracker.log_inputs(self.parent, dataset_inputs(data, data.location))
         self.tracker.log_params(self.parent, {"data.digest": data.digest})
 
     def _record(self, run: str, result: Any) -> Optional[str]:
