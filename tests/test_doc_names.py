@@ -142,7 +142,7 @@ def test_a_stale_name_is_found() -> None:
     assert missing("tasks.data.load_data") is None
     assert missing("tracking/recorder.py") is None
     assert missing("tracking.recorder.PipelineRecorder.stage") is None
-    assert missing("flows.stages.StageRecorder") == "no module flows.stages"
+    assert missing("flows.stages.StageRecorder") == "flows defines no stages"
     assert missing("tasks.data.no_such_function") == "tasks.data defines no no_such_function"
     assert missing("flows/reconstruct.py") == "no file or folder flows/reconstruct.py"
     assert missing("runtime.seed") is None and missing("config.model.hidden_sizes") is None
