@@ -24,8 +24,8 @@ from cli.common import fail
 from cli.options import (ConfigArgs, ExperimentOpt, ModelNameOpt, TrackingUriOpt,
                          VerboseOpt, config_options)
 
-# name -> (module, flow object): the flows ``serve --flow`` accepts. The ablation flow goes
-# here when it exists, with its own branch in ``flow_parameters``.
+# name -> (module, flow object): the flows ``serve --flow`` accepts; a flow added here also
+# needs its own branch in ``flow_parameters``.
 FLOWS: dict[str, tuple[str, str]] = {
     "pipeline": ("flows.pipeline", "pipeline"),
 }

@@ -1,15 +1,13 @@
 """The run's ephemeral Prefect API server, used when no ``PREFECT_API_URL`` is configured.
 
 Left to itself, Prefect starts one on its first client call (``SubprocessASGIServer``): it
-imports its whole server (FastAPI, the database models; ≈ 3.4 s here) into the run's own
+imports its whole server (FastAPI, the database models: seconds of imports) into the run's own
 process just to start a child process that imports it again. A CLI run instead:
 
 - starts the same server command itself (``prestart``), as soon as the command line is
   validated, without importing Prefect's server: the child boots on the other core while
   this process imports torch, Lightning and MLflow, and ``ready()`` waits for it before the
-  flow's first Prefect call (measured on ``quick``, interleaved with the previous code:
-  11.9 s against 14.6 s from process start to the MLflow parent run, medians of three;
-  docs/benchmarks.md, "Start-up and exit");
+  flow's first Prefect call (what that saves: docs/benchmarks.md, "Start-up and exit");
 - then points this process's Prefect settings at it (``PREFECT_API_URL`` in the
   environment, Prefect's global settings refreshed), so every client of the run uses it,
   and a local process pool's workers, who inherit the environment, do too instead of each
