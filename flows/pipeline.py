@@ -14,7 +14,8 @@ from config.stages import PipelineConfig, flatten
 from flows.stages import (StageRecorder, StageReport, data_and_pretraining, flow_run_name,
                           run_task)
 from runtime.console import announce
-from runtime.environment import eval_device, layerwise_home, precision_used
+from runtime.devices import eval_device, precision_used
+from runtime.home import layerwise_home
 from runtime.errors import ConfigError
 from tasks.evaluate import ARMS, evaluate_task, per_class_table
 from tasks.finetune import finetune_twins_task

@@ -16,7 +16,7 @@ from config.stages import PipelineConfig, flatten
 from flows.stages import (StageRecorder, StageReport, data_and_pretraining, flow_run_name,
                           run_task)
 from runtime.console import announce
-from runtime.environment import eval_device, precision_used
+from runtime.devices import eval_device, precision_used
 from runtime.errors import ConfigError
 from tasks.finetune import ARMS
 from tasks.reconstruct import finetune_autoencoders_task

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from config.parameters import resolve_flow_config
 from config.stages import PipelineConfig, check_train_size
-from models.observer import Observers
+from training.observer import Observers
 from runtime.errors import ConfigError
 from runtime.progress import ProgressLine, watching
 from tasks.data import load_data_task
