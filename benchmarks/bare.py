@@ -2,7 +2,7 @@
 
 Each does what the project's engine does for one stage at P = 1 and nothing else: the same
 initial weights, masking noise from one generator on the training device (one draw per
-step), the data order of ``models.batches.epoch_permutation`` sliced by ``index_select``,
+step), the data order of ``training.batches.epoch_permutation`` sliced by ``index_select``,
 ``torch.optim.SGD``, the per-epoch means of the history, and the best-weights bookkeeping
 of early stopping. It ends with the same weights as the project's run
 (checked by the benchmark), so the time between the two is pure orchestration.
@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from benchmarks.common import sync
-from models.batches import epoch_permutation
+from training.batches import epoch_permutation
 
 
 @dataclass

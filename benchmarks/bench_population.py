@@ -27,11 +27,12 @@ from benchmarks.bench_training import (
     project_finetune,
     project_pretrain,
 )
-from benchmarks.common import Data, device, sync
+from benchmarks.common import Data, device, float32_trainer, sync
 from models.classifier import DeepClassifier
 from models.dae import DenoisingAutoencoder
-from models.population_training import train_classifier_population, train_dae_population
-from runtime.environment import Seed, derive_seed
+from training.classifier_training import train_classifier_population
+from training.dae_training import train_dae_population
+from runtime.keys import Seed, derive_seed
 
 P = 32
 BATCH = 20
@@ -106,8 +107,8 @@ def run_config(config: str, DAE: DAESpec, CLF: ClassifierSpec, data: Data, log,
 
     def pop_dae():
         return train_dae_population(daes(), x, xv, noise_seeds=noise, order_seeds=order,
-                                    epochs=1, batch_size=BATCH,
-                                    optimizer={"name": "sgd", "lr": DAE.lr})
+                                    batch_size=BATCH, optimizer={"name": "sgd", "lr": DAE.lr},
+                                    trainer=float32_trainer(1))
 
     def seq_dae():
         return [bare.dae(i, x, xv, level=DAE.level, lr=DAE.lr, batch_size=BATCH,
@@ -115,8 +116,9 @@ def run_config(config: str, DAE: DAESpec, CLF: ClassifierSpec, data: Data, log,
 
     def pop_clf():
         return train_classifier_population(classifiers(), x, y, xv, yv, order_seeds=corder,
-                                           max_epochs=1, batch_size=BATCH,
-                                           optimizer={"name": "sgd", "lr": CLF.lr})
+                                           batch_size=BATCH,
+                                           optimizer={"name": "sgd", "lr": CLF.lr},
+                                           trainer=float32_trainer(1))
 
     def seq_clf():
         return [bare.classifier(i, x, y, xv, yv, lr=CLF.lr, batch_size=BATCH, order_seed=o)
@@ -124,8 +126,8 @@ def run_config(config: str, DAE: DAESpec, CLF: ClassifierSpec, data: Data, log,
 
     # warm-up: a population of two and one single run of each kind
     train_dae_population(daes()[:2], x[:200], xv[:100], noise_seeds=noise[:2],
-                         order_seeds=order[:2], epochs=1, batch_size=BATCH,
-                         optimizer={"name": "sgd", "lr": DAE.lr})
+                         order_seeds=order[:2], batch_size=BATCH,
+                         optimizer={"name": "sgd", "lr": DAE.lr}, trainer=float32_trainer(1))
     bare.dae(dae_inits[0], x[:200], xv[:100], level=DAE.level, lr=DAE.lr, batch_size=BATCH,
              noise_seed=1, order_seed=1)
 

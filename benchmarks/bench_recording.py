@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Data, device
+from benchmarks.common import Data, device, float32_trainer
 from models.classifier import DeepClassifier
-from models.epoch_checkpoint import EpochCheckpoint
-from models.observer import EpochObserver, Observers
-from models.population_training import train_classifier_population
+from training.epoch_checkpoint import EpochCheckpoint
+from training.observer import EpochObserver, Observers
+from training.classifier_training import train_classifier_population
 
 SIZES = (784, 1000, 1000, 1000)
 N_TRAIN, DEFAULT_N_TRAIN, EPOCHS = 2000, 50_000, 3
@@ -46,8 +46,8 @@ class _Timed(EpochObserver):
 
 
 def run(data: Data, log=print) -> dict[str, Any]:
-    from models.classifier_population import ClassifierPopulation
-    from models.population_eval import classifier_valid
+    from training.classifier_population import ClassifierPopulation
+    from training.population_eval import classifier_valid
     from tracking.live import LiveMetrics
     from tracking.tracker import Tracker
 
@@ -82,9 +82,10 @@ def run(data: Data, log=print) -> dict[str, Any]:
         EpochCheckpoint.save = timed_save
         try:
             train_classifier_population(
-                twins, x, y, xv, yv, order_seeds=[3, 3], max_epochs=EPOCHS, batch_size=20,
+                twins, x, y, xv, yv, order_seeds=[3, 3], batch_size=20,
                 optimizer={"name": "sgd", "lr": 0.1}, early_stopping="none",
-                observer=Observers(live), resume_dir=Path(tmp) / "resume")
+                trainer=float32_trainer(EPOCHS), observer=Observers(live),
+                resume_dir=Path(tmp) / "resume")
         finally:
             EpochCheckpoint.save = real_save
     save_s = sum(saves[1:]) / max(1, len(saves) - 1)  # the first pays for the folder

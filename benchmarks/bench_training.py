@@ -3,7 +3,7 @@
 One process, the same data and config, at batch sizes 1, 20 and 256. (a) is exactly what
 ``tasks.pretrain.pretrain_layer`` / ``tasks.finetune.finetune`` run: the engine at P = 1
 (``train_dae_population`` / ``train_classifier_population``, fused SGD steps, per-epoch
-history and early stopping) in ``runtime.environment.make_trainer``; a ``LoopTimer`` callback
+history and early stopping) in ``training.trainer.make_trainer``; a ``LoopTimer`` callback
 marks the first and last training step. (b) is ``benchmarks.bare``. Both run one epoch of a fixed
 number of steps after a warm-up, best of ``repeats``, interleaved.
 
@@ -26,9 +26,11 @@ from benchmarks import bare
 from benchmarks.common import Data, best_time, device, sync
 from models.classifier import DeepClassifier
 from models.dae import DenoisingAutoencoder
-from models.population_training import train_classifier_population, train_dae_population
+from training.classifier_training import train_classifier_population
+from training.dae_training import train_dae_population
 from config.stages import RuntimeConfig
-from runtime.environment import Seed, derive_seed, make_trainer
+from runtime.keys import Seed, derive_seed
+from training.trainer import make_trainer
 
 #: Steps per measurement: a few seconds each on 2 CPU cores.
 STEPS = {1: 2000, 20: 500, 256: 100}
@@ -129,7 +131,7 @@ def project_pretrain(spec: DAESpec, init, x, x_valid, B: int, seed: int,
     dae.load_state_dict(init)
     timer = LoopTimer()
     result = train_dae_population(
-        [dae], x, x_valid, noise_seeds=[seed], order_seeds=[seed], epochs=1, batch_size=B,
+        [dae], x, x_valid, noise_seeds=[seed], order_seeds=[seed], batch_size=B,
         optimizer={"name": "sgd", "lr": spec.lr},
         trainer=make_trainer(RuntimeConfig(accelerator="auto", precision=precision), 1,
                              [timer]))
@@ -159,7 +161,7 @@ def project_finetune(spec: ClassifierSpec, init, data: Data, B: int, seed: int,
     timer = LoopTimer()
     result = train_classifier_population(
         [clf], data.x_train, data.y_train, data.x_valid, data.y_valid, order_seeds=[seed],
-        max_epochs=1, batch_size=B, optimizer={"name": "sgd", "lr": spec.lr},
+        batch_size=B, optimizer={"name": "sgd", "lr": spec.lr},
         trainer=make_trainer(RuntimeConfig(accelerator="auto", precision=precision), 1,
                              [timer]))
     return bare.Run(timer.loop_s, timer.loop_cpu_s, time.perf_counter() - started,

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Data, device, sync
+from benchmarks.common import Data, device, float32_trainer, sync
 from models.classifier import DeepClassifier
-from models.population_training import train_classifier_population
-from runtime.environment import Seed, derive_seed
+from training.classifier_training import train_classifier_population
+from runtime.keys import Seed, derive_seed
 
 SIZES = (784, 1000, 1000, 1000)
 N_TRAIN = 2000
@@ -40,8 +40,8 @@ def run(data: Data, repeats: int = 2, log=print) -> dict[str, Any]:
 
     def fit(members: list[DeepClassifier]) -> list[dict[str, torch.Tensor]]:
         return train_classifier_population(
-            members, x, y, xv, yv, order_seeds=[order] * len(members), max_epochs=1,
-            batch_size=BATCH, optimizer={"name": "sgd", "lr": LR}).states
+            members, x, y, xv, yv, order_seeds=[order] * len(members), batch_size=BATCH,
+            optimizer={"name": "sgd", "lr": LR}, trainer=float32_trainer(1)).states
 
     def timed(fn) -> tuple[float, list[dict[str, torch.Tensor]]]:
         sync(dev)

@@ -1,7 +1,7 @@
 """The bf16-mixed SGD update, eager against ``torch.compile``: what fusing its element-wise
 passes would buy (issue 17, item 3).
 
-Under ``bf16-mixed`` a fused step (``models.population``) computes each weight gradient as a
+Under ``bf16-mixed`` a fused step (``training.population``) computes each weight gradient as a
 bf16 product and then makes two element-wise passes over the float32 master weights: the
 update ``W −= lr·G`` (``descend``) and, at the next step, the weight's bf16 copy
 (``compute_copy``). At the ``default`` preset's hidden shape (two members, 1000 × 1000,
@@ -30,8 +30,8 @@ STEPS = 20
 
 
 def _eager(W: torch.Tensor, G: torch.Tensor, lr: float) -> torch.Tensor:
-    W.sub_(G, alpha=lr)  # models.population.descend under autocast
-    return W.to(torch.bfloat16)  # the next step's models.population.compute_copy
+    W.sub_(G, alpha=lr)  # training.population.descend under autocast
+    return W.to(torch.bfloat16)  # the next step's training.population.compute_copy
 
 
 def _fused(W: torch.Tensor, G: torch.Tensor, lr: float) -> torch.Tensor:

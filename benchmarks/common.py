@@ -7,7 +7,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -19,6 +19,14 @@ DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
 def device() -> torch.device:
     """CUDA when there is a GPU, else the CPU (what ``accelerator="auto"`` picks)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def float32_trainer(epochs: int) -> Any:
+    """The stages' trainer (``training.trainer.make_trainer``) on ``device()``, in float32."""
+    from config.stages import RuntimeConfig
+    from training.trainer import make_trainer
+
+    return make_trainer(RuntimeConfig(accelerator="auto", precision="32-true"), epochs)
 
 
 def machine_name(dev: torch.device) -> str:

@@ -34,7 +34,7 @@ def ablate(
         "parallelise across cells with --workers instead)."),
     population: int = typer.Option(
         1, "--population", min=1, help="Train up to P seeds of a layer or a cell as "
-        "one batched model (models/population.py); 1: every seed on its own."),
+        "one batched model (training/population.py); 1: every seed on its own."),
     dask_address: Optional[str] = typer.Option(
         None, "--dask-address", help="Run the cells on an existing Dask cluster, "
         "e.g. tcp://HOST:8786 (its workers must see the data dir and $LAYERWISE_HOME)."),

@@ -49,7 +49,7 @@ def prepare_environment() -> None:
 def interrupts_on_signals() -> Callable[[], None]:
     """SIGTERM ends a run like Ctrl-C: MLflow runs are marked KILLED, exit is non-zero.
 
-    Both are remembered (``runtime.environment.note_interrupt``), so one that Python swallows is
+    Both are remembered (``runtime.interrupts.note_interrupt``), so one that Python swallows is
     raised again at the next chunk of training. Only the first is raised: a second Ctrl-C
     while Prefect and MLflow record the runs' end left the flow run "Running" in Prefect;
     it now only says that the run is already stopping.
@@ -58,7 +58,7 @@ def interrupts_on_signals() -> Callable[[], None]:
         A function that restores the previous handlers (for callers in the same process,
         such as tests).
     """
-    from runtime.environment import note_interrupt
+    from runtime.interrupts import note_interrupt
 
     stopping = []
 
@@ -111,7 +111,7 @@ def guarded_work(resume_hint: str, record: str, tracking_uri: Optional[str] = No
     except LayerwiseError as exc:
         fail(str(exc), code=1)
     except BaseException as exc:
-        from runtime.environment import layerwise_home
+        from runtime.home import layerwise_home
         from runtime.faults import resource_error, server_error
         from tracking.tracker import default_tracking_uri, is_interrupt
 

@@ -17,12 +17,21 @@ server starts, and again on the loaded arrays.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol
 
 from sources.fractions import fraction_count
 
-if TYPE_CHECKING:  # the config validates with these rules, so they import no config
-    from config.stages import DataConfig
+class DataSizes(Protocol):
+    """The fields of the data config (``config.stages.DataConfig``) the rules read; the
+    config validates with these rules, so they name it by its shape, not by an import."""
+
+    dataset: str
+    n_valid: Optional[int]
+    valid_fraction: float
+    n_train: Optional[int]
+
+    @property
+    def is_named(self) -> bool: ...
 
 #: Size of the official MNIST-style training set and the reference validation split.
 MNIST_TRAIN_POOL = 60_000
@@ -51,7 +60,7 @@ class SplitPlan:
         return self.n_pool if self.valid_from == "file" else self.n_pool - self.n_valid
 
 
-def plan_split(cfg: DataConfig, n_pool: int, n_file_valid: Optional[int]) -> SplitPlan:
+def plan_split(cfg: DataSizes, n_pool: int, n_file_valid: Optional[int]) -> SplitPlan:
     """The split ``cfg`` asks for on a pool of ``n_pool`` rows (see the module docstring)."""
     if cfg.is_named:
         return SplitPlan(n_pool, cfg.n_valid or MNIST_VALID_SIZE, "last")
@@ -63,7 +72,7 @@ def plan_split(cfg: DataConfig, n_pool: int, n_file_valid: Optional[int]) -> Spl
 
 
 def size_problems(
-    cfg: DataConfig, plan: SplitPlan, batch_sizes: Optional[dict[str, int]] = None
+    cfg: DataSizes, plan: SplitPlan, batch_sizes: Optional[dict[str, int]] = None
 ) -> list[str]:
     """Every size rule ``cfg`` (and the batch sizes) break on ``plan``, each with its fix.
 

@@ -238,7 +238,7 @@ def run_ablation(grid: Grid, workers: int = 1, dask_address: Optional[str] = Non
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     from runtime.ephemeral_api import shared_settings
-    from runtime.environment import layerwise_home
+    from runtime.home import layerwise_home
 
     home = layerwise_home()
     if out_dir is None:
@@ -285,12 +285,12 @@ def describe(exc: BaseException) -> str:
 
 def _precision(cells: list[Cell]) -> str:
     """The precisions the cells train in (``runtime.precision`` resolved), comma-separated."""
-    from runtime.environment import precision_used
+    from runtime.devices import precision_used
 
     return ",".join(sorted({precision_used(c.config.runtime) for c in cells})) or "32-true"
 
 
 def _device(cells: list[Cell]) -> str:
-    from runtime.environment import eval_device
+    from runtime.devices import eval_device
 
     return str(eval_device(cells[0].config.runtime)) if cells else "cpu"

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from config.parameters import complete, resolve_flow_config
 from config.stages import PipelineConfig
-from runtime.environment import layerwise_home
+from runtime.home import layerwise_home
 from runtime.errors import ConfigError
 from tasks.compare import Comparison, compare
 from tasks.data import check_sizes, load_data_task

@@ -1,2 +1,3 @@
-"""Plain ``nn.Module``s (corruption, the DAE layer, the deep classifier) and the
-LightningModules that train them."""
+"""Plain ``nn.Module``s and their equations: corruption, the encoder layer, the denoising
+autoencoder, the deep classifier, the deep autoencoder and the registered models' raw-input
+wrappers. What trains them is ``training``."""

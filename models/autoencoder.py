@@ -14,8 +14,8 @@ start of fine-tuning. With ``tied`` the decoder keeps W'_l = W_lᵀ while fine-t
 
 A member's weights are a flat state dict (``encoder.l.weight`` (n_{l+1}, n_l),
 ``encoder.l.bias``, ``decoder.l.weight`` (n_l, n_{l+1}) when untied, ``decoder.l.bias``);
-``AutoencoderPopulation`` stacks P of them (the engine's population, ``models.population``),
-a single autoencoder being P = 1.
+``AutoencoderPopulation`` stacks P of them (``models.layers.stack_members``), as the
+engine's populations do (``training.population``), a single autoencoder being P = 1.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from models.dae import reconstruction_loss
-from models.layers import activate, init_weight_
-from models.population import _linear, _stack
+from models.layers import activate, init_weight_, stack_members, stacked_linear
 
 State = dict[str, torch.Tensor]
 
@@ -102,7 +101,7 @@ class AutoencoderPopulation(nn.Module):
             raise ValueError("population members must all be tied or all untied")
 
         def stacked(part: str, kind: str) -> nn.ParameterList:
-            return nn.ParameterList([_stack([s[f"{part}.{l}.{kind}"] for s in states])
+            return nn.ParameterList([stack_members([s[f"{part}.{l}.{kind}"] for s in states])
                                      for l in range(L)])
 
         self.enc_w, self.enc_b = stacked("encoder", "weight"), stacked("encoder", "bias")
@@ -117,7 +116,7 @@ class AutoencoderPopulation(nn.Module):
         """The code h_L: (P, B, n_0) or shared (B, n_0) -> (P, B, n_L)."""
         h = x
         for w, b, act in zip(self.enc_w, self.enc_b, self.activations):
-            h = activate(_linear(h, w, b), act)  # (P, B, n_l) -> (P, B, n_{l+1})
+            h = activate(stacked_linear(h, w, b), act)  # (P, B, n_l) -> (P, B, n_{l+1})
         return h
 
     def decoder_weight(self, l: int) -> torch.Tensor:
@@ -127,7 +126,8 @@ class AutoencoderPopulation(nn.Module):
     def decoder_logits(self, h: torch.Tensor) -> torch.Tensor:
         """a = W'_0 ĥ_1 + b'_0 from the code: (P, B, n_L) -> (P, B, n_0)."""
         for l in reversed(range(len(self.activations))):
-            a = _linear(h, self.decoder_weight(l), self.dec_b[l])  # (P, B, n_{l+1}) -> (P, B, n_l)
+            # (P, B, n_{l+1}) -> (P, B, n_l)
+            a = stacked_linear(h, self.decoder_weight(l), self.dec_b[l])
             if l > 0:
                 h = activate(a, self.activations[l - 1])
         return a

@@ -85,7 +85,7 @@ def home_problems(config: Any, uri: str, cells: int = 1) -> list[str]:
     """``LAYERWISE_HOME`` (and a local store's artifact folder) writable, with free space
     for the checkpoints: every DAE layer, both fine-tuned arms, each kept about three times
     (the stage's checkpoint, its MLflow artifact copy, the registered model), per cell."""
-    from runtime.environment import layerwise_home
+    from runtime.home import layerwise_home
 
     home = layerwise_home()
     problem = writable_dir_problem(home, "LAYERWISE_HOME", "set LAYERWISE_HOME to a writable "

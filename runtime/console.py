@@ -11,7 +11,7 @@ of them this chatter.
 
 The choice travels in ``LAYERWISE_VERBOSE`` (set by the CLI before Prefect or MLflow is
 imported), so the flow runs that ``schedule serve`` starts in subprocesses inherit it;
-``runtime.environment.make_trainer`` reads it for Lightning's loggers.
+``training.trainer.make_trainer`` reads it for Lightning's loggers.
 Prefect's INFO records still reach the Prefect API, and the stage lines go there too
 (``announce``): only the console is quiet.
 """

@@ -3,7 +3,7 @@ natively, float32 elsewhere.
 
 bf16-mixed keeps float32 master weights and runs the matmuls in bfloat16 under
 ``torch.autocast`` (Lightning's ``bf16-mixed`` plugin; the engine's fused SGD steps follow it,
-``models.population``). It pays only where bf16 products are native:
+``training.population``). It pays only where bf16 products are native:
 
 - a CPU with AVX-512 BF16 (``avx512_bf16``) or AMX (``amx_bf16``): ``torch.mm`` of
   (20, 1000) x (1000, 1000) ran at ≈ 440 GFLOP/s in bf16 against ≈ 120 in float32 on a
@@ -70,7 +70,7 @@ def resolve_precision(precision: str, device_type: str) -> str:
 
     Args:
         precision: ``runtime.precision``.
-        device_type: The training device's type (``runtime.environment.eval_device``).
+        device_type: The training device's type (``runtime.devices.eval_device``).
     """
     if precision != "auto":
         return precision

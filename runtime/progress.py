@@ -1,7 +1,7 @@
 """Who watches the stage that is training now, and the progress line it shows.
 
 The recorder that wraps a stage (``tracking.recorder.PipelineRecorder``) installs its observer
-(``models.observer.EpochObserver``) with ``watching`` around the stage's task; the task
+(a ``training.observer.EpochObserver``) with ``watching`` around the stage's task; the task
 hands ``current_observer()`` to the training function. A context variable, not a task
 argument: it is not part of what a stage computes, so it stays out of the task's
 parameters and cache key (Prefect runs a task with the flow's context, variables included).
@@ -12,21 +12,35 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
-from models.observer import EpochObserver
 
-_CURRENT: contextvars.ContextVar[Optional[EpochObserver]] = contextvars.ContextVar(
+class Observer(Protocol):
+    """The hooks a training stage calls each epoch (``training.observer.EpochObserver``),
+    named here by their shape: this layer imports no training code."""
+
+    def on_resume(self, member: int, epoch: int, history: Sequence[Mapping[str, float]]
+                  ) -> None: ...
+
+    def on_epoch_end(self, member: int, epoch: int, metrics: Mapping[str, float]) -> None: ...
+
+    def on_progress(self, epoch: int, max_epochs: int, epoch_seconds: float,
+                    active: int) -> None: ...
+
+    def on_note(self, text: str) -> None: ...
+
+
+_CURRENT: contextvars.ContextVar[Optional[Observer]] = contextvars.ContextVar(
     "layerwise_epoch_observer", default=None)
 
 
-def current_observer() -> Optional[EpochObserver]:
+def current_observer() -> Optional[Observer]:
     """The observer of the stage running now, or None outside a recorded stage."""
     return _CURRENT.get()
 
 
 @contextlib.contextmanager
-def watching(observer: EpochObserver) -> Iterator[EpochObserver]:
+def watching(observer: Observer) -> Iterator[Observer]:
     """Make ``observer`` the current one for the code inside."""
     token = _CURRENT.set(observer)
     try:
@@ -45,7 +59,7 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-class ProgressLine(EpochObserver):
+class ProgressLine:
     """One line per epoch: ``epoch 3 of at most 50, 2.1 s/epoch, at most 1 min 40 s left``.
 
     Every line goes to ``log`` (the Prefect flow run's logs); the console gets one when
@@ -68,6 +82,9 @@ class ProgressLine(EpochObserver):
     def on_resume(self, member, epoch, history):
         if member == 0:
             self.log(f"  {self.stage}: resumed after epoch {epoch} from its checkpoint", True)
+
+    def on_epoch_end(self, member, epoch, metrics):
+        pass  # the line tells progress, not metrics
 
     def on_note(self, text):
         self.log(f"  {self.stage}: {text}", True)

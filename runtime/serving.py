@@ -28,7 +28,7 @@ def serve_environment() -> None:
     this shell (``$LAYERWISE_HOME``, else ``./mlruns`` here, pinned before any flow run
     exists), persisted task results beside the checkpoints under
     ``$LAYERWISE_HOME/prefect-results``."""
-    from runtime.environment import layerwise_home
+    from runtime.home import layerwise_home
 
     os.environ.setdefault("LAYERWISE_HOME", str(layerwise_home()))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

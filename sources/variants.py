@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from runtime.environment import derive_seed
+from runtime.keys import derive_seed
 
 #: Names accepted by ``--dataset``.
 VARIANTS = ("mnist-bg-rand", "mnist-rot")

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from config.grid_spec import Cell
 from config.stages import DataConfig, PipelineConfig
-from models.observer import EpochObserver
+from training.observer import EpochObserver
 from runtime.errors import DivergenceError
 from runtime.progress import watching
 from tasks.pretrain import LayerResult, pretrain_layer_task
@@ -32,7 +32,7 @@ _DATA: dict[str, Any] = {}
 def worker_data(cfg: DataConfig, home: str, threads: Optional[int]) -> Any:
     """The DataBundle of ``cfg``, loaded once per process. Also points this process at the
     caller's store (``home``) and thread count: workers get both as arguments, not env."""
-    os.environ["LAYERWISE_HOME"] = home  # read by runtime.environment.stage_dir in this process
+    os.environ["LAYERWISE_HOME"] = home  # read by runtime.keys.stage_dir in this process
     if threads:
         import torch
 
@@ -140,7 +140,7 @@ def score_cell(config: PipelineConfig, data: Any, result: Any,
     and verified; for the reconstruct objective the autoencoder's squared error per test
     image) and how training went; ``stack`` is its pretraining (None: random)."""
     from tasks.evaluate import load_classifier, predict
-    from runtime.environment import eval_device
+    from runtime.devices import eval_device
 
     device = eval_device(config.runtime)
     if config.objective == "reconstruct":

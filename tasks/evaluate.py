@@ -14,7 +14,8 @@ from pydantic import BaseModel
 from runtime.checkpoints import load_state
 from config.stages import PipelineConfig
 from tasks.finetune import ARMS, ClassifierResult
-from runtime.environment import eval_device, stage_dir, stage_key
+from runtime.devices import eval_device
+from runtime.keys import stage_dir, stage_key
 
 
 class ArmEvaluation(BaseModel):

@@ -17,8 +17,9 @@ from config.stages import PipelineConfig
 from runtime.errors import DivergenceError
 from tasks.pretrain import LayerResult, layer_states
 from runtime.progress import current_observer
-from runtime.environment import (Seed, derive_seed, eval_device, fit, make_trainer,
-                                 runtime_key, stage_dir, stage_key)
+from runtime.devices import eval_device
+from runtime.keys import Seed, derive_seed, runtime_key, stage_dir, stage_key
+from training.trainer import make_trainer
 
 Arm = Literal["pretrained", "random"]
 #: The twins, in the order the pipeline fine-tunes, evaluates and reports them.
@@ -81,7 +82,7 @@ def finetune_members(arms: Sequence[Arm], configs: Sequence[PipelineConfig], dat
     Raises:
         DivergenceError: a member's loss became NaN/inf (the message names it).
     """
-    from models.population_training import train_classifier_population
+    from training.classifier_training import train_classifier_population
     from tasks.pretrain import seedless
 
     if not len(arms) == len(configs) == len(encoder_states) == len(paths) > 0:
@@ -100,15 +101,15 @@ def finetune_members(arms: Sequence[Arm], configs: Sequence[PipelineConfig], dat
             classifiers, data.x_train.to(device), data.y_train.to(device),
             data.x_valid.to(device), data.y_valid.to(device),
             order_seeds=[derive_seed(s, Seed.FINETUNE_ORDER) for s in seeds],
-            max_epochs=f.max_epochs, batch_size=f.batch_size,
-            optimizer=f.optimizer.model_dump(), early_stopping=f.early_stopping,
+            batch_size=f.batch_size, optimizer=f.optimizer.model_dump(),
+            early_stopping=f.early_stopping,
             patience_batches=f.patience_batches, patience_increase=f.patience_increase,
             improvement_threshold=f.improvement_threshold, patience_epochs=f.patience_epochs,
             dropout_seeds=([derive_seed(s, Seed.FINETUNE_DROPOUT) for s in seeds]
                            if configs[0].model.dropout > 0 else None),
             eval_batch_size=rt.eval_batch_size, stage="fine-tuning",
             names=[f"finetune/{a} (seed {s})" for a, s in zip(arms, seeds)],
-            trainer=make_trainer(rt, f.max_epochs), fit=fit,
+            trainer=make_trainer(rt, f.max_epochs),
             observer=current_observer(), resume_dir=Path(paths[0]).parent / "resume",
             checkpoint_seconds=rt.checkpoint_seconds)
     except FloatingPointError as exc:

@@ -1,7 +1,7 @@
 """Seeds trained as populations: the ablation's ``--population P`` path.
 
 Cells that differ only in their seed are the same small network P times. Here P of them
-train as one population of the engine (``models.engine``): layer k of P pretraining stacks
+train as one population of the engine (``training.engine``): layer k of P pretraining stacks
 at once (``tasks.pretrain.pretrain_layers``), then P fine-tuning runs of one arm at once
 (``tasks.finetune.finetune_members``). These are the functions a single run calls with
 P = 1, so member p starts from the weights, noise, data order and dropout seeds of its
@@ -34,7 +34,7 @@ from config.stages import PipelineConfig
 from tasks.finetune import Arm, ClassifierResult, finetune_cache_key, finetune_members
 from tasks.pretrain import (LayerResult, check_members, layer_states, pretrain_cache_key,
                             pretrain_layers, seedless)
-from runtime.environment import stage_dir, stage_key
+from runtime.keys import stage_dir, stage_key
 
 __all__ = ["check_members", "seedless", "pretrain_layer_population", "finetune_population"]
 

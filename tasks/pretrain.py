@@ -16,8 +16,9 @@ from config.autoencoder import layer_activation, layer_optimizer
 from config.stages import PipelineConfig
 from runtime.errors import DivergenceError
 from runtime.progress import current_observer
-from runtime.environment import (Seed, derive_seed, eval_device, fit, make_trainer,
-                                 runtime_key, stage_dir, stage_key)
+from runtime.devices import eval_device
+from runtime.keys import Seed, derive_seed, runtime_key, stage_dir, stage_key
+from training.trainer import make_trainer
 from tasks.pretrain_figures import layer_figures
 
 
@@ -142,7 +143,7 @@ def pretrain_layers(k: int, configs: Sequence[PipelineConfig], data: Any,
     Raises:
         DivergenceError: a member's loss became NaN/inf (the message names its seed).
     """
-    from models.population_training import train_dae_population
+    from training.dae_training import train_dae_population
 
     check_members(configs)
     if not len(lowers) == len(out_dirs) == len(configs):
@@ -166,9 +167,9 @@ def pretrain_layers(k: int, configs: Sequence[PipelineConfig], data: Any,
             daes, x_train, x_valid,
             noise_seeds=[derive_seed(s, Seed.PRETRAIN_NOISE, k) for s in seeds],
             order_seeds=[derive_seed(s, Seed.PRETRAIN_ORDER, k) for s in seeds],
-            epochs=p.epochs, batch_size=p.batch_size, optimizer=layer_optimizer(configs[0], k),
+            batch_size=p.batch_size, optimizer=layer_optimizer(configs[0], k),
             eval_batch_size=rt.eval_batch_size, stage=f"pretrain/layer_{k + 1}",
-            names=[f"seed {s}" for s in seeds], trainer=make_trainer(rt, p.epochs), fit=fit,
+            names=[f"seed {s}" for s in seeds], trainer=make_trainer(rt, p.epochs),
             observer=current_observer(), resume_dir=out_dirs[0] / "resume",
             checkpoint_seconds=rt.checkpoint_seconds)
     except FloatingPointError as exc:

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-from runtime.environment import Seed, derive_seed
+from runtime.keys import Seed, derive_seed
 
 N_EXAMPLES = 10  # images per row in the corrupted-input and reconstruction figures
 

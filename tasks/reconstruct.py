@@ -16,8 +16,9 @@ from config.autoencoder import layer_activation
 from config.stages import PipelineConfig
 from runtime.checkpoints import save_state, tensor_sha256
 from runtime.progress import current_observer
-from runtime.environment import (Seed, derive_seed, eval_device, fit, make_trainer, stage_dir,
-                                 runtime_key, stage_key)
+from runtime.devices import eval_device
+from runtime.keys import Seed, derive_seed, stage_dir, runtime_key, stage_key
+from training.trainer import make_trainer
 from runtime.errors import DivergenceError
 from tasks.finetune import ARMS, Arm, ClassifierResult
 from tasks.pretrain import LayerResult, load_stack
@@ -80,7 +81,7 @@ def autoencoder_members(arms: Sequence[Arm], configs: Sequence[PipelineConfig], 
         DivergenceError: a member's loss became NaN/inf (the message names it).
     """
     from models.autoencoder import AutoencoderPopulation
-    from models.autoencoder_training import train_autoencoder_population
+    from training.autoencoder_training import train_autoencoder_population
     from tasks.pretrain import seedless
 
     if not len(arms) == len(configs) == len(dae_stacks) == len(paths) > 0:
@@ -99,13 +100,13 @@ def autoencoder_members(arms: Sequence[Arm], configs: Sequence[PipelineConfig], 
         result = train_autoencoder_population(
             population.to(device), data.x_train.to(device), data.x_valid.to(device),
             order_seeds=[derive_seed(s, Seed.FINETUNE_ORDER) for s in seeds],
-            max_epochs=f.max_epochs, batch_size=f.batch_size,
-            optimizer=f.optimizer.model_dump(), early_stopping=f.early_stopping,
+            batch_size=f.batch_size, optimizer=f.optimizer.model_dump(),
+            early_stopping=f.early_stopping,
             patience_batches=f.patience_batches, patience_increase=f.patience_increase,
             improvement_threshold=f.improvement_threshold, patience_epochs=f.patience_epochs,
             eval_batch_size=rt.eval_batch_size, stage="autoencoder fine-tuning",
             names=[f"autoencoder/{a} (seed {s})" for a, s in zip(arms, seeds)],
-            trainer=make_trainer(rt, f.max_epochs), fit=fit,
+            trainer=make_trainer(rt, f.max_epochs),
             observer=current_observer(), resume_dir=Path(paths[0]).parent / "resume",
             checkpoint_seconds=rt.checkpoint_seconds)
     except FloatingPointError as exc:

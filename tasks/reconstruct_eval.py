@@ -14,7 +14,8 @@ from pydantic import BaseModel
 
 from config.stages import PipelineConfig
 from runtime.checkpoints import load_state
-from runtime.environment import eval_device, stage_dir, stage_key
+from runtime.devices import eval_device
+from runtime.keys import stage_dir, stage_key
 from tasks.finetune import ARMS
 
 #: The rows of the report: both autoencoder arms, then the linear baseline.

@@ -102,7 +102,7 @@ def test_knn_vote_counted_by_hand():
 def test_both_arms_read_the_same_data_order(monkeypatch, tmp_path):
     """Every optimiser step gives the pretrained and the random arm the same rows."""
     import tasks.reconstruct as reconstruct
-    from models.autoencoder_training import AutoencoderSystem
+    from training.autoencoder_training import AutoencoderSystem
 
     config = resolve_config("ae-small", sets=[
         "model.hidden_sizes=[8,2]", "pretrain.corruption_levels=[0.1,0.0]",

@@ -159,12 +159,12 @@ def test_stage_keys_do_not_depend_on_where_the_code_lives_or_runs(tmp_path):
 
 
 def test_a_stage_key_changes_with_its_kind_version_only(monkeypatch):
-    from runtime import environment as runtime
+    from runtime import keys
 
-    before = {kind: runtime.stage_key("s", kind=kind, x=1) for kind in runtime.STAGE_VERSIONS}
-    monkeypatch.setitem(runtime.STAGE_VERSIONS, "pretrain", runtime.STAGE_VERSIONS["pretrain"] + 1)
-    after = {kind: runtime.stage_key("s", kind=kind, x=1) for kind in runtime.STAGE_VERSIONS}
+    before = {kind: keys.stage_key("s", kind=kind, x=1) for kind in keys.STAGE_VERSIONS}
+    monkeypatch.setitem(keys.STAGE_VERSIONS, "pretrain", keys.STAGE_VERSIONS["pretrain"] + 1)
+    after = {kind: keys.stage_key("s", kind=kind, x=1) for kind in keys.STAGE_VERSIONS}
     assert before["pretrain"] != after["pretrain"]
     assert {k: v for k, v in before.items() if k != "pretrain"} == {
         k: v for k, v in after.items() if k != "pretrain"}
-    assert runtime.stage_key("s", kind="finetune", x=1) != runtime.stage_key("s", kind="finetune", x=2)
+    assert keys.stage_key("s", kind="finetune", x=1) != keys.stage_key("s", kind="finetune", x=2)

@@ -65,12 +65,14 @@ def test_announce_outside_a_flow_prints(capsys):
     assert capsys.readouterr().out == "  done  load-data   0.4 s\n"
 
 
-@pytest.mark.parametrize("quiet_trainer", [True, False])
-def test_lightning_device_lines_only_when_not_quiet(quiet_trainer, caplog):
-    from models.engine import make_trainer
+@pytest.mark.parametrize("verbose", [False, True])
+def test_lightning_device_lines_only_when_verbose(verbose, caplog, monkeypatch):
+    from config.stages import RuntimeConfig
+    from training.trainer import make_trainer
 
+    monkeypatch.setenv(console.VERBOSE_ENV, "1" if verbose else "0")
     with caplog.at_level(logging.INFO):
-        make_trainer(1, quiet=quiet_trainer)
+        make_trainer(RuntimeConfig(accelerator="cpu", precision="32-true"), 1)
     shown = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO
              and "rank_zero" in r.name]
-    assert any("GPU available" in m for m in shown) is not quiet_trainer, shown
+    assert any("GPU available" in m for m in shown) is verbose, shown

@@ -11,10 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from models.dae import DenoisingAutoencoder
-from models.population_training import DAESystem
-from runtime import environment as runtime
 from config.stages import RuntimeConfig
+from models.dae import DenoisingAutoencoder
+from runtime import interrupts
+from training.dae_training import DAESystem
+from training.trainer import fit, make_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's advice on CPU
 
@@ -23,15 +24,15 @@ def train(epochs: int = 2) -> DAESystem:
     x = torch.rand(40, 10, generator=torch.Generator().manual_seed(0))
     system = DAESystem([DenoisingAutoencoder(10, 4)], x, x, noise_seeds=[0], order_seeds=[0],
                        batch_size=5, optimizer={"name": "sgd", "lr": 0.1})
-    trainer = runtime.make_trainer(RuntimeConfig(accelerator="cpu"), epochs)
-    runtime.fit(trainer, system)
+    trainer = make_trainer(RuntimeConfig(accelerator="cpu"), epochs)
+    fit(trainer, system)
     return system
 
 
 def test_a_remembered_interrupt_stops_training_at_the_next_chunk(monkeypatch):
-    monkeypatch.setattr(runtime, "_INTERRUPTS", [])
+    monkeypatch.setattr(interrupts, "_INTERRUPTS", [])
     assert train().trainer.current_epoch == 2  # nothing pending: trains to the end
-    swallowed = runtime.note_interrupt("signal 2")
+    swallowed = interrupts.note_interrupt("signal 2")
     assert isinstance(swallowed, KeyboardInterrupt)  # ... and, say, lost in a GC callback
     with pytest.raises(KeyboardInterrupt, match="training interrupted"):
         train()
@@ -90,7 +91,7 @@ def test_only_the_first_signal_interrupts_the_second_says_it_is_stopping(monkeyp
 
     from cli.common import interrupts_on_signals
 
-    monkeypatch.setattr(runtime, "_INTERRUPTS", [])
+    monkeypatch.setattr(interrupts, "_INTERRUPTS", [])
     restore = interrupts_on_signals()
     try:
         handler = signal.getsignal(signal.SIGTERM)

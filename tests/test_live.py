@@ -10,13 +10,15 @@ import torch
 
 from models.classifier import DeepClassifier
 from models.dae import DenoisingAutoencoder
-from models.observer import EpochObserver, Observers
-from models.population_training import train_classifier_population, train_dae_population
 from runtime.progress import ProgressLine, duration
+from training.classifier_training import train_classifier_population
+from training.dae_training import train_dae_population
+from training.observer import EpochObserver, Observers
 
 SGD = {"name": "sgd", "lr": 0.1}
 
-from test_population import gen, one_thread  # noqa: E402,F401 - the one-thread fixture
+from test_population import cpu_trainer, gen  # noqa: E402
+from test_population import one_thread  # noqa: E402,F401 - the one-thread fixture
 
 
 def classification_data(n=120, d=10, c=3):
@@ -44,9 +46,9 @@ def test_every_members_epoch_reaches_the_observer_once_and_matches_the_history()
     calls = Calls()
     clfs = [DeepClassifier.random_init(10, [8], 3, generator=gen(s)) for s in (1, 2)]
     result = train_classifier_population(
-        clfs, x, y, xv, yv, order_seeds=[3, 3], max_epochs=6, batch_size=10, optimizer=SGD,
+        clfs, x, y, xv, yv, order_seeds=[3, 3], batch_size=10, optimizer=SGD,
         early_stopping="patience", patience_epochs=2, improvement_threshold=0.0,
-        observer=calls)
+        trainer=cpu_trainer(6), observer=calls)
     for m in (0, 1):
         seen = [(e, r) for mm, e, r in calls.ends if mm == m]
         assert [e for e, _ in seen] == [row["epoch"] for row in result.histories[m]]
@@ -115,7 +117,7 @@ def test_epochs_are_in_mlflow_while_the_stage_runs(tracker, monkeypatch):
     x = torch.rand(60, 20, generator=gen(0))
     daes = [DenoisingAutoencoder(20, 7, generator=gen(s)) for s in (1, 2)]
     result = train_dae_population(daes, x, x[:20], noise_seeds=[1, 2], order_seeds=[3, 4],
-                                  epochs=4, batch_size=10, optimizer=SGD,
+                                  batch_size=10, optimizer=SGD, trainer=cpu_trainer(4),
                                   observer=Observers(live, Probe()))
     assert seen_at_epoch_2 == {0: [0, 1, 2], 1: [0, 1, 2]}
     assert calls == {runs[0]: 4, runs[1]: 4}

@@ -16,13 +16,16 @@ import torch
 
 from torch.nn import functional as F
 
-from models.batches import epoch_permutation
+from config.stages import RuntimeConfig
 from models.classifier import DeepClassifier
-from models.classifier_population import ClassifierPopulation
 from models.dae import DenoisingAutoencoder
-from models.early_stopping import EarlyStopping
-from models.population import DAEPopulation
-from models.population_training import train_classifier_population, train_dae_population
+from training.batches import epoch_permutation
+from training.classifier_population import ClassifierPopulation
+from training.classifier_training import train_classifier_population
+from training.dae_training import train_dae_population
+from training.population import DAEPopulation
+from training.stopping_rules import EarlyStopping
+from training.trainer import make_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's advice on CPU
 
@@ -41,6 +44,11 @@ def one_thread():
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def cpu_trainer(epochs: int):
+    """A stage's trainer on the CPU in float32, for ``epochs`` epochs (one per fit)."""
+    return make_trainer(RuntimeConfig(accelerator="cpu", precision="32-true"), epochs)
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -99,8 +107,8 @@ def test_a_dae_population_of_one_equals_an_autograd_loop(dtype, tol):
     g = gen(0)
     x, x_valid = (torch.rand(n, 20, generator=g, dtype=dtype) for n in (103, 50))
     result = train_dae_population([make_dae(0, dtype)], x, x_valid, noise_seeds=[10],
-                                  order_seeds=[20], epochs=2, batch_size=10, optimizer=SGD,
-                                  eval_batch_size=16)
+                                  order_seeds=[20], batch_size=10, optimizer=SGD,
+                                  eval_batch_size=16, trainer=cpu_trainer(2))
     state, rows = train_dae_alone(make_dae(0, dtype), x, 10, 20, 2, 10, SGD, x_valid)
     assert max_diff(result.states[0], state) < tol
     histories_close(result.histories[0], rows, rel=max(tol, 1e-6))
@@ -113,13 +121,14 @@ def test_each_dae_member_equals_its_run_at_population_one(dtype, tol):
     g = gen(0)
     x, x_valid = (torch.rand(n, 20, generator=g, dtype=dtype) for n in (103, 50))
     seeds = [0, 1, 2]
-    kwargs = dict(epochs=2, batch_size=10, optimizer=SGD, eval_batch_size=16)
+    kwargs = dict(batch_size=10, optimizer=SGD, eval_batch_size=16)
     result = train_dae_population([make_dae(s, dtype) for s in seeds], x, x_valid,
                                   noise_seeds=[10 + s for s in seeds],
-                                  order_seeds=[20 + s for s in seeds], **kwargs)
+                                  order_seeds=[20 + s for s in seeds], trainer=cpu_trainer(2),
+                                  **kwargs)
     for s in seeds:
         alone = train_dae_population([make_dae(s, dtype)], x, x_valid, noise_seeds=[10 + s],
-                                     order_seeds=[20 + s], **kwargs)
+                                     order_seeds=[20 + s], trainer=cpu_trainer(2), **kwargs)
         assert max_diff(result.states[s], alone.states[0]) < tol
         histories_close(result.histories[s], alone.histories[0], rel=max(tol, 1e-6))
     # the members really differ (different init, noise and order)
@@ -140,8 +149,8 @@ def test_untied_dae_members_with_their_own_inputs_equal_a_plain_loop(dtype, tol)
                         value_range=ranges[s])
 
     result = train_dae_population([member(s) for s in range(P)], codes, codes,
-                                  noise_seeds=[7, 8, 9], order_seeds=[4, 5, 6], epochs=3,
-                                  batch_size=8, optimizer=opt)
+                                  noise_seeds=[7, 8, 9], order_seeds=[4, 5, 6], batch_size=8,
+                                  optimizer=opt, trainer=cpu_trainer(3))
     for s in range(P):
         alone, _ = train_dae_alone(member(s), codes[s], 7 + s, 4 + s, 3, 8, opt)
         assert set(alone) == {"encoder.linear.weight", "encoder.linear.bias", "b_prime",
@@ -165,17 +174,17 @@ def test_the_fused_sgd_step_equals_autograd_with_torch_optim(activation, loss, t
         return [make_dae(s, torch.float64, activation=activation, loss=loss, tied=tied)
                 for s in range(3)]
 
-    kwargs = dict(noise_seeds=[1, 2, 3], order_seeds=[4, 5, 6], epochs=2, batch_size=8,
-                  optimizer=SGD)
-    fused = train_dae_population(members(), x, x, fused=True, **kwargs)
-    autograd = train_dae_population(members(), x, x, fused=False, **kwargs)
+    kwargs = dict(noise_seeds=[1, 2, 3], order_seeds=[4, 5, 6], batch_size=8, optimizer=SGD)
+    fused = train_dae_population(members(), x, x, fused=True, trainer=cpu_trainer(2), **kwargs)
+    autograd = train_dae_population(members(), x, x, fused=False, trainer=cpu_trainer(2),
+                                    **kwargs)
     for a, b, initial in zip(fused.states, autograd.states, members()):
         assert max_diff(a, b) < 1e-9  # float64 rounding, summed in another order
         assert max_diff(a, initial.state_dict()) > 1e-3  # it did train
     for a, b in zip(fused.histories, autograd.histories):
         histories_close(a, b, rel=1e-9)
     with pytest.raises(ValueError, match="plain SGD"):
-        train_dae_population(members(), x, None, fused=True, **{
+        train_dae_population(members(), x, None, fused=True, trainer=cpu_trainer(2), **{
             **kwargs, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}})
 
 
@@ -206,7 +215,8 @@ def test_the_population_loss_is_the_sum_of_each_members_own_mean_loss():
 def test_a_population_of_one_equals_the_single_run():
     x = torch.rand(40, 20, generator=gen(3))
     result = train_dae_population([make_dae(0, torch.float32)], x, None, noise_seeds=[1],
-                                  order_seeds=[2], epochs=2, batch_size=6, optimizer=SGD)
+                                  order_seeds=[2], batch_size=6, optimizer=SGD,
+                                  trainer=cpu_trainer(2))
     alone, _ = train_dae_alone(make_dae(0, torch.float32), x, 1, 2, 2, 6, SGD)
     assert max_diff(result.states[0], alone) < 1e-6
     assert [r["step"] for r in result.histories[0]] == [7, 14]
@@ -221,8 +231,8 @@ def test_populations_reject_members_that_differ_in_more_than_seed():
                               DeepClassifier.random_init(10, [9], 3)])
     with pytest.raises(ValueError, match="2 seeds for 3 members"):
         train_dae_population([make_dae(s) for s in range(3)], torch.rand(9, 20), None,
-                             noise_seeds=[1, 2], order_seeds=[1, 2, 3], epochs=1,
-                             batch_size=3, optimizer=SGD)
+                             noise_seeds=[1, 2], order_seeds=[1, 2, 3], batch_size=3,
+                             optimizer=SGD, trainer=cpu_trainer(1))
 
 
 # --- fine-tuning ---------------------------------------------------------------------------------
@@ -290,8 +300,9 @@ def test_a_classifier_population_of_one_equals_an_autograd_loop(dtype, tol, drop
     for s in range(4):
         result = train_classifier_population(
             [make_classifier(s, dtype, dropout)], *data[0], *data[1], order_seeds=[20 + s],
-            dropout_seeds=[30 + s], max_epochs=15, batch_size=16, optimizer=opt,
-            eval_batch_size=64, early_stopping=rule, patience_batches=2, patience_epochs=2)
+            dropout_seeds=[30 + s], batch_size=16, optimizer=opt, eval_batch_size=64,
+            early_stopping=rule, patience_batches=2, patience_epochs=2,
+            trainer=cpu_trainer(15))
         stopping = EarlyStopping(rule, steps_per_epoch=13, patience_batches=2,
                                  patience_epochs=2)
         state, rows = finetune_alone(make_classifier(s, dtype, dropout), data, 20 + s, 30 + s,
@@ -313,16 +324,17 @@ def test_each_classifier_member_equals_its_run_at_population_one(dtype, tol, dro
     g = gen(4)
     (x, y), (x_valid, y_valid) = blobs(200, g, dtype), blobs(150, g, dtype)
     opt = {"name": "sgd", "lr": 0.3, "momentum": 0.5}
-    kwargs = dict(max_epochs=15, batch_size=16, optimizer=opt, eval_batch_size=64,
-                  early_stopping=rule, patience_batches=2, patience_epochs=2)
+    kwargs = dict(batch_size=16, optimizer=opt, eval_batch_size=64, early_stopping=rule,
+                  patience_batches=2, patience_epochs=2)
     seeds = [0, 1, 2, 3]
     result = train_classifier_population(
         [make_classifier(s, dtype, dropout) for s in seeds], x, y, x_valid, y_valid,
-        order_seeds=[20 + s for s in seeds], dropout_seeds=[30 + s for s in seeds], **kwargs)
+        order_seeds=[20 + s for s in seeds], dropout_seeds=[30 + s for s in seeds],
+        trainer=cpu_trainer(15), **kwargs)
     for s in seeds:
         alone = train_classifier_population(
             [make_classifier(s, dtype, dropout)], x, y, x_valid, y_valid,
-            order_seeds=[20 + s], dropout_seeds=[30 + s], **kwargs)
+            order_seeds=[20 + s], dropout_seeds=[30 + s], trainer=cpu_trainer(15), **kwargs)
         assert max_diff(result.states[s], alone.states[0]) < tol
         histories_close(result.histories[s], alone.histories[0], rel=1e-6)
         assert (result.best_epoch[s], result.stopped_early[s]) == (
@@ -346,13 +358,13 @@ def test_the_fused_classifier_sgd_step_equals_autograd_with_torch_optim(activati
                                            dropout=dropout, generator=gen(100 + s)).to(dtype)
                 for s in range(3)]
 
-    kwargs = dict(order_seeds=[1, 2, 3], dropout_seeds=[4, 5, 6], max_epochs=6,
-                  batch_size=16, optimizer={"name": "sgd", "lr": 0.3},
-                  early_stopping="patience", patience_epochs=2, eval_batch_size=32)
+    kwargs = dict(order_seeds=[1, 2, 3], dropout_seeds=[4, 5, 6], batch_size=16,
+                  optimizer={"name": "sgd", "lr": 0.3}, early_stopping="patience",
+                  patience_epochs=2, eval_batch_size=32)
     fused = train_classifier_population(members(), x, y, x_valid, y_valid, fused=True,
-                                        **kwargs)
+                                        trainer=cpu_trainer(6), **kwargs)
     autograd = train_classifier_population(members(), x, y, x_valid, y_valid, fused=False,
-                                           **kwargs)
+                                           trainer=cpu_trainer(6), **kwargs)
     for a, b, initial in zip(fused.states, autograd.states, members()):
         assert max_diff(a, b) < 1e-9  # float64 rounding, summed in another order
         assert max_diff(a, initial.state_dict()) > 1e-3  # it did train
@@ -361,8 +373,9 @@ def test_the_fused_classifier_sgd_step_equals_autograd_with_torch_optim(activati
     assert fused.best_epoch == autograd.best_epoch
     assert fused.stopped_early == autograd.stopped_early
     with pytest.raises(ValueError, match="plain SGD"):
-        train_classifier_population(members(), x, y, x_valid, y_valid, fused=True, **{
-            **kwargs, "optimizer": {"name": "adam", "lr": 0.01}})
+        train_classifier_population(members(), x, y, x_valid, y_valid, fused=True,
+                                    trainer=cpu_trainer(6),
+                                    **{**kwargs, "optimizer": {"name": "adam", "lr": 0.01}})
 
 
 def test_the_fused_classifier_step_by_hand_on_one_example():
@@ -398,18 +411,19 @@ def test_a_stopped_member_keeps_its_best_weights_while_the_others_go_on():
     dtype, g = torch.float32, gen(5)
     (x, y), (x_valid, y_valid) = blobs(200, g, dtype), blobs(150, g, dtype)
     adam = {"name": "adam", "lr": 0.05}
-    kwargs = dict(x_train=x, y_train=y, x_valid=x_valid, y_valid=y_valid, max_epochs=12,
-                  batch_size=16, optimizer=adam, early_stopping="patience", patience_epochs=2)
+    kwargs = dict(x_train=x, y_train=y, x_valid=x_valid, y_valid=y_valid, batch_size=16,
+                  optimizer=adam, early_stopping="patience", patience_epochs=2)
     seeds = list(range(4))
     together = train_classifier_population([make_classifier(s, dtype) for s in seeds],
-                                           order_seeds=[50 + s for s in seeds], **kwargs)
+                                           order_seeds=[50 + s for s in seeds],
+                                           trainer=cpu_trainer(12), **kwargs)
     runs = [len(h) for h in together.histories]
     assert min(runs) < max(runs), runs  # some stopped while others went on
     for s in seeds:
         # alone (a population of one) gives the same member: dropping the others from the
         # batch, Adam state and all, does not disturb it
         alone = train_classifier_population([make_classifier(s, dtype)], order_seeds=[50 + s],
-                                            **kwargs)
+                                            trainer=cpu_trainer(12), **kwargs)
         assert max_diff(together.states[s], alone.states[0]) < 1e-5
         assert len(alone.histories[0]) == runs[s]
         # the returned weights are the best epoch's, not the last epoch's
@@ -428,8 +442,8 @@ def test_dropout_needs_a_generator_per_member():
     clfs = [make_classifier(s, torch.float32, dropout=0.5) for s in range(2)]
     x, y = blobs(20, gen(6), torch.float32)
     with pytest.raises(ValueError, match="dropout_seeds"):
-        train_classifier_population(clfs, x, y, x, y, order_seeds=[1, 2], max_epochs=1,
-                                    batch_size=5, optimizer=SGD)
+        train_classifier_population(clfs, x, y, x, y, order_seeds=[1, 2], batch_size=5,
+                                    optimizer=SGD, trainer=cpu_trainer(1))
     pop = ClassifierPopulation(clfs).train()
     with pytest.raises(ValueError, match="one generator per member"):
         pop(x)

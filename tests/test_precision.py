@@ -14,19 +14,24 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from config.stages import RuntimeConfig
-from models.batches import epoch_permutation
+from training.batches import epoch_permutation
 from models.classifier import DeepClassifier
-from models.classifier_population import ClassifierPopulation
+from training.classifier_population import ClassifierPopulation
 from models.dae import DenoisingAutoencoder
-from models.engine import make_trainer
-from models.population import DAEPopulation
-from models.population_training import train_classifier_population, train_dae_population
+from training.population import DAEPopulation
+from training.classifier_training import train_classifier_population
+from training.dae_training import train_dae_population
 from runtime import precision
-from runtime.environment import precision_used
+from runtime.devices import precision_used
+from training.trainer import make_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's advice on CPU
 
 N, D, H, C, B, LR = 60, 30, 16, 4, 20, 0.5  # 3 steps of batch 20: one chunk
+
+
+def _cpu(prec: str) -> RuntimeConfig:
+    return RuntimeConfig(accelerator="cpu", precision=prec)
 
 
 @pytest.fixture
@@ -101,8 +106,8 @@ def test_bf16_mixed_dae_steps_each_see_the_updated_weights():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             pop.sgd_step(x[idx], noise, LR)
     runs = {prec: train_dae_population(
-        [_dae()], x, None, noise_seeds=[3], order_seeds=[5], epochs=1, batch_size=B,
-        optimizer={"name": "sgd", "lr": LR}, trainer=make_trainer(1, precision=prec))
+        [_dae()], x, None, noise_seeds=[3], order_seeds=[5], batch_size=B,
+        optimizer={"name": "sgd", "lr": LR}, trainer=make_trainer(_cpu(prec), 1))
         for prec in ("bf16-mixed", "32-true")}
     w_bf16 = runs["bf16-mixed"].states[0]["encoder.linear.weight"]
     w_fp32 = runs["32-true"].states[0]["encoder.linear.weight"]
@@ -119,8 +124,8 @@ def test_bf16_mixed_classifier_steps_each_see_the_updated_weights():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             pop.sgd_step(x[idx], y[idx], LR)
     runs = {prec: train_classifier_population(
-        [_classifier()], x, y, x, y, order_seeds=[5], max_epochs=1, batch_size=B,
-        optimizer={"name": "sgd", "lr": LR}, trainer=make_trainer(1, precision=prec))
+        [_classifier()], x, y, x, y, order_seeds=[5], batch_size=B,
+        optimizer={"name": "sgd", "lr": LR}, trainer=make_trainer(_cpu(prec), 1))
         for prec in ("bf16-mixed", "32-true")}
     w_bf16 = runs["bf16-mixed"].states[0]["hidden.0.linear.weight"]
     w_fp32 = runs["32-true"].states[0]["hidden.0.linear.weight"]
@@ -150,7 +155,7 @@ class _CastCounter(TorchDispatchMode):
 @pytest.mark.parametrize("tied", [True, False])
 def test_fused_bf16_steps_cast_each_weight_once_per_step(tied):
     """Autocast would cast a weight at each of its uses (forward, backward: two or three per
-    step); the fused steps cast it once (``models.population.compute_copy``)."""
+    step); the fused steps cast it once (``training.population.compute_copy``)."""
     x, y = _data()
     dae = DAEPopulation([DenoisingAutoencoder(D, H, tied=tied, corruption_level=0.2,
                                               generator=torch.Generator().manual_seed(1))])

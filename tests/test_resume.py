@@ -7,17 +7,23 @@ from __future__ import annotations
 import pytest
 import torch
 
+from config.stages import RuntimeConfig
 from models.autoencoder import AutoencoderPopulation, random_state
-from models.autoencoder_training import train_autoencoder_population
 from models.classifier import DeepClassifier
 from models.dae import DenoisingAutoencoder
-from models.engine import make_trainer
-from models.epoch_checkpoint import SLOTS, EpochCheckpoint
-from models.observer import EpochObserver
-from models.population_training import train_classifier_population, train_dae_population
+from training.autoencoder_training import train_autoencoder_population
+from training.classifier_training import train_classifier_population
+from training.dae_training import train_dae_population
+from training.epoch_checkpoint import SLOTS, EpochCheckpoint
+from training.observer import EpochObserver
+from training.trainer import make_trainer
 
 SGD = {"name": "sgd", "lr": 0.1}
 MOMENTUM = {"name": "sgd", "lr": 0.05, "momentum": 0.9}
+
+
+def trainer(epochs, precision):
+    return make_trainer(RuntimeConfig(accelerator="cpu", precision=precision), epochs)
 
 from test_population import gen, one_thread  # noqa: E402,F401 - the one-thread fixture
 
@@ -49,8 +55,8 @@ def dae_stage(P, precision, resume_dir=None, observer=None, **kw):
             for s in range(P)]
     return train_dae_population(
         daes, x, x[:20], noise_seeds=[10 + s for s in range(P)],
-        order_seeds=[20 + s for s in range(P)], epochs=5, batch_size=10,
-        optimizer=MOMENTUM, trainer=make_trainer(5, precision=precision),
+        order_seeds=[20 + s for s in range(P)], batch_size=10,
+        optimizer=MOMENTUM, trainer=trainer(5, precision),
         observer=observer, resume_dir=resume_dir, **kw)
 
 
@@ -61,9 +67,9 @@ def classifier_stage(P, precision, resume_dir=None, observer=None, **kw):
             for s in range(P)]
     # patience 2: member 1 (at P > 1) stops before the kill in some seeds; the rest run on
     return train_classifier_population(
-        clfs, x, y, x[:30], y[:30], order_seeds=[5] * P, max_epochs=7, batch_size=10,
+        clfs, x, y, x[:30], y[:30], order_seeds=[5] * P, batch_size=10,
         optimizer=SGD if P == 1 else MOMENTUM, early_stopping="patience", patience_epochs=2,
-        dropout_seeds=[7 + s for s in range(P)], trainer=make_trainer(7, precision=precision),
+        dropout_seeds=[7 + s for s in range(P)], trainer=trainer(7, precision),
         observer=observer, resume_dir=resume_dir, **kw)
 
 
@@ -74,9 +80,9 @@ def autoencoder_stage(P, precision, resume_dir=None, observer=None, **kw):
               for s in range(P)]
     population = AutoencoderPopulation(states, acts, "cross_entropy")
     return train_autoencoder_population(
-        population, x, x[:20], order_seeds=[3] * P, max_epochs=5, batch_size=10,
+        population, x, x[:20], order_seeds=[3] * P, batch_size=10,
         optimizer={"name": "adam", "lr": 0.01}, early_stopping="none",
-        trainer=make_trainer(5, precision=precision), observer=observer,
+        trainer=trainer(5, precision), observer=observer,
         resume_dir=resume_dir, **kw)
 
 
@@ -119,9 +125,9 @@ def test_a_stage_killed_inside_an_epoch_resumes_there_bit_identical(kind, precis
     """Chunks of 2 minibatches and ``checkpoint_seconds=0``: a checkpoint after every chunk.
     Killed just before the sixth write (the fifth was inside epoch 1), the stage continues
     from the middle of that epoch and ends as the uninterrupted one."""
-    import models.batches
+    import training.batches
 
-    monkeypatch.setattr(models.batches, "CHUNK_EXAMPLES", 20)
+    monkeypatch.setattr(training.batches, "CHUNK_EXAMPLES", 20)
     stage = STAGES[kind]
     uninterrupted = stage(2, precision)
     written, real = [], EpochCheckpoint.save

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.environment import layerwise_home
+from runtime.home import layerwise_home
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Training through the engine (``models.engine``) on the CPU, single runs (P = 1).
+"""Training through the engine (``training.engine``) on the CPU, single runs (P = 1).
 
 Small generated problems with known answers: an autoencoder that must approach the entropy
 floor of its data, a separable classifier that must reach 95% validation accuracy and come
@@ -15,17 +15,21 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from models import batches
-from models.batches import EpochChunks, epoch_permutation
+from config.stages import RuntimeConfig
 from models.classifier import DeepClassifier
 from models.dae import DenoisingAutoencoder
-from models.early_stopping import EarlyStopping
-from models.population_training import train_classifier_population, train_dae_population
-from runtime.environment import Seed, derive_seed
+from runtime.keys import Seed, derive_seed
+from training import batches
+from training.batches import EpochChunks, epoch_permutation
+from training.classifier_training import train_classifier_population
+from training.dae_training import train_dae_population
+from training.stopping_rules import EarlyStopping
+from training.trainer import make_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's advice on CPU
 
 SGD = {"name": "sgd", "lr": 0.1}
+CPU = RuntimeConfig(accelerator="cpu", precision="32-true")
 
 
 def gen(seed: int) -> torch.Generator:
@@ -40,8 +44,8 @@ def pretrain(dae, x, x_valid=None, *, noise_seed=4, order_seed=5, epochs=1, batc
              optimizer=SGD):
     """One autoencoder through the engine (P = 1); returns (state, history)."""
     result = train_dae_population([dae], x, x_valid, noise_seeds=[noise_seed],
-                                  order_seeds=[order_seed], epochs=epochs,
-                                  batch_size=batch_size, optimizer=optimizer)
+                                  order_seeds=[order_seed], batch_size=batch_size,
+                                  optimizer=optimizer, trainer=make_trainer(CPU, epochs))
     return result.states[0], result.histories[0]
 
 
@@ -49,8 +53,8 @@ def finetune(clf, x, y, x_valid, y_valid, *, order_seed=5, max_epochs=2, batch_s
              optimizer=SGD, **stopping):
     """One classifier through the engine (P = 1)."""
     return train_classifier_population([clf], x, y, x_valid, y_valid, order_seeds=[order_seed],
-                                       max_epochs=max_epochs, batch_size=batch_size,
-                                       optimizer=optimizer, **stopping)
+                                       batch_size=batch_size, optimizer=optimizer,
+                                       trainer=make_trainer(CPU, max_epochs), **stopping)
 
 
 # --- pretraining one autoencoder ----------------------------------------------------------------
@@ -331,9 +335,9 @@ def test_an_infinite_input_stops_pretraining_in_the_first_epoch_naming_the_membe
     daes = [DenoisingAutoencoder(N_VIS, 5, corruption_level=0.1, generator=gen(s))
             for s in (1, 2)]
     with pytest.raises(FloatingPointError) as info:
-        train_dae_population(daes, x, None, noise_seeds=[0, 1], order_seeds=[0, 1], epochs=3,
+        train_dae_population(daes, x, None, noise_seeds=[0, 1], order_seeds=[0, 1],
                              batch_size=10, optimizer=SGD, stage="pretrain/layer_2",
-                             names=["seed 7", "seed 8"])
+                             names=["seed 7", "seed 8"], trainer=make_trainer(CPU, 3))
     m = MESSAGE.match(str(info.value))
     assert m, str(info.value)
     assert (m["stage"], m["members"], m["epoch"], m["step"]) == (

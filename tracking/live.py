@@ -1,5 +1,5 @@
 """Per-epoch metrics in MLflow as the epochs end: the recorder side of
-``models.observer.EpochObserver``.
+``training.observer.EpochObserver``.
 
 Member p of a stage's population writes to its own run under its own prefix
 (``pretrain/layer_2``, ``finetune``), with ``step`` = epoch: one ``log_batch`` per run per
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from models.observer import EpochObserver
+from training.observer import EpochObserver
 from tracking.tracker import Tracker
 from tracking.vocabulary import RESUMED_TAG
 

@@ -17,9 +17,9 @@ from typing import Any, Callable, Optional, Sequence
 
 from pydantic import BaseModel
 
-from models.observer import Observers
+from training.observer import Observers
 from runtime.console import announce
-from runtime.environment import eval_device, precision_used
+from runtime.devices import eval_device, precision_used
 from runtime.progress import ProgressLine, watching
 from tracking.conventions import (dataset_inputs, results_note, run_description, run_name,
                                   stage_description)

@@ -39,7 +39,7 @@ def world_fault(exc: BaseException) -> Optional[Exception]:
     them without a traceback and the CLI prints their message once."""
     import mlflow
 
-    from runtime.environment import layerwise_home
+    from runtime.home import layerwise_home
     from runtime.faults import resource_error, server_error
 
     return resource_error(exc) or server_error(exc, mlflow.get_tracking_uri(), layerwise_home())

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional
 
 from tracking.conventions import EXPERIMENT_DESCRIPTION, EXPERIMENT_KIND, system_tags
 from runtime.errors import TrackingError
-from runtime.environment import layerwise_home
+from runtime.home import layerwise_home
 from tracking.uri import preflight_mlflow
 
 # A stage run that uploaded the artifacts of a content key (data and checkpoint digests)
@@ -77,7 +77,7 @@ def environment_params(device: str, precision: str) -> dict[str, str]:
 
     Args:
         device: The training device, e.g. ``cpu``.
-        precision: The Lightning precision used (``runtime.environment.precision_used``:
+        precision: The Lightning precision used (``runtime.devices.precision_used``:
             ``runtime.precision = auto`` resolved for this machine), recorded as
             ``runtime.precision_used``.
     """

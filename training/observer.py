@@ -1,6 +1,6 @@
 """What a training stage tells whoever watches it, epoch by epoch.
 
-The engine (``models.engine``) computes; it records nothing itself. At the end of every
+The engine (``training.engine``) computes; it records nothing itself. At the end of every
 epoch it hands each member's metrics to an ``EpochObserver``: a recorder (MLflow, in
 ``tracking.live``) or a progress line (``runtime.progress``) implements the methods it
 needs. The engine calls them only after the epoch's resume checkpoint is written, so what

@@ -16,12 +16,17 @@ steps, their order and their results are exactly those of one minibatch per item
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Protocol, Sequence
 
 import torch
 
-if TYPE_CHECKING:
-    from models.engine import PopulationSystem
+
+class OrderedMembers(Protocol):
+    """What the chunks read of the system they feed (``training.engine.PopulationSystem``):
+    the data-order seeds of the members still training, and the training device."""
+
+    order_seeds: Sequence[int]
+    device: torch.device
 
 #: Examples per training chunk (one Lightning batch): enough that a chunk's arithmetic
 #: outweighs Lightning's per-batch cost at any batch size.
@@ -43,12 +48,12 @@ class EpochChunks:
     before as empty lists, so the rest keep their places.
 
     Args:
-        system: The ``PopulationSystem`` whose ``order_seeds`` and device are used.
+        system: The system whose ``order_seeds`` and device are used.
         n: Training examples.
         batch_size: Minibatch size.
     """
 
-    def __init__(self, system: "PopulationSystem", n: int, batch_size: int):
+    def __init__(self, system: OrderedMembers, n: int, batch_size: int):
         self.system, self.n, self.batch_size = system, n, batch_size
         self.steps_per_epoch = math.ceil(n / batch_size)
         self.steps_per_chunk = max(1, CHUNK_EXAMPLES // batch_size)

@@ -1,54 +1,19 @@
 """What the engine's early-stopped stage kinds share (``ClassifierSystem``,
-``AutoencoderSystem``): one ``EarlyStopping`` per member over a validation score, each
-member's best weights kept on the CPU, a stopped member dropped from the batch, and the
-per-member outcome as a ``PopulationResult``.
+``AutoencoderSystem``): one ``EarlyStopping`` per member over a validation score
+(``training.stopping_rules``), each member's best weights kept on the CPU, a stopped member
+dropped from the batch, and the per-member outcome with its rule's summary as a
+``PopulationResult``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from models.early_stopping import RULES, EarlyStopping
-from models.engine import PopulationSystem
-from models.epoch_checkpoint import TrainingState, prefixed, under
-from models.population import History
-
-
-@dataclass
-class PopulationResult:
-    """Per-member outcome of a population run, in the single-model formats.
-
-    Attributes:
-        states: Member p's final weights as a ``DenoisingAutoencoder`` / ``DeepClassifier``
-            state dict on the CPU (the best validation weights for early-stopped kinds).
-        histories: Member p's per-epoch rows: ``epoch``, ``step`` and the system's metrics.
-        best_val_error, best_epoch, stopped_early: ``EarlyStopping.summary()`` per member
-            (early-stopped kinds only).
-        seconds: Wall time of the training loop.
-    """
-
-    states: list[dict[str, torch.Tensor]]
-    histories: list[History]
-    best_val_error: list[float] = field(default_factory=list)
-    best_epoch: list[int] = field(default_factory=list)
-    stopped_early: list[bool] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-def _cpu_state(pop: Any, i: int) -> dict[str, torch.Tensor]:
-    return {k: v.cpu() for k, v in pop.member_state(i).items()}
-
-
-def stopping_rule(name: str, **settings: Any) -> Callable[[int], EarlyStopping]:
-    """A factory of member p's ``EarlyStopping(name, steps_per_epoch=…, **settings)``; an
-    unknown rule is refused here, before any training."""
-    if name not in RULES:
-        raise ValueError(f"unknown early-stopping rule {name!r}; choose one of {RULES}")
-    return lambda steps_per_epoch: EarlyStopping(name, steps_per_epoch=steps_per_epoch,
-                                                 **settings)
+from training.engine import PopulationResult, PopulationSystem, cpu_state
+from training.epoch_checkpoint import TrainingState, prefixed, under
+from training.stopping_rules import EarlyStopping
 
 
 class EarlyStoppedSystem(PopulationSystem):
@@ -70,7 +35,7 @@ class EarlyStoppedSystem(PopulationSystem):
         for i, (m, score) in enumerate(zip(self.members, scores)):
             best, stop = self.stopping[m].update(score, step=self.steps, epoch=self.epoch)
             if best:
-                self.best_state[m] = _cpu_state(self.population, i)
+                self.best_state[m] = cpu_state(self.population, i)
             if stop:
                 self.final_state[m] = self.best_state[m]
             else:
@@ -103,7 +68,7 @@ class EarlyStoppedSystem(PopulationSystem):
 
     def result(self) -> PopulationResult:
         for i, m in enumerate(self.members):  # ran out of epochs: the best weights
-            self.final_state[m] = self.best_state[m] or _cpu_state(self.population, i)
+            self.final_state[m] = self.best_state[m] or cpu_state(self.population, i)
         summaries = [s.summary() for s in self.stopping]
         return PopulationResult(
             states=list(self.final_state), histories=self.histories,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from models.classifier_population import ClassifierPopulation
-from models.population import DAEPopulation
+from training.classifier_population import ClassifierPopulation
+from training.population import DAEPopulation
 
 #: Validation runs P members on a chunk at once; sub-chunks keep (P, rows, width) under this.
 EVAL_ELEMENTS = 1 << 24

@@ -1,7 +1,7 @@
 """A training stage's resume point: everything it needs to continue exactly after a kill,
 written at the end of every epoch.
 
-One file of safetensors holds the state a ``models.engine.PopulationSystem`` gives
+One file of safetensors holds the state a ``training.engine.PopulationSystem`` gives
 (``training_state``): the population's weights, the optimiser's state, each member's best
 weights, the random-number states of noise and dropout, and, in the header, the epoch, the
 step count, the early-stopping state, the members still training and the histories. The

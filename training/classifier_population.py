@@ -1,8 +1,8 @@
 """A population of deep classifiers: P seeds fine-tuned as one batched model.
 
 The contract (member p is seed p's single run, up to rounding) and the shared batched
-arithmetic live in ``models.population``; the training loop is
-``models.population_training.train_classifier_population``.
+arithmetic live in ``training.population``; the training loop is
+``training.classifier_training.train_classifier_population``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from models.classifier import DeepClassifier
-from models.layers import activate
-from models.population import (_activation_slope, _linear, _same, _stack, batch_sum,
-                               compute_copy, descend, wide)
+from models.layers import activate, stack_members, stacked_linear
+from training.population import (_activation_slope, _same, batch_sum, compute_copy, descend,
+                                 wide)
 
 
 class ClassifierPopulation(nn.Module):
@@ -42,11 +42,12 @@ class ClassifierPopulation(nn.Module):
         self.dropout = _same([c.dropout.p for c in classifiers], "dropout")
         n_layers = len(classifiers[0].hidden)
         self.weights = nn.ParameterList(
-            [_stack([c.hidden[l].W for c in classifiers]) for l in range(n_layers)])
+            [stack_members([c.hidden[l].W for c in classifiers]) for l in range(n_layers)])
         self.biases = nn.ParameterList(
-            [_stack([c.hidden[l].linear.bias for c in classifiers]) for l in range(n_layers)])
-        self.out_weight = _stack([c.output.weight for c in classifiers])
-        self.out_bias = _stack([c.output.bias for c in classifiers])
+            [stack_members([c.hidden[l].linear.bias for c in classifiers])
+             for l in range(n_layers)])
+        self.out_weight = stack_members([c.output.weight for c in classifiers])
+        self.out_bias = stack_members([c.output.bias for c in classifiers])
 
     def _dropout_mask(self, h: torch.Tensor,
                       generators: Sequence[torch.Generator]) -> torch.Tensor:
@@ -68,10 +69,11 @@ class ClassifierPopulation(nn.Module):
             raise ValueError("dropout needs one generator per member")
         h = x
         for weight, bias in zip(self.weights, self.biases):
-            h = activate(_linear(h, weight, bias), self.activation)  # (P, B, n_in) -> (P, B, n_out)
+            # (P, B, n_in) -> (P, B, n_out)
+            h = activate(stacked_linear(h, weight, bias), self.activation)
             if drop:
                 h = h * self._dropout_mask(h, generators)
-        return _linear(h, self.out_weight, self.out_bias)
+        return stacked_linear(h, self.out_weight, self.out_bias)
 
     @torch.no_grad()
     def sgd_step(self, x: torch.Tensor, y: torch.Tensor, lr: float,
@@ -105,12 +107,13 @@ class ClassifierPopulation(nn.Module):
         h = x
         for weight, bias in zip(weights, self.biases):
             inputs.append(h)
-            h = activate(_linear(h, weight, bias), self.activation)  # (P, B, n_in) -> (P, B, n_out)
+            # (P, B, n_in) -> (P, B, n_out)
+            h = activate(stacked_linear(h, weight, bias), self.activation)
             outputs.append(h)
             if drop:
                 masks.append(self._dropout_mask(h, generators))
                 h = h * masks[-1]
-        logits = _linear(h, out_weight, self.out_bias)  # (P, B, C)
+        logits = stacked_linear(h, out_weight, self.out_bias)  # (P, B, C)
         B = logits.shape[1]
         log_p = torch.log_softmax(logits, dim=2)
         loss = -log_p.gather(2, y.unsqueeze(2)).squeeze(2).mean(dim=1, dtype=wide(log_p.dtype))

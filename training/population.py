@@ -4,9 +4,10 @@ An ablation over seeds trains many small networks, where the per-step cost of la
 kernels and running Python dominates the arithmetic. A population stacks the P members'
 parameters along a leading axis, ``W`` of shape (P, n_hidden, n_visible), and runs one
 batched matmul (``torch.baddbmm``) where P single runs would run P small ones.
-``DAEPopulation`` lives here, ``ClassifierPopulation`` in ``models.classifier_population``;
-the engine that trains them (``models.engine``, ``models.population_training``) runs every
-stage this way, a single run being a population of one.
+``DAEPopulation`` lives here, ``ClassifierPopulation`` in ``training.classifier_population``;
+the engine that trains them (``training.engine``; ``training.dae_training``,
+``training.classifier_training``) runs every stage this way, a single run being a population
+of one.
 
 Member p is its run at P = 1, up to floating-point rounding:
 
@@ -16,8 +17,8 @@ Member p is its run at P = 1, up to floating-point rounding:
 - **corruption noise**: member p draws its noise from its own generator, one draw of
   shape (B, n_visible) per step, as a plain loop calling ``DenoisingAutoencoder.corrupt``
   would (``models.corruption.corrupt_members``);
-- **data order**: member p's epoch e is ``models.batches.epoch_permutation(n, seed_p, e)``,
-  sliced into batches of the batch size (``models.batches.EpochChunks``; the last batch may
+- **data order**: member p's epoch e is ``training.batches.epoch_permutation(n, seed_p, e)``,
+  sliced into batches of the batch size (``training.batches.EpochChunks``; the last batch may
   be short);
 - **loss**: the SUM over members of each member's mean loss, so that member p's gradient is
   exactly the gradient of its own loss (a mean over members would scale it by 1/P); any
@@ -29,12 +30,12 @@ Member p is its run at P = 1, up to floating-point rounding:
 - **dropout** (fine-tuning): member p's masks come from its own generator, drawn layer by
   layer as ``torch.nn.functional.dropout`` draws them on the CPU;
 - **history and early stopping**: per-epoch metrics are batch-size-weighted means, and each
-  member runs its own ``models.early_stopping.EarlyStopping`` on its validation error. A member
+  member runs its own ``training.stopping_rules.EarlyStopping`` on its validation error. A member
   that stops is dropped from the batch (its parameters and optimiser state are sliced out)
   and keeps its best weights while the others go on.
 
 The pipeline derives every member's seeds from its runtime seed with the purposes named in
-``runtime.environment.Seed`` (initial weights, noise and data order per layer; the random twin's
+``runtime.keys.Seed`` (initial weights, noise and data order per layer; the random twin's
 weights, the twins' data order and dropout).
 
 Not bit-identical: a batched matmul may sum in another order than P single ones, so a
@@ -52,13 +53,9 @@ from torch import nn
 
 from models.corruption import corrupt_members
 from models.dae import DenoisingAutoencoder, reconstruction_loss
-from models.layers import LEAKY_SLOPE, activate
+from models.layers import LEAKY_SLOPE, activate, stack_members, stacked_linear
 
 History = list[dict[str, float]]
-
-
-def _stack(tensors: Sequence[torch.Tensor]) -> nn.Parameter:
-    return nn.Parameter(torch.stack([t.detach() for t in tensors]).clone())
 
 
 def _same(values: Sequence[Any], what: str) -> Any:
@@ -72,26 +69,6 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if x.dim() == 3:
         return x[torch.arange(len(idx), device=x.device).unsqueeze(1), idx]
     return x[idx]
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """y_p = x_p W_pᵀ + b_p for every member: (P, B, n_in) -> (P, B, n_out).
-
-    Under autograd it is computed as yᵀ = W xᵀ + b, so that the weight's gradient, dyᵀ x,
-    comes out in W's own (P, n_out, n_in) layout: with y = x Wᵀ it comes out transposed,
-    and autograd then copies it into W's layout, a strided copy that cost more than the
-    matmuls (measured on a CPU: 25 ms against 15 ms for forward and backward at 784→256,
-    B = 20, P = 32). Without autograd (validation, the fused SGD steps) y = x Wᵀ is the
-    faster one (5.8 ms against 7.7 ms there): ``bmm`` writing a transposed output is slow.
-    A shared input (B, n_in) is one (B, n_in) @ (n_in, P·n_out) GEMM instead of P.
-    """
-    if x.dim() == 2:
-        P, n_out, n_in = weight.shape
-        y = torch.addmm(bias.reshape(1, -1), x, weight.reshape(P * n_out, n_in).t())
-        return y.view(len(x), P, n_out).transpose(0, 1)
-    if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
-        return torch.baddbmm(bias.unsqueeze(2), weight, x.transpose(1, 2)).transpose(1, 2)
-    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
 
 def _activation_slope(y: torch.Tensor, activation: str) -> torch.Tensor:
@@ -199,10 +176,10 @@ class DAEPopulation(nn.Module):
         self.loss = _same([d.loss for d in daes], "loss")
         self.tied = _same([d.tied for d in daes], "tied weights")
         self.value_ranges = [tuple(d.value_range) for d in daes]
-        self.W = _stack([d.encoder.W for d in daes])
-        self.b = _stack([d.encoder.linear.bias for d in daes])
-        self.b_prime = _stack([d.b_prime for d in daes])
-        self.W_prime = None if self.tied else _stack([d.W_prime for d in daes])
+        self.W = stack_members([d.encoder.W for d in daes])
+        self.b = stack_members([d.encoder.linear.bias for d in daes])
+        self.b_prime = stack_members([d.b_prime for d in daes])
+        self.W_prime = None if self.tied else stack_members([d.W_prime for d in daes])
 
     def corrupt(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """x̃_p ~ q(x̃ | x_p), member p's noise from ``generators[p]``: (P, B, D) -> (P, B, D)."""
@@ -212,7 +189,7 @@ class DAEPopulation(nn.Module):
     def encode(self, x: torch.Tensor, W: Optional[torch.Tensor] = None) -> torch.Tensor:
         """y = s(W x + b): (P, B, n_visible) or shared (B, n_visible) -> (P, B, n_hidden).
         ``W``: the weight to use instead of ``self.W`` (the fused step's ``compute_copy``)."""
-        return activate(_linear(x, self.W if W is None else W, self.b), self.activation)
+        return activate(stacked_linear(x, self.W if W is None else W, self.b), self.activation)
 
     def decoder_logits(self, y: torch.Tensor) -> torch.Tensor:
         """a = W' y + b', W' = Wᵀ when tied: (P, B, n_hidden) -> (P, B, n_visible)."""

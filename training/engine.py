@@ -1,5 +1,5 @@
 """The training engine: one LightningModule per stage kind trains a population of P >= 1
-members (``models.population``) that differ only in their seeds; a single run is P = 1.
+members (``training.population``) that differ only in their seeds; a single run is P = 1.
 
 Lightning runs the epochs, places the population on the device, shows progress and stops
 on request; the module takes the optimiser steps itself (``automatic_optimization`` off):
@@ -8,25 +8,66 @@ otherwise autograd on the sum of the members' losses and one optimiser over the 
 parameters. Each Lightning batch is a *chunk* of minibatches (``EpochChunks``), so that
 Lightning's per-batch machinery runs once per ≈ 1,024 examples, not once per step.
 
-``DAESystem`` and ``ClassifierSystem`` (``models.population_training``) add what each stage
-kind measures per epoch and how it stops; ``train_dae_population`` and
-``train_classifier_population`` there fit them with a plain trainer (``make_trainer``).
+``PopulationSystem`` here is what every stage kind shares; ``DAESystem``
+(``training.dae_training``), ``ClassifierSystem`` (``training.classifier_training``) and
+``AutoencoderSystem`` (``training.autoencoder_training``) add what each kind measures per
+epoch and how it stops, and hand back a ``PopulationResult``. ``training.trainer`` fits them.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 import lightning as L
 import torch
 
-from models.batches import EpochChunks
-from models.epoch_checkpoint import (EpochCheckpoint, TrainingState, generator_states,
-                                     load_optimizer_state, optimizer_state, prefixed, under)
-from models.observer import EpochObserver
-from models.optim import build_optimizer
-from models.population import History, plain_sgd, wide
+from training.batches import EpochChunks
+from training.epoch_checkpoint import (EpochCheckpoint, TrainingState, generator_states,
+                                       load_optimizer_state, optimizer_state, prefixed, under)
+from training.observer import EpochObserver
+from training.optim import build_optimizer
+from training.population import History, plain_sgd, wide
+
+
+@dataclass
+class PopulationResult:
+    """Per-member outcome of a population run, in the single-model formats.
+
+    Attributes:
+        states: Member p's final weights as a ``DenoisingAutoencoder`` / ``DeepClassifier``
+            state dict on the CPU (the best validation weights for early-stopped kinds).
+        histories: Member p's per-epoch rows: ``epoch``, ``step`` and the system's metrics.
+        best_val_error, best_epoch, stopped_early: ``EarlyStopping.summary()`` per member
+            (early-stopped kinds only).
+        seconds: Wall time of the training loop.
+    """
+
+    states: list[dict[str, torch.Tensor]]
+    histories: list[History]
+    best_val_error: list[float] = field(default_factory=list)
+    best_epoch: list[int] = field(default_factory=list)
+    stopped_early: list[bool] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def cpu_state(pop: Any, i: int) -> dict[str, torch.Tensor]:
+    """Row ``i`` of a population as its member's state dict, on the CPU."""
+    return {k: v.cpu() for k, v in pop.member_state(i).items()}
+
+
+def check_seeds(P: int, **seeds: Optional[Sequence[int]]) -> None:
+    """Refuse a list of seeds that does not give one per member."""
+    for name, values in seeds.items():
+        if values is not None and len(values) != P:
+            raise ValueError(f"{name} has {len(values)} seeds for {P} members")
+
+
+def member_generators(seeds: Optional[Sequence[int]], device: torch.device
+                      ) -> list[torch.Generator]:
+    """One random-number generator per member on ``device``, seeded from ``seeds``."""
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds or []]
 
 
 class PopulationSystem(L.LightningModule):
@@ -42,7 +83,7 @@ class PopulationSystem(L.LightningModule):
         n: Training examples.
         order_seeds: Seed of member p's data order.
         batch_size: Minibatch size.
-        optimizer: ``models.optim.build_optimizer`` settings.
+        optimizer: ``training.optim.build_optimizer`` settings.
         fused: Use the population's ``sgd_step`` (plain SGD only) instead of autograd and
             ``torch.optim``; None: whenever the optimiser is plain SGD.
         stage: Names the stage in errors, e.g. ``pretrain layer 2``.
@@ -64,7 +105,7 @@ class PopulationSystem(L.LightningModule):
         self.steps, self.seconds = 0, 0.0
         self.opt: Optional[torch.optim.Optimizer] = None
         self._sums: Optional[torch.Tensor] = None
-        #: Told each member's metrics as every epoch ends (``models.observer``).
+        #: Told each member's metrics as every epoch ends (``training.observer``).
         self.observer: EpochObserver = EpochObserver()
         self._ended: list[tuple[int, dict[str, float]]] = []  # this epoch's rows, to report
         #: Written at the end of every epoch when set; ``restored`` is what to continue from.
@@ -244,36 +285,3 @@ def _slice_optimizer(old_params, new_params, optimizer, settings, keep):
                 for k, v in state.items()
             }
     return new_opt
-
-
-def make_trainer(max_epochs: int, *, accelerator: str = "cpu", precision: str = "32-true",
-                 deterministic: bool = False, progress: bool = False,
-                 callbacks: Sequence[L.Callback] = (), quiet: bool = True) -> L.Trainer:
-    """The engine's Lightning trainer: one device, no logger or checkpoints of its own (the
-    stage records its history and writes safetensors), no validation loop (the systems
-    validate every member at the end of each epoch).
-
-    Args:
-        max_epochs: Epoch budget.
-        accelerator, precision, deterministic: As ``lightning.Trainer``'s.
-        progress: Show a progress bar.
-        callbacks: Extra callbacks.
-        quiet: Keep Lightning's INFO lines (device summary, tips, "fit stopped") off the
-            console. Its rank-zero logger is ``pytorch_lightning``'s once MLflow has
-            imported that package, ``lightning.pytorch``'s before.
-    """
-    import logging
-    import warnings
-
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
-                 "pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda"):
-        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
-    # Lightning 2.6 + torch 2.14: a deprecation inside Lightning's own pytree helper.
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
-    warnings.filterwarnings("ignore", message=".*configure_optimizers.*returned `None`")
-    return L.Trainer(
-        accelerator=accelerator, devices=1, precision=precision, deterministic=deterministic,
-        max_epochs=max_epochs, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
-        limit_val_batches=0, callbacks=list(callbacks),
-    )

@@ -12,14 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import lightning as L
 import torch
 
 from models.autoencoder import AutoencoderPopulation, squared_error
-from models.early_stopping import EarlyStopping
-from models.observer import EpochObserver
-from models.early_stopped import EarlyStoppedSystem, PopulationResult, stopping_rule
-from models.population_eval import _sub_chunks
-from models.population_training import _check_seeds, _finish, _fit, Fit
+from training.early_stopped_system import EarlyStoppedSystem
+from training.engine import PopulationResult, check_seeds
+from training.observer import EpochObserver
+from training.population_eval import _sub_chunks
+from training.stopping_rules import EarlyStopping, stopping_rule
+from training.trainer import finish, fit_system
 
 
 @torch.no_grad()
@@ -53,7 +55,7 @@ class AutoencoderSystem(EarlyStoppedSystem):
                  optimizer: Mapping[str, Any], stopping: Callable[[int], EarlyStopping],
                  eval_batch_size: int = 4096, stage: str = "autoencoder population",
                  names: Optional[Sequence[str]] = None):
-        _check_seeds(population.P, order_seeds=order_seeds)
+        check_seeds(population.P, order_seeds=order_seeds)
         super().__init__(n=len(x_train), order_seeds=order_seeds, batch_size=batch_size,
                          optimizer=optimizer, fused=False, stage=stage, names=names)
         self.population = population
@@ -84,7 +86,6 @@ def train_autoencoder_population(
     x_valid: torch.Tensor,
     *,
     order_seeds: Sequence[int],
-    max_epochs: int,
     batch_size: int,
     optimizer: Mapping[str, Any],
     early_stopping: str = "patience",
@@ -95,8 +96,7 @@ def train_autoencoder_population(
     eval_batch_size: int = 4096,
     stage: str = "autoencoder population",
     names: Optional[Sequence[str]] = None,
-    trainer: Optional[Any] = None,
-    fit: Optional[Fit] = None,
+    trainer: L.Trainer,
     observer: Optional[EpochObserver] = None,
     resume_dir: Optional[Path] = None,
     checkpoint_seconds: Optional[float] = None,
@@ -107,17 +107,16 @@ def train_autoencoder_population(
         population: The members (pretrained or random), on the training device.
         x_train, x_valid: Shared inputs (N, D) in [0,1], on the training device.
         order_seeds: Seed of member p's data order (the two arms of a seed share theirs).
-        max_epochs: Epoch budget.
         batch_size: Minibatch size.
-        optimizer: ``models.optim.build_optimizer`` settings.
+        optimizer: ``training.optim.build_optimizer`` settings.
         early_stopping, patience_batches, patience_increase, improvement_threshold,
-            patience_epochs: The rule and its settings (``models.early_stopping``), on the
+            patience_epochs: The rule and its settings (``training.stopping_rules``), on the
             validation squared error per image.
         eval_batch_size: Validation chunk size.
         stage, names: Name the stage and member p in a divergence error.
-        trainer: A Lightning trainer of ``max_epochs`` epochs (None: ``make_trainer``'s).
-        fit: How to run it (None: ``trainer.fit``).
-        observer: Told every member's metrics as each epoch ends (``models.observer``).
+        trainer: The stage's trainer (``training.trainer.make_trainer``); its
+            ``max_epochs`` is the epoch budget.
+        observer: Told every member's metrics as each epoch ends (``training.observer``).
         resume_dir: Where the stage keeps its epoch checkpoint (None: none is kept).
         checkpoint_seconds: Also checkpoint inside an epoch this often (None: at its end).
     """
@@ -129,6 +128,5 @@ def train_autoencoder_population(
     system = AutoencoderSystem(population, x_train, x_valid, order_seeds=order_seeds,
                                batch_size=batch_size, optimizer=optimizer, stopping=stopping,
                                eval_batch_size=eval_batch_size, stage=stage, names=names)
-    _fit(system, max_epochs, x_train.device, trainer, fit, observer, resume_dir,
-         checkpoint_seconds)
-    return _finish(system, system.result())
+    fit_system(system, trainer, observer, resume_dir, checkpoint_seconds)
+    return finish(system, system.result())

@@ -1,10 +1,11 @@
-"""The early-stopping rules of fine-tuning, one member at a time (the engine keeps one
-``EarlyStopping`` per member of a population)."""
+"""The early-stopping rules of fine-tuning, one member at a time: ``EarlyStopping`` decides
+from a member's validation errors when it stops; the engine keeps one per member of a
+population (``training.early_stopped_system``), made by ``stopping_rule``."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 RULES = ("tutorial", "patience", "none")
 
@@ -66,3 +67,12 @@ class EarlyStopping:
     def summary(self) -> dict[str, Any]:
         return {"best_val_error": self.best, "best_epoch": self.best_epoch,
                 "stopped_early": self.stopped_early}
+
+
+def stopping_rule(name: str, **settings: Any) -> Callable[[int], EarlyStopping]:
+    """A factory of member p's ``EarlyStopping(name, steps_per_epoch=…, **settings)``; an
+    unknown rule is refused here, before any training."""
+    if name not in RULES:
+        raise ValueError(f"unknown early-stopping rule {name!r}; choose one of {RULES}")
+    return lambda steps_per_epoch: EarlyStopping(name, steps_per_epoch=steps_per_epoch,
+                                                 **settings)
