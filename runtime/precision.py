@@ -5,18 +5,14 @@ bf16-mixed keeps float32 master weights and runs the matmuls in bfloat16 under
 ``torch.autocast`` (Lightning's ``bf16-mixed`` plugin; the engine's fused SGD steps follow it,
 ``training.population``). It pays only where bf16 products are native:
 
-- a CPU with AVX-512 BF16 (``avx512_bf16``) or AMX (``amx_bf16``): ``torch.mm`` of
-  (20, 1000) x (1000, 1000) ran at ≈ 440 GFLOP/s in bf16 against ≈ 120 in float32 on a
-  2-core AVX-512 BF16 machine (docs/benchmarks.md); without those instructions oneDNN
-  emulates bf16 and is slower than float32;
+- a CPU with AVX-512 BF16 (``avx512_bf16``) or AMX (``amx_bf16``), where bf16 matmuls run
+  several times faster than float32 (docs/benchmarks.md, "Precision"); without those
+  instructions oneDNN emulates bf16 and is slower than float32;
 - a CUDA GPU of compute capability ≥ 8.0 (Ampere and later: bf16 tensor cores).
 
-bf16-mixed is not worse than float32: paired over 10 seeds for sigmoid and ReLU networks,
-pretrained and random, every group's 95 % CI of bf16 − fp32 test error has its upper bound
-at ≤ +0.01 pp, against a seed spread of 0.12-0.27 pp (docs/benchmarks.md, "Precision").
-Sigmoid networks show no difference; ReLU networks are 0.04-0.08 pp *better* in bf16. So
-``auto`` is the default. Whatever reproduces float32 results pins ``32-true``: the
-``tutorial`` preset (also: at batch 1 the casts make bf16 2.5-5x slower on a CPU) and the
+bf16-mixed is not worse than float32, paired over seeds for sigmoid and ReLU networks,
+pretrained and random (docs/benchmarks.md, "Precision"), so ``auto`` is the default. Whatever reproduces float32 results pins ``32-true``: the
+``tutorial`` preset (also: at batch 1 the casts make bf16 slower than float32 on a CPU) and the
 ablation grids behind the README's results (``config/grids/``).
 """
 

@@ -131,8 +131,8 @@ def descend(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, lr: f
     (``bf16-mixed``) an in-place matmul is not autocast (it would mix float32 weights with
     bfloat16 operands and fail), so the product runs in bfloat16 through ``bmm``, as
     autograd's weight gradient does under autocast, and is subtracted from the float32
-    master weights. (Widening the product to float32 first gives the same bits and measured
-    no faster: the pass is bound by memory traffic either way.)
+    master weights. (Widening the product to float32 first gives the same bits and is no
+    faster: the pass is bound by memory traffic either way.)
     """
     if torch.is_autocast_enabled(weight.device.type):
         weight.sub_(torch.bmm(left, right), alpha=lr)  # (P, m, n) in bf16 -> fp32 weights
@@ -223,12 +223,10 @@ class DAEPopulation(nn.Module):
         ∂L/∂W = ∂L/∂preᵀ x̃ (+ ∂L/∂aᵀ y when tied, W' = Wᵀ), ∂L/∂W' = ∂L/∂aᵀ y when untied.
         ``W.baddbmm_(…, alpha=−lr)`` subtracts each term without materialising a gradient:
         on a CPU the (P, n_hidden, n_visible) gradients, their sum and the optimiser's pass
-        cost as much memory traffic as the matmuls (measured: 20-25% of a 784→256 step at
-        P=32). Tied, both terms are one matmul over the stacked batch,
+        cost as much memory traffic as the matmuls (docs/benchmarks.md). Tied, both terms are one matmul over the stacked batch,
         [∂L/∂pre, y]ᵀ [x̃; ∂L/∂a], so W is read and written once per step, not twice.
         Every activation is kept (P, B, ·), batch before features: on a CPU ``bmm`` is
-        25-35% slower when its output is the transposed (P, n_hidden, B) (measured at
-        784→256, B = 20, P = 32). Equal to autograd + ``torch.optim.SGD`` up to rounding.
+        slower when its output is the transposed (P, n_hidden, B). Equal to autograd + ``torch.optim.SGD`` up to rounding.
         """
         x_tilde = self.corrupt(x, generators)  # (P, B, V)
         W = compute_copy(self.W)  # cast once per step under autocast
