@@ -11,9 +11,8 @@ import typer
 
 from cli.common import fail, guarded_call, guarded_work, prepare_environment
 from cli.options import (ConfigArgs, ExperimentOpt, ModelNameOpt, TrackingUriOpt,
-                         VerboseOpt, config_options)
+                         VerboseOpt, config_options, model_name_for)
 
-DEFAULT_MODEL = "layerwise-classifier"  # the --model-name default, the classifier's
 
 app = typer.Typer(
     add_completion=False,
@@ -63,8 +62,7 @@ def run(
     if objective is not None:
         args = dataclasses.replace(args, sets=[*args.sets, f"objective={objective}"])
     config = _resolve(args, file_sizes=False)
-    if config.objective == "reconstruct" and model_name == DEFAULT_MODEL:
-        model_name = "layerwise-autoencoder"
+    model_name = model_name_for(config.objective, model_name)
     from preflight.checks import preflight_run
     from tracking.tracker import default_tracking_uri
 

@@ -21,8 +21,18 @@ DataDirOpt = typer.Option(None, "--data-dir", help="torchvision data root "
                           "(default: $LAYERWISE_DATA_DIR or ./data)")
 SeedOpt = typer.Option(None, "--seed", help="runtime.seed")
 ExperimentOpt = typer.Option("layerwise", "--experiment", help="MLflow experiment.")
-ModelNameOpt = typer.Option("layerwise-classifier", "--model-name",
-                            help="Registered model name.")
+DEFAULT_MODEL = "layerwise-classifier"  # the --model-name default, the classifier's
+ModelNameOpt = typer.Option(DEFAULT_MODEL, "--model-name",
+                            help="Registered model name (default: layerwise-classifier, or "
+                            "layerwise-autoencoder for --objective reconstruct).")
+
+
+def model_name_for(objective: str, model_name: str) -> str:
+    """The registered model a run joins: ``--model-name``, whose default follows the
+    objective (the deep autoencoder joins ``layerwise-autoencoder``)."""
+    if objective == "reconstruct" and model_name == DEFAULT_MODEL:
+        return "layerwise-autoencoder"
+    return model_name
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Also show Lightning's, MLflow's "
                           "and Prefect's own console lines (default: one line per stage).")
 TrackingUriOpt = typer.Option(None, "--tracking-uri", help="MLflow URI (default: "

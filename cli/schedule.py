@@ -22,7 +22,7 @@ import typer
 
 from cli.common import fail
 from cli.options import (ConfigArgs, ExperimentOpt, ModelNameOpt, TrackingUriOpt,
-                         VerboseOpt, config_options)
+                         VerboseOpt, config_options, model_name_for)
 
 # name -> (module, flow object): the flows ``serve --flow`` accepts; a flow added here also
 # needs its own branch in ``flow_parameters``.
@@ -43,7 +43,7 @@ def flow_parameters(flow: str, config: Any, preset: str, tracking_uri: Optional[
     if flow == "pipeline":
         return {"config": config.model_dump(mode="json"), "preset": preset,
                 "tracking_uri": tracking_uri, "experiment": experiment,
-                "registered_model_name": model_name}
+                "registered_model_name": model_name_for(config.objective, model_name)}
     raise ScheduleError(f"unknown flow {flow!r}; choose one of {', '.join(FLOWS)}")
 
 

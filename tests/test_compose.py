@@ -526,6 +526,15 @@ def test_flow_parameters_resolve_like_layerwise_run(tmp_path):
         recorded  # the run says it is not the quick preset
     assert resolve_flow_config(complete(resolve_config("quick")), "quick", [])[2] == []
 
+    from cli.schedule import flow_parameters  # the model a deployment registers: as `run`'s
+    for objective, model in (("classify", "layerwise-classifier"),
+                             ("reconstruct", "layerwise-autoencoder")):
+        cfg = resolve_config("quick", sets=[f"objective={objective}"])
+        params = flow_parameters("pipeline", cfg, "quick", None, "e", "layerwise-classifier")
+        assert params["registered_model_name"] == model
+        assert flow_parameters("pipeline", cfg, "quick", None, "e",
+                               "mine")["registered_model_name"] == "mine"
+
     partial = PipelineConfig.model_validate({"pretrain": {"epochs": 2}})
     with pytest.raises(ConfigError, match=r"lacks objective, data, model, pretrain\.batch_size, .* and "
                                           r"5 more.*layerwise config --format json"):
