@@ -102,3 +102,36 @@ def test_only_the_first_signal_interrupts_the_second_says_it_is_stopping(monkeyp
     finally:
         restore()
     assert capsys.readouterr().err.count("already stopping") == 2
+
+
+def test_a_failure_while_the_parent_run_opens_still_ends_it(monkeypatch):
+    """Whatever fails after the parent run started (here, logging its params) ends it with
+    the failure, as a ``with`` around the whole run would: no run is left RUNNING."""
+    import tracking.recorder as recorder_module
+    from config.overrides import resolve_config
+    from tracking.recorder import PipelineRecorder
+
+    ended = []
+
+    class Failing(_Tracker):
+        uri, experiment, experiment_id, client = "sqlite:///x.db", "e", "1", None
+
+        @contextlib.contextmanager
+        def run(self, name, tags, parent_id=None):
+            try:
+                yield f"run-{name}"
+            except BaseException as exc:
+                ended.append((name, type(exc).__name__))
+                raise
+            ended.append((name, "finished"))
+
+        def log_params(self, run_id, params):
+            raise OSError("disk full")
+
+    monkeypatch.setattr(recorder_module, "end_dead_runs", lambda client, experiment: [])
+    recorder = PipelineRecorder(Failing(), resolve_config("quick"), "quick", [], fresh=False,
+                                name="parent", echo=lambda line, console=True: None)
+    with pytest.raises(OSError, match="disk full"):
+        with recorder:
+            pass
+    assert ended == [("parent", "OSError")]

@@ -75,14 +75,18 @@ class PipelineRecorder:
         self.description = run_description("pipeline", self.preset, config)
         self.parent = self._runs.enter_context(self.tracker.run(
             self.name, {KIND_TAG: "pipeline", NOTE_TAG: self.description}))
-        self.link = run_link(self.tracker.uri, self.tracker.experiment_id, self.parent)
-        self.echo(f"MLflow run: {self.link}", console=False)
-        from config.stages import flatten
+        try:
+            self.link = run_link(self.tracker.uri, self.tracker.experiment_id, self.parent)
+            self.echo(f"MLflow run: {self.link}", console=False)
+            from config.stages import flatten
 
-        device = str(eval_device(config.runtime))
-        self.tracker.log_params(self.parent, {
-            **flatten(config), "preset": self.preset, "overrides": self.overrides,
-            **environment_params(device, precision_used(config.runtime))})
+            device = str(eval_device(config.runtime))
+            self.tracker.log_params(self.parent, {
+                **flatten(config), "preset": self.preset, "overrides": self.overrides,
+                **environment_params(device, precision_used(config.runtime))})
+        except BaseException as exc:  # the parent run ends FAILED or KILLED, never RUNNING
+            self._runs.__exit__(type(exc), exc, exc.__traceback__)
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> Optional[bool]:
