@@ -11,6 +11,8 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
+from tracking.vocabulary import AUTOENCODER_MODEL, CLASSIFIER_MODEL
+
 PresetOpt = typer.Option("default", "--preset", "-p", help="quick | default | tutorial")
 ConfigOpt = typer.Option(None, "--config", help="YAML file of config sections to override.")
 SetOpt = typer.Option(None, "--set", help="section.field=value (repeatable), e.g. "
@@ -21,8 +23,7 @@ DataDirOpt = typer.Option(None, "--data-dir", help="torchvision data root "
                           "(default: $LAYERWISE_DATA_DIR or ./data)")
 SeedOpt = typer.Option(None, "--seed", help="runtime.seed")
 ExperimentOpt = typer.Option("layerwise", "--experiment", help="MLflow experiment.")
-DEFAULT_MODEL = "layerwise-classifier"  # the --model-name default, the classifier's
-ModelNameOpt = typer.Option(DEFAULT_MODEL, "--model-name",
+ModelNameOpt = typer.Option(CLASSIFIER_MODEL, "--model-name",
                             help="Registered model name (default: layerwise-classifier, or "
                             "layerwise-autoencoder for --objective reconstruct).")
 
@@ -30,8 +31,8 @@ ModelNameOpt = typer.Option(DEFAULT_MODEL, "--model-name",
 def model_name_for(objective: str, model_name: str) -> str:
     """The registered model a run joins: ``--model-name``, whose default follows the
     objective (the deep autoencoder joins ``layerwise-autoencoder``)."""
-    if objective == "reconstruct" and model_name == DEFAULT_MODEL:
-        return "layerwise-autoencoder"
+    if objective == "reconstruct" and model_name == CLASSIFIER_MODEL:
+        return AUTOENCODER_MODEL
     return model_name
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Also show Lightning's, MLflow's "
                           "and Prefect's own console lines (default: one line per stage).")

@@ -28,7 +28,8 @@ from tracking.conventions import run_name
 from tracking.recorder import PipelineRecorder, StageReport
 from tracking.registration import Registered
 from tracking.tracker import Tracker
-from tracking.vocabulary import (KNN_ACCURACY, RECON_ERROR, RECON_ERROR_DIFF, RECON_LOSS,
+from tracking.vocabulary import (AUTOENCODER_MODEL, CLASSIFIER_MODEL, ENCODER_MODEL,
+                                 KNN_ACCURACY, RECON_ERROR, RECON_ERROR_DIFF, RECON_LOSS,
                                  TEST_ERROR_DIFF, TEST_ERROR_PRETRAINED, TEST_ERROR_RANDOM,
                                  VAL_ERROR_PRETRAINED)
 
@@ -96,7 +97,7 @@ def pipeline(
     tracking_uri: Optional[str] = None,
     experiment: str = "layerwise",
     registered_model_name: Optional[str] = None,
-    encoder_model_name: str = "layerwise-encoder",
+    encoder_model_name: str = ENCODER_MODEL,
     fresh: bool = False,
 ) -> Any:
     """Greedy layer-wise pretraining vs random initialisation, recorded in MLflow.
@@ -157,8 +158,8 @@ def model_names(config: PipelineConfig, registered: Optional[str], encoder: str
                 ) -> dict[str, str]:
     """The registered model each served kind joins (``tasks.release``)."""
     if config.objective == "reconstruct":
-        return {"autoencoder": registered or "layerwise-autoencoder", "encoder": encoder}
-    return {"classifier": registered or "layerwise-classifier"}
+        return {"autoencoder": registered or AUTOENCODER_MODEL, "encoder": encoder}
+    return {"classifier": registered or CLASSIFIER_MODEL}
 
 
 def classifier_result(record: PipelineRecorder, data: Any, comparison: Comparison,

@@ -6,7 +6,7 @@ classifier, why it must not be released (``release_problem``). MLflow is not tou
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from prefect import task
@@ -36,7 +36,9 @@ class Release(BaseModel):
     descriptions: dict[str, str]  # kind -> the version's description
     test_error: float  # the headline test score of the pretrained arm
     val_error: float  # its best validation score (what `layerwise promote` selects on)
-    problem: Optional[str] = None  # why nothing may be registered (None: it may)
+    #: Why nothing may be registered (None: it may). Called only when no identical version
+    #: exists: it reads the whole raw test split (for a variant, regenerates it).
+    check: Optional[Callable[[], Optional[str]]] = None
     kept: list[str]  # the fine-tuned checkpoints, named when recording fails
 
 
@@ -124,7 +126,6 @@ def classifier_release(config: PipelineConfig, data: Any, arms: dict[str, Any],
 
     from sources.read import raw_test_features
 
-    x_raw = as_inputs(raw_test_features(config.data))  # (M, D) as the user has them
     model = served_classifier(arms["pretrained"].checkpoint, config, data, pixels=data.pixels)
     test_error = evaluation.arms["pretrained"].test_error
     sizes = [data.n_features, *config.model.hidden_sizes, data.n_classes]
@@ -140,8 +141,9 @@ def classifier_release(config: PipelineConfig, data: Any, arms: dict[str, Any],
         identity=identity(arms, data), descriptions={"classifier": description},
         formats={"classifier": SERVED_FORMATS["classifier"]},
         test_error=test_error, val_error=arms["pretrained"].best_val_error,
-        problem=release_problem(model, torch.from_numpy(x_raw), data.y_test, data.y_train,
-                                test_error),
+        check=lambda: release_problem(  # on (M, D) raw inputs, as the user has them
+            model, torch.from_numpy(as_inputs(raw_test_features(config.data))), data.y_test,
+            data.y_train, test_error),
         kept=[str(arms[a].checkpoint.path) for a in ARMS])
 
 

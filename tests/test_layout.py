@@ -26,18 +26,22 @@ def project_modules() -> dict[str, Path]:
             for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
 
 
+def imported_names(node: ast.AST) -> list[str]:
+    """What an import statement names: ``a.b`` for ``import a.b``; ``a`` and ``a.x`` for
+    ``from a import x``; nothing for any other node (or a relative import)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        return [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return []
+
+
 def imports(path: Path, known: set[str]) -> set[str]:
     """Project modules that a file imports anywhere: module level, inside functions, and
     under ``if TYPE_CHECKING:``."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        else:
-            continue
-        found |= {n for n in names if n in known and not n.endswith("__init__")}
+        found |= {n for n in imported_names(node) if n in known and not n.endswith("__init__")}
     return found
 
 
@@ -147,14 +151,9 @@ def data_file_reads(path: Path) -> set[str]:
     from numpy or pandas), or a call such as ``np.load`` or ``pd.read_csv``."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+        names = imported_names(node)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
             names = [f"{node.value.id}.{node.attr}"]
-        else:
-            continue
         for name in names:
             head, _, attr = name.partition(".")
             readers = DATA_CALLS.get(head, set())

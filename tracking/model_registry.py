@@ -12,10 +12,10 @@ from typing import Any, Optional
 import pandas as pd
 
 from tracking.client import RegistryError, call, paged, quote, timestamp, to_float, try_run
-from tracking.vocabulary import PARENT_TAG, TEST_ERROR_PRETRAINED, VAL_ERROR_PRETRAINED
+from tracking.vocabulary import (CLASSIFIER_MODEL, PARENT_TAG, TEST_ERROR_PRETRAINED,
+                                 VAL_ERROR_PRETRAINED)
 
 CHAMPION = "champion"
-DEFAULT_MODEL = "layerwise-classifier"
 
 
 def list_models(client: Any, name: Optional[str] = None) -> pd.DataFrame:
@@ -56,7 +56,7 @@ def list_models(client: Any, name: Optional[str] = None) -> pd.DataFrame:
                                        "created", "status"])
 
 
-def promote(client: Any, name: str = DEFAULT_MODEL, version: Optional[int] = None,
+def promote(client: Any, name: str = CLASSIFIER_MODEL, version: Optional[int] = None,
             force: bool = False, alias: str = CHAMPION) -> dict[str, Any]:
     """Point alias ``champion`` at a version of model ``name``.
 

@@ -105,8 +105,7 @@ def log_arm(tracker: Tracker, run: str, result: Any, history: bool = True
                        lambda: tracker.log_artifact(run, result.checkpoint.path, "weights"))
 
 
-def log_evaluation(tracker: Tracker, run: str, evaluation: Any,
-                   history: bool = True) -> Optional[str]:
+def log_evaluation(tracker: Tracker, run: str, evaluation: Any) -> Optional[str]:
     """The evaluation's files (figures, CSVs) and its summary, uploaded once per content key
     (``tasks.evaluate.Evaluation`` or ``tasks.reconstruct_eval.ReconstructEvaluation``).
     Its metrics are logged by the comparison that follows (``tasks.compare``). Returns the
@@ -120,14 +119,15 @@ def log_evaluation(tracker: Tracker, run: str, evaluation: Any,
 
 
 #: How each stage's result is recorded, by the result's type (the tasks' return types,
-#: named here so that tracking imports nothing of tasks).
-RECORDS: dict[str, Callable[..., Optional[str]]] = {
-    "DataBundle": lambda tracker, run, data, history=True: log_data(tracker, run, data),
-    "LayerResult": log_layer,
-    "ClassifierResult": log_arm,
-    "AutoencoderResult": log_arm,
-    "Evaluation": log_evaluation,
-    "ReconstructEvaluation": log_evaluation,
+#: named here so that tracking imports nothing of tasks), and whether it has a per-epoch
+#: history.
+RECORDS: dict[str, tuple[Callable[..., Optional[str]], bool]] = {
+    "DataBundle": (log_data, False),
+    "LayerResult": (log_layer, True),
+    "ClassifierResult": (log_arm, True),
+    "AutoencoderResult": (log_arm, True),
+    "Evaluation": (log_evaluation, False),
+    "ReconstructEvaluation": (log_evaluation, False),
 }
 
 
@@ -142,4 +142,6 @@ def record(tracker: Tracker, run: str, result: Any, history: bool = True) -> Opt
     kind = type(result).__name__
     if kind not in RECORDS:
         raise TypeError(f"no record for a stage result of type {kind}; add it to RECORDS")
-    return RECORDS[kind](tracker, run, result, history=history)
+    log, has_history = RECORDS[kind]
+    return log(tracker, run, result, history=history) if has_history else log(tracker, run,
+                                                                                result)

@@ -91,19 +91,22 @@ def register_release(tracker: Tracker, run: str, parent: str, release: Any,
                      names: dict[str, str]) -> Registered:
     """Register each served model of ``release`` (``tasks.release.Release``) as a version of
     ``names[kind]``, logged in the evaluation run ``run``, unless a READY version with the
-    same identity and format exists (it is reused) or the release has a problem (nothing is
-    registered; the reason is the run's tag ``layerwise.not_registered``)."""
+    same identity and format exists (it is reused) or the release's check, run once and only
+    when a version is to be registered, finds a problem (nothing is registered; the reason is
+    the run's tag ``layerwise.not_registered``)."""
     from runtime.errors import TrackingError
 
     versions: dict[str, str] = {}
-    reused = True
+    reused, checked, problem = True, False, None
     try:
         for kind, model in release.models.items():
             identity = {**release.identity, FORMAT_TAG: release.formats[kind]}
             version = find_model_version(tracker, names[kind], identity)
-            if version is None and release.problem:
-                tracker.set_tags(run, {NOT_REGISTERED_TAG: release.problem})
-                return Registered(versions={}, reused=False, refused=release.problem)
+            if version is None and not checked:
+                problem, checked = release.check() if release.check else None, True
+            if version is None and problem:
+                tracker.set_tags(run, {NOT_REGISTERED_TAG: problem})
+                return Registered(versions={}, reused=False, refused=problem)
             if version is None:
                 reused = False
                 version = register_classifier(

@@ -27,3 +27,7 @@ TEST_METRICS = {"test_error_pretrained": TEST_ERROR_PRETRAINED,
 RECON_ERROR, RECON_LOSS = "test/recon_error_{}", "test/recon_loss_{}"
 KNN_ACCURACY = "test/knn_accuracy_{}"
 RECON_ERROR_DIFF = "test/recon_error_diff"  # pretrained − random
+#: The registered models a run joins by default: the classifier, or for the reconstruct
+#: objective the autoencoder and its encoder.
+CLASSIFIER_MODEL, AUTOENCODER_MODEL = "layerwise-classifier", "layerwise-autoencoder"
+ENCODER_MODEL = "layerwise-encoder"
