@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from prefect import flow
 from pydantic import BaseModel
@@ -25,8 +25,10 @@ from config.grid_spec import GROUPING, Cell, Grid
 from tasks.ablation_cells import CellOutcome, Status, pretrain_layer, run_cell
 from tasks.ablation_plan import LayerNode, distinct_runs, population_plan, pretraining_plan
 from tasks.ablation_populations import pretrain_population, run_population_cells
-from reports.ablation_outputs import (cell_row, format_summary, log_cell, progress_line, record,
+from reports.ablation_outputs import (CellRuns, cell_row, format_summary, progress_line, record,
                                       summary_artifact, write_outputs)
+from tracking.live import LiveRun
+from tracking.stale import end_dead_runs
 from tracking.tracker import KIND_TAG, Tracker, environment_params
 
 
@@ -66,6 +68,8 @@ def ablation(
     nodes, stacks = pretraining_plan(cells)
     retry = {"retries": grid.retries, "retry_delay_seconds": grid.retry_delay_seconds}
     tracker = Tracker(tracking_uri, experiment)
+    if killed := end_dead_runs(tracker.client, tracker.experiment):
+        echo(f"  marked {len(killed)} MLflow run(s) of an earlier, killed attempt KILLED")
     with tracker.run(f"ablation-{grid.name}", {KIND_TAG: "ablation"}) as parent:
         tracker.log_params(parent, {**grid_params(grid), "preset": grid.name,
                                     "n_cells": len(cells), "n_pretrain_layers": len(nodes),
@@ -73,15 +77,18 @@ def ablation(
                                     **environment_params(_device(cells), _precision(cells))})
         echo(f"ablation {grid.name}: {len(cells)} cells, {len(nodes)} distinct pretraining "
              f"layers, {grid.retries} retries per task")
-        # 2-3. Layers, each once on the layers below it; cells on their stacks.
-        futures, below = submit_work(cells, nodes, stacks, population, home, threads, retry,
-                                     echo)
-        # 4. Settle: one row and one child run per cell, in grid order; failures included.
-        rows = []
-        for i, cell in enumerate(cells, 1):
-            rows.append(cell_row(cell, *settle(futures[cell.id], below[cell.id])))
-            log_cell(tracker, parent, cell, rows[-1])
-            echo(progress_line(i, len(cells), rows[-1]))
+        # One child run per cell, open from the start: its epochs are logged as they end.
+        with CellRuns(tracker, parent, cells) as cell_runs:
+            # 2-3. Layers, each once on the layers below it; cells on their stacks.
+            futures, below = submit_work(cells, nodes, stacks, population, home, threads,
+                                         retry, echo, cell_runs.live)
+            # 4. Settle: one row per cell, in grid order, its run ended; failures included.
+            rows = []
+            for i, cell in enumerate(cells, 1):
+                outcome, status, error = settle(futures[cell.id], below[cell.id])
+                rows.append(cell_row(cell, outcome, status, error))
+                cell_runs.log_cell(cell, rows[-1], outcome)
+                echo(progress_line(i, len(cells), rows[-1]))
         # 5. Record: the table, its statistics and figures.
         table, files, text = record_table(tracker, parent, grid, rows, Path(out_dir))
     failed = {r["cell"]: r["error"] for r in rows if r["status"] == "failed"}
@@ -115,16 +122,20 @@ def task_runner(workers: int = 1, dask_address: Optional[str] = None) -> Any:
 
 def submit_work(cells: list[Cell], nodes: dict[str, Any], stacks: dict[str, list[str]],
                 population: int, home: str, threads: Optional[int], retry: dict[str, Any],
-                echo: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+                echo: Any, live: Callable[[Cell], Optional[LiveRun]] = lambda cell: None
+                ) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     """Submit every distinct pretraining layer once and every distinct run on its stack
     (``distinct_runs``: a cell that is the same run as an earlier one shares its future).
+    ``live(cell)`` is the run a cell's epochs are logged to as they end (a cell that shares
+    another's run gets its history when it settles).
 
     Returns:
         The cells' futures by cell id, and each cell's pretraining futures (bottom first).
     """
     alias = distinct_runs(cells)
     runs = [c for c in cells if alias[c.id] == c.id]
-    futures, below = _submit(runs, nodes, stacks, population, home, threads, retry, echo)
+    futures, below = _submit(runs, nodes, stacks, population, home, threads, retry, echo,
+                             live)
     if len(runs) < len(cells):
         echo(f"  {len(cells) - len(runs)} cells repeat the random-init run of another cell "
              "(they differ only in pretraining settings)")
@@ -134,9 +145,11 @@ def submit_work(cells: list[Cell], nodes: dict[str, Any], stacks: dict[str, list
 
 def _submit(cells: list[Cell], nodes: dict[str, Any], stacks: dict[str, list[str]],
             population: int, home: str, threads: Optional[int], retry: dict[str, Any],
-            echo: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+            echo: Any, live: Callable[[Cell], Optional[LiveRun]]
+            ) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     if population > 1:  # seeds of a layer or a cell trained as one batched model
-        futures, below, n_tasks = submit_populations(cells, nodes, stacks, population, home, threads, retry)
+        futures, below, n_tasks = submit_populations(cells, nodes, stacks, population, home,
+                                                     threads, retry, live)
         echo(f"  populations of up to {population} seeds: {n_tasks} tasks")
         return futures, below
     layers: dict[str, Any] = {}
@@ -146,7 +159,7 @@ def _submit(cells: list[Cell], nodes: dict[str, Any], stacks: dict[str, list[str
         ).submit(node.k, node.config, [layers[key] for key in node.lower], home, threads)
     below = {cell.id: [layers[key] for key in stacks.get(cell.id, [])] for cell in cells}
     futures = {cell.id: run_cell.with_options(task_run_name=f"cell/{cell.id}", **retry)
-               .submit(cell, below[cell.id], home, threads) for cell in cells}
+               .submit(cell, below[cell.id], home, threads, live(cell)) for cell in cells}
     return futures, below
 
 
@@ -164,9 +177,11 @@ class MemberFuture:
         return self.future.state
 
 
-def submit_populations(cells: list[Cell], nodes: dict[str, LayerNode], stacks: dict[str, list[str]],
-           size: int, home: str, threads: Optional[int], retry: dict[str, Any]
-           ) -> tuple[dict[str, MemberFuture], dict[str, list[Any]], int]:
+def submit_populations(cells: list[Cell], nodes: dict[str, LayerNode],
+                       stacks: dict[str, list[str]], size: int, home: str,
+                       threads: Optional[int], retry: dict[str, Any],
+                       live: Callable[[Cell], Optional[LiveRun]] = lambda cell: None
+                       ) -> tuple[dict[str, MemberFuture], dict[str, list[Any]], int]:
     """Submit every population task. Returns each cell's member future, the futures of the
     population layers its stack reads (for failure messages), and the number of tasks."""
     pop_nodes, groups = population_plan(cells, nodes, stacks, size)
@@ -182,7 +197,8 @@ def submit_populations(cells: list[Cell], nodes: dict[str, LayerNode], stacks: d
         future = run_population_cells.with_options(
             task_run_name=f"cells/{group.id}x{len(group.cells)}", **retry,
         ).submit(list(group.cells), [layers[i] for i in group.inputs],
-                 [list(s) for s in group.stacks], home, threads)
+                 [list(s) for s in group.stacks], home, threads,
+                 [live(cell) for cell in group.cells])
         for index, cell in enumerate(group.cells):
             futures[cell.id] = MemberFuture(future, index)
             below[cell.id] = [layers[i] for i in group.inputs]

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from config.grid_spec import Cell, Grid
+from tracking.live import LiveRun, complete_history
 from tracking.tracker import Tracker
 
-from tracking.vocabulary import CELL_TAG, ERROR_TAG, RESUMED_TAG, STATUS_TAG  # noqa: F401
+from tracking.vocabulary import CELL_TAG, ERROR_TAG, RESUMED_TAG, STATUS_TAG
 
 
 def cell_row(cell: Cell, outcome: Optional[Any], status: str, error: str) -> dict[str, Any]:
@@ -43,28 +44,62 @@ def progress_line(i: int, n: int, row: dict[str, Any]) -> str:
     return f"  [{i:>{len(str(n))}}/{n}] {row['status']:<8} {row['cell']}  {result}{cached}"
 
 
-def log_cell(tracker: Tracker, parent: str, cell: Cell, row: dict[str, Any]) -> None:
-    """A nested child run per cell: every factor as a tag, its status, its errors."""
-    from mlflow.entities import RunStatus
+class CellRuns:
+    """One MLflow child run per cell, opened before any cell trains so that each cell's
+    epochs can be logged to it as they end (``tasks.ablation_cells.LiveRun``), and ended
+    when the cell settles (``log_cell``). Used as a context manager: an interruption or an
+    error ends every run still open KILLED or FAILED, never RUNNING.
+    """
 
-    from tracking.retries import with_retries
+    def __init__(self, tracker: Tracker, parent: str, cells: list[Cell]):
+        self.tracker, self.parent, self.cells = tracker, parent, cells
+        self.ids: dict[str, str] = {}
+        self.ended: set[str] = set()
 
-    tags = {CELL_TAG: cell.id, STATUS_TAG: row["status"], "layerwise.arm": cell.arm,
-            **{k: str(v) for k, v in cell.factors.items()}}
-    if row["error"]:
-        tags[ERROR_TAG] = row["error"][:5000]
-    if row.get("resumed_from_epoch"):  # its fine-tuning continued from an epoch checkpoint
-        tags[RESUMED_TAG] = str(row["resumed_from_epoch"])
-    run = with_retries(tracker.client.create_run, tracker.experiment_id, run_name=cell.id,
-                       tags={**tags, "mlflow.parentRunId": parent})
-    run_id = run.info.run_id
-    if row["status"] == "ok":
-        tracker.log_metrics(run_id, {
-            "test/error": row["test_error"], "val/error": row["val_error"],
-            "finetune/train_loss": row["train_loss"], "finetune/epochs_run": row["epochs_run"],
-            "finetune/train_seconds": row["train_seconds"]})
-    with_retries(tracker.client.set_terminated, run_id, RunStatus.to_string(
-        RunStatus.FINISHED if row["status"] == "ok" else RunStatus.FAILED))
+    def __enter__(self) -> "CellRuns":
+        try:
+            for cell in self.cells:
+                self.ids[cell.id] = self.tracker.start_run(cell.id, {
+                    CELL_TAG: cell.id, "layerwise.arm": cell.arm,
+                    **{k: str(v) for k, v in cell.factors.items()}}, self.parent)
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    def __exit__(self, kind: Any, exc: Optional[BaseException], tb: Any) -> None:
+        if exc is None:
+            return
+        for run in self.ids.values():
+            if run not in self.ended:
+                self.tracker.end_run(run, exc)
+                self.ended.add(run)
+
+    def live(self, cell: Cell) -> LiveRun:
+        """Where the worker training ``cell`` writes its epochs."""
+        return LiveRun(tracking_uri=self.tracker.uri, experiment=self.tracker.experiment,
+                       run_id=self.ids[cell.id])
+
+    def log_cell(self, cell: Cell, row: dict[str, Any], outcome: Optional[Any]) -> None:
+        """The cell's record in its run: its status, errors and where it resumed as tags;
+        its test and validation errors; the epochs of its fine-tuning the run does not hold
+        yet (all of them for a cell from the cache, or one that repeats another cell's
+        run); then the run ends FINISHED, or FAILED for a cell that did not finish."""
+        run = self.ids[cell.id]
+        tags = {STATUS_TAG: row["status"]}
+        if row["error"]:
+            tags[ERROR_TAG] = row["error"][:5000]
+        if row.get("resumed_from_epoch"):  # its fine-tuning continued from an epoch checkpoint
+            tags[RESUMED_TAG] = str(row["resumed_from_epoch"])
+        self.tracker.set_tags(run, tags)
+        if row["status"] == "ok":
+            complete_history(self.tracker, run, "finetune", outcome.history if outcome else [])
+            self.tracker.log_metrics(run, {
+                "test/error": row["test_error"], "val/error": row["val_error"],
+                "finetune/epochs_run": row["epochs_run"],
+                "finetune/train_seconds": row["train_seconds"]})
+        self.tracker.end_run(run, status="FINISHED" if row["status"] == "ok" else "FAILED")
+        self.ended.add(run)
 
 
 def write_outputs(out: Path, grid: Grid, table: Any, summary: Any, by: list[str]

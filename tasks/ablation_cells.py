@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -16,9 +16,10 @@ from pydantic import BaseModel
 
 from config.grid_spec import Cell
 from config.stages import DataConfig, PipelineConfig
-from training.observer import EpochObserver
+from training.observer import EpochObserver, Observers
 from runtime.errors import DivergenceError
 from runtime.progress import watching
+from tracking.live import LiveRun, retried_live_metrics
 from tasks.pretrain import LayerResult, pretrain_layer_task
 
 Status = Literal["ok", "diverged", "failed"]
@@ -45,6 +46,20 @@ def worker_data(cfg: DataConfig, home: str, threads: Optional[int]) -> Any:
     return _DATA[key]
 
 
+def live_metrics(runs: Mapping[int, Optional[LiveRun]]) -> Optional[EpochObserver]:
+    """The observer that logs member p's fine-tuning epochs to ``runs[p]`` as they end."""
+    return retried_live_metrics(runs, "finetune", _warn)
+
+
+def _warn(text: str) -> None:
+    from prefect.logging import get_run_logger
+
+    try:
+        get_run_logger().warning(text)
+    except Exception:  # noqa: BLE001 - outside a task run
+        print(text)
+
+
 class LayerOutcome(BaseModel):
     """A pretrained layer, or why there is none (a diverged layer, or one below it)."""
 
@@ -68,6 +83,7 @@ class CellOutcome(BaseModel):
     wall_seconds: float = 0.0
     cached: bool = False
     resumed_from_epoch: int = 0  # epochs its fine-tuning's checkpoint held (0: from scratch)
+    history: list[dict[str, float]] = []  # fine-tuning's per-epoch metrics, for the record
 
 
 class ResumePoints(EpochObserver):
@@ -104,26 +120,30 @@ def single_layer(k: int, config: PipelineConfig, data: Any,
 
 @task(name="ablation-cell", cache_policy=NO_CACHE, persist_result=False)
 def run_cell(cell: Cell, stack: list[LayerOutcome], home: str,
-             threads: Optional[int] = None) -> CellOutcome:
-    """Fine-tune one cell (cached ``finetune_task``) and score it on the test split."""
+             threads: Optional[int] = None, live: Optional[LiveRun] = None) -> CellOutcome:
+    """Fine-tune one cell (cached ``finetune_task``) and score it on the test split; its
+    epochs go to ``live`` as they end."""
     started = time.perf_counter()
     if broken := next((o for o in stack if o.status != "ok"), None):
         return CellOutcome(status=broken.status, error=broken.error)
-    return single_cell(cell, stack, worker_data(cell.config.data, home, threads), started)
+    return single_cell(cell, stack, worker_data(cell.config.data, home, threads), started,
+                       live)
 
 
-def single_cell(cell: Cell, stack: list[LayerOutcome], data: Any, started: float
-                ) -> CellOutcome:
+def single_cell(cell: Cell, stack: list[LayerOutcome], data: Any, started: float,
+                live: Optional[LiveRun] = None) -> CellOutcome:
     """One cell through the pipeline's cached ``finetune_task`` (the reconstruct objective:
-    ``finetune_autoencoder_task``), scored on the test split."""
+    ``finetune_autoencoder_task``), scored on the test split; its epochs go to ``live`` as
+    they end."""
     from tasks.finetune import finetune_task
     from tasks.reconstruct import finetune_autoencoder_task
 
     config = cell.config
     encoders = [o.layer for o in stack] if cell.arm == "pretrained" else None
     fine_tune = finetune_autoencoder_task if config.objective == "reconstruct" else finetune_task
+    resumed = ResumePoints()
     try:
-        with watching(ResumePoints()) as resumed:
+        with watching(Observers(resumed, live_metrics({0: live}))):
             state = fine_tune.with_options(task_run_name=f"finetune-{cell.arm}")(
                 cell.arm, config, data, encoders, return_state=True)
             result = state.result()
@@ -164,4 +184,5 @@ def score_cell(config: PipelineConfig, data: Any, result: Any,
         wall_seconds=time.perf_counter() - started,
         cached=cached,
         resumed_from_epoch=resumed,
+        history=[{k: float(v) for k, v in row.items()} for row in result.history],
     )

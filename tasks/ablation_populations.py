@@ -32,8 +32,10 @@ from config.grid_spec import Cell
 from config.stages import PipelineConfig
 from runtime.errors import DivergenceError
 from runtime.progress import watching
-from tasks.ablation_cells import (CellOutcome, LayerOutcome, ResumePoints, score_cell,
-                                  single_cell, single_layer, worker_data)
+from tasks.ablation_cells import (CellOutcome, LayerOutcome, LiveRun, ResumePoints,
+                                  live_metrics, score_cell, single_cell, single_layer,
+                                  worker_data)
+from training.observer import Observers
 from tasks.ablation_plan import Slot
 
 
@@ -85,26 +87,31 @@ def pretrain_population(k: int, configs: list[PipelineConfig], inputs: list[list
 
 @task(name="ablation-cell-population", cache_policy=NO_CACHE, persist_result=False)
 def run_population_cells(cells: list[Cell], inputs: list[list[LayerOutcome]],
-                         stacks: list[list[Slot]], home: str, threads: Optional[int] = None
-                         ) -> list[CellOutcome]:
+                         stacks: list[list[Slot]], home: str, threads: Optional[int] = None,
+                         live: Optional[list[Optional[LiveRun]]] = None) -> list[CellOutcome]:
     """Fine-tune one arm of every member as one population (cached
-    ``tasks.populations.finetune_population_task``) and score each on the test split."""
+    ``tasks.populations.finetune_population_task``) and score each on the test split; cell
+    i's epochs go to ``live[i]`` as they end."""
     from tasks.populations import finetune_population_task
 
     started = time.perf_counter()
     arm = cells[0].arm
+    live = live or [None] * len(cells)
     stack_of = _members(inputs, tuple(tuple(s) for s in stacks))
     outcomes, ok = _pass_over_broken(stack_of, CellOutcome)
     if ok and cells[0].config.objective == "reconstruct":  # autoencoders: one cell at a time
         data = worker_data(cells[0].config.data, home, threads)
         for i in ok:
-            outcomes[i] = single_cell(cells[i], stack_of[i], data, time.perf_counter())
+            outcomes[i] = single_cell(cells[i], stack_of[i], data, time.perf_counter(),
+                                      live[i])
     elif ok:
         data = worker_data(cells[0].config.data, home, threads)
         encoders = ([[o.layer for o in stack_of[i]] for i in ok] if arm == "pretrained"
                     else None)
+        resumed = ResumePoints()
         try:
-            with watching(ResumePoints()) as resumed:
+            with watching(Observers(resumed, live_metrics(
+                    {member: live[i] for member, i in enumerate(ok)}))):
                 state = finetune_population_task.with_options(
                     task_run_name=f"finetune-{arm}-population")(
                     arm, [cells[i].config for i in ok], data, encoders, return_state=True)
@@ -116,5 +123,6 @@ def run_population_cells(cells: list[Cell], inputs: list[list[LayerOutcome]],
                                          resumed=resumed.epochs.get(member, 0))
         except DivergenceError:  # find the members that diverge, one by one
             for i in ok:
-                outcomes[i] = single_cell(cells[i], stack_of[i], data, time.perf_counter())
+                outcomes[i] = single_cell(cells[i], stack_of[i], data, time.perf_counter(),
+                                          live[i])
     return outcomes

@@ -269,6 +269,7 @@ def tiny(shared_data_dir, prefect_harness, tmp_path_factory):
         _count_and_break(patch, first_counts, broken=True)
         first = run_ablation(grid, out_dir=root / "first", tracking_uri=uri, experiment="tiny",
                              verbose=False)
+    stale = _run_of_a_killed_process(uri)  # the rerun marks it KILLED
     with pytest.MonkeyPatch.context() as patch:
         _count_and_break(patch, second_counts, broken=False)
         cli = CliRunner().invoke(_cli(), [
@@ -276,8 +277,25 @@ def tiny(shared_data_dir, prefect_harness, tmp_path_factory):
             "--tracking-uri", uri, "--experiment", "tiny", "--out", str(root / "second")])
     torch.set_num_threads(threads)
     yield {"grid": grid, "first": first, "first_counts": first_counts, "cli": cli,
-           "second_counts": second_counts, "root": root, "uri": uri}
+           "second_counts": second_counts, "root": root, "uri": uri, "stale": stale}
     mp.undo()
+
+
+def _run_of_a_killed_process(uri: str) -> str:
+    """A RUNNING cell run whose process is gone, as a kill -9 leaves it."""
+    import socket
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny").experiment_id
+    return client.create_run(exp, run_name="killed-cell", tags={
+        "layerwise.pid": str(proc.pid), "layerwise.host": socket.gethostname(),
+        "layerwise.cell": "killed-cell"}).info.run_id
 
 
 def _table(path: Path) -> pd.DataFrame:
@@ -421,6 +439,74 @@ def test_mlflow_record_of_the_ablation(tiny, tmp_path):
             img.load()
             assert img.size[0] > 300 and img.size[1] > 200
     assert len(pd.read_parquet(local / "ablation" / "cells.parquet")) == 12
+
+
+def test_each_cell_run_holds_every_epoch_once_logged_as_it_ended(tiny):
+    """The first run trained its cells: each epoch reached the cell's run when it ended
+    (one write per epoch, so the epochs' timestamps differ). The rerun took them from the
+    cache: their whole history is logged when they settle. Either way, every epoch once."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tiny["uri"])
+    exp = client.get_experiment_by_name("tiny").experiment_id
+    parents = client.search_runs([exp], "tags.`layerwise.kind` = 'ablation'",
+                                 order_by=["attributes.start_time ASC"])
+    tables = [_table(tiny["first"].out_dir), _table(tiny["root"] / "second")]
+    assert len(parents) == 2
+    for parent, table in zip(parents, tables):
+        cached = dict(zip(table.cell, table.cached))
+        children = client.search_runs(
+            [exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
+            "tags.`layerwise.status` = 'ok'")
+        assert len(children) == (table.status == "ok").sum() > 0
+        for child in children:
+            epochs = int(child.data.metrics["finetune/epochs_run"])
+            for key in ("finetune/train_loss", "finetune/val_error"):
+                history = client.get_metric_history(child.info.run_id, key)
+                assert sorted(m.step for m in history) == list(range(epochs)), key
+            stamps = {m.timestamp for m in history}
+            assert len(stamps) == (1 if cached[child.info.run_name] else epochs)
+            assert child.info.status == "FINISHED"
+    assert not tables[0].cached.any() and tables[1].cached.sum() == 9
+
+
+def test_the_rerun_marks_the_runs_of_a_killed_attempt(tiny):
+    from mlflow.tracking import MlflowClient
+
+    assert "marked 1 MLflow run(s) of an earlier, killed attempt KILLED" in tiny["cli"].output
+    assert MlflowClient(tiny["uri"]).get_run(tiny["stale"]).info.status == "KILLED"
+
+
+def test_an_interrupted_ablation_leaves_no_run_running(tiny, monkeypatch):
+    """Ctrl-C while cells settle: the parent run and every cell run not yet settled end
+    KILLED, the settled ones FINISHED."""
+    import flows.ablation
+    from flows.ablation import run_ablation
+    from mlflow.tracking import MlflowClient
+
+    real, shown = flows.ablation.progress_line, []
+
+    def progress_line(i, n, row):
+        if i == 3:
+            raise KeyboardInterrupt
+        shown.append(row["cell"])
+        return real(i, n, row)
+
+    monkeypatch.setattr(flows.ablation, "progress_line", progress_line)
+    with pytest.raises(BaseException) as stopped:
+        run_ablation(tiny["grid"], out_dir=tiny["root"] / "stopped", tracking_uri=tiny["uri"],
+                     experiment="tiny-stopped", verbose=False)
+    assert isinstance(stopped.value, KeyboardInterrupt)
+    client = MlflowClient(tiny["uri"])
+    exp = client.get_experiment_by_name("tiny-stopped").experiment_id
+    runs = client.search_runs([exp])
+    assert len(runs) == 13 and "RUNNING" not in {r.info.status for r in runs}
+    parent = next(r for r in runs if r.data.tags.get("layerwise.kind") == "ablation")
+    assert parent.info.status == "KILLED"
+    status = {r.info.run_name: r.info.status for r in runs if r is not parent}
+    settled = {name for name, s in status.items() if s == "FINISHED"}
+    assert len(shown) == 2 and len(settled) == 3  # the third had settled when Ctrl-C came
+    assert set(shown) < settled and set(status.values()) == {"FINISHED", "KILLED"}
 
 
 def test_prefect_summary_artifact(tiny):

@@ -107,6 +107,19 @@ def cells_on_each_worker(client: Any) -> dict[str, list[str]]:
     return client.run(executing)
 
 
+def live_epochs(uri: str, experiment: str, cell: str) -> list[int]:
+    """The epochs of ``cell``'s fine-tuning that its MLflow run holds, in order."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{cell}'") if exp else []
+    if not runs:
+        return []
+    return sorted(m.step for m in client.get_metric_history(runs[0].info.run_id,
+                                                            "finetune/train_loss"))
+
+
 def outcome(out: Path) -> list[dict[str, Any]]:
     import pandas as pd
 
@@ -180,8 +193,11 @@ def test_a_worker_lost_mid_cell_is_continued_from_its_checkpoint(stack, tmp_path
 
         home = shared / "layerwise"
         arm = "pretrained"  # its worker also holds layer 1, which the cell reads
-        cluster_run.wait_for(lambda: checkpoints(home).get(arm, (0, 0))[0] >= 1, 300,
-                             "the pretrained cell's first epoch checkpoint")
+        # Watched in MLflow: the cell's run, open since the start, gets each epoch as it
+        # ends, from the worker that trains it.
+        cluster_run.wait_for(lambda: checkpoints(home).get(arm, (0, 0))[0] >= 1
+                             and live_epochs(stack["mlflow"], "client", CELLS[arm]), 300,
+                             "the pretrained cell's first epoch, checkpointed and in MLflow")
         before = checkpoints(home)
         running = cells_on_each_worker(client)
         (victim,) = [addr for addr, cells in running.items() if CELLS[arm] in cells]
@@ -248,3 +264,8 @@ def test_a_worker_lost_mid_cell_is_continued_from_its_checkpoint(stack, tmp_path
             assert resumed[CELLS["pretrained"]] >= 1, resumed
         else:
             assert set(resumed.values()) == {0}, resumed
+        for run in runs:  # every epoch once, the lost cell's included
+            if run.info.run_name in CELLS.values():
+                epochs = int(run.data.metrics["finetune/epochs_run"])
+                assert live_epochs(stack["mlflow"], experiment, run.info.run_name) == list(
+                    range(epochs)), run.info.run_name

@@ -203,22 +203,37 @@ class Tracker:
     def run(self, name: str, tags: dict[str, str], parent_id: Optional[str] = None
             ) -> Iterator[str]:
         """A run that ends FINISHED on success, KILLED on Ctrl-C/SIGTERM, FAILED otherwise."""
+        run_id = self.start_run(name, tags, parent_id)
+        try:
+            yield run_id
+        except BaseException as exc:
+            self.end_run(run_id, exc)
+            raise
+        self.end_run(run_id)
+
+    def start_run(self, name: str, tags: dict[str, str], parent_id: Optional[str] = None
+                  ) -> str:
+        """A new RUNNING run carrying this process's id and host (so that a rerun can tell
+        it was left behind by a killed process, ``tracking.stale``); end it with
+        ``end_run``."""
         tags = {**self.system_tags, PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(),
                 **tags}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
         run = with_retries(self.client.create_run, self.experiment_id, run_name=name, tags=tags)
-        run_id = run.info.run_id
-        try:
-            yield run_id
-        except BaseException as exc:
-            from runtime.faults import unreachable
+        return run.info.run_id
 
-            if unreachable(exc) is None:  # a server that is gone cannot take it
-                with_retries(self.client.set_terminated, run_id,
-                             "KILLED" if is_interrupt(exc) else "FAILED")
-            raise
-        with_retries(self.client.set_terminated, run_id, "FINISHED")
+    def end_run(self, run_id: str, exc: Optional[BaseException] = None,
+                status: Optional[str] = None) -> None:
+        """End a run: ``status`` when given, else FINISHED, or for the exception that ended
+        it KILLED (Ctrl-C, SIGTERM) or FAILED. A server that is gone cannot take it."""
+        from runtime.faults import unreachable
+
+        if exc is not None and unreachable(exc) is not None:
+            return
+        status = status or ("FINISHED" if exc is None
+                            else "KILLED" if is_interrupt(exc) else "FAILED")
+        with_retries(self.client.set_terminated, run_id, status)
 
     def log_inputs(self, run_id: str, datasets: list[Any]) -> None:
         """Datasets (``mlflow.entities.DatasetInput``) the run read."""
