@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from prefect import flow
 from pydantic import BaseModel
@@ -25,9 +25,8 @@ from config.grid_spec import GROUPING, Cell, Grid
 from tasks.ablation_cells import CellOutcome, Status, pretrain_layer, run_cell
 from tasks.ablation_plan import LayerNode, distinct_runs, population_plan, pretraining_plan
 from tasks.ablation_populations import pretrain_population, run_population_cells
-from reports.ablation_outputs import (CellRuns, cell_row, format_summary, progress_line, record,
-                                      summary_artifact, write_outputs)
-from tracking.live import LiveRun
+from reports.ablation_outputs import (AblationRuns, cell_row, format_summary, progress_line,
+                                      record, summary_artifact, write_outputs)
 from tracking.stale import end_dead_runs
 from tracking.tracker import KIND_TAG, Tracker, environment_params
 
@@ -77,18 +76,20 @@ def ablation(
                                     **environment_params(_device(cells), _precision(cells))})
         echo(f"ablation {grid.name}: {len(cells)} cells, {len(nodes)} distinct pretraining "
              f"layers, {grid.retries} retries per task")
-        # One child run per cell, open from the start: its epochs are logged as they end.
-        with CellRuns(tracker, parent, cells) as cell_runs:
+        # A child run per cell and per layer, open from the start: epochs logged as they end.
+        with AblationRuns(tracker, parent, cells, nodes, stacks) as runs:
             # 2-3. Layers, each once on the layers below it; cells on their stacks.
-            futures, below = submit_work(cells, nodes, stacks, population, home, threads,
-                                         retry, echo, cell_runs.live)
+            futures, below, layers = submit_work(cells, nodes, stacks, population, home,
+                                                 threads, retry, echo, runs)
             # 4. Settle: one row per cell, in grid order, its run ended; failures included.
             rows = []
             for i, cell in enumerate(cells, 1):
                 outcome, status, error = settle(futures[cell.id], below[cell.id])
                 rows.append(cell_row(cell, outcome, status, error))
-                cell_runs.log_cell(cell, rows[-1], outcome)
+                runs.log_cell(cell, rows[-1], outcome)
                 echo(progress_line(i, len(cells), rows[-1]))
+            for key, layer in layers.items():  # all done: the cells read them
+                runs.log_layer(key, *settle(layer, []))
         # 5. Record: the table, its statistics and figures.
         table, files, text = record_table(tracker, parent, grid, rows, Path(out_dir))
     failed = {r["cell"]: r["error"] for r in rows if r["status"] == "failed"}
@@ -122,45 +123,48 @@ def task_runner(workers: int = 1, dask_address: Optional[str] = None) -> Any:
 
 def submit_work(cells: list[Cell], nodes: dict[str, Any], stacks: dict[str, list[str]],
                 population: int, home: str, threads: Optional[int], retry: dict[str, Any],
-                echo: Any, live: Callable[[Cell], Optional[LiveRun]] = lambda cell: None
-                ) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+                echo: Any, runs: AblationRuns
+                ) -> tuple[dict[str, Any], dict[str, list[Any]], dict[str, Any]]:
     """Submit every distinct pretraining layer once and every distinct run on its stack
     (``distinct_runs``: a cell that is the same run as an earlier one shares its future).
-    ``live(cell)`` is the run a cell's epochs are logged to as they end (a cell that shares
+    Each task logs its epochs to its run in ``runs`` as they end (a cell that shares
     another's run gets its history when it settles).
 
     Returns:
-        The cells' futures by cell id, and each cell's pretraining futures (bottom first).
+        The cells' futures by cell id, each cell's pretraining futures (bottom first), and
+        each distinct layer's future by key.
     """
     alias = distinct_runs(cells)
-    runs = [c for c in cells if alias[c.id] == c.id]
-    futures, below = _submit(runs, nodes, stacks, population, home, threads, retry, echo,
-                             live)
-    if len(runs) < len(cells):
-        echo(f"  {len(cells) - len(runs)} cells repeat the random-init run of another cell "
-             "(they differ only in pretraining settings)")
+    distinct = [c for c in cells if alias[c.id] == c.id]
+    futures, below, layers = _submit(distinct, nodes, stacks, population, home, threads,
+                                     retry, echo, runs)
+    if len(distinct) < len(cells):
+        echo(f"  {len(cells) - len(distinct)} cells repeat the random-init run of another "
+             "cell (they differ only in pretraining settings)")
     return ({c.id: futures[alias[c.id]] for c in cells},
-            {c.id: below[alias[c.id]] for c in cells})
+            {c.id: below[alias[c.id]] for c in cells}, layers)
 
 
 def _submit(cells: list[Cell], nodes: dict[str, Any], stacks: dict[str, list[str]],
             population: int, home: str, threads: Optional[int], retry: dict[str, Any],
-            echo: Any, live: Callable[[Cell], Optional[LiveRun]]
-            ) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+            echo: Any, runs: AblationRuns
+            ) -> tuple[dict[str, Any], dict[str, list[Any]], dict[str, Any]]:
     if population > 1:  # seeds of a layer or a cell trained as one batched model
-        futures, below, n_tasks = submit_populations(cells, nodes, stacks, population, home,
-                                                     threads, retry, live)
+        futures, below, layers, n_tasks = submit_populations(
+            cells, nodes, stacks, population, home, threads, retry, runs)
         echo(f"  populations of up to {population} seeds: {n_tasks} tasks")
-        return futures, below
+        return futures, below, layers
     layers: dict[str, Any] = {}
     for node in nodes.values():  # the plan lists a layer after the layers below it
         layers[node.key] = pretrain_layer.with_options(
             task_run_name=f"layer-{node.k + 1}/{node.key[:8]}", **retry,
-        ).submit(node.k, node.config, [layers[key] for key in node.lower], home, threads)
+        ).submit(node.k, node.config, [layers[key] for key in node.lower], home, threads,
+                 runs.layer_live(node.key))
     below = {cell.id: [layers[key] for key in stacks.get(cell.id, [])] for cell in cells}
     futures = {cell.id: run_cell.with_options(task_run_name=f"cell/{cell.id}", **retry)
-               .submit(cell, below[cell.id], home, threads, live(cell)) for cell in cells}
-    return futures, below
+               .submit(cell, below[cell.id], home, threads, runs.live(cell))
+               for cell in cells}
+    return futures, below, layers
 
 
 class MemberFuture:
@@ -179,18 +183,20 @@ class MemberFuture:
 
 def submit_populations(cells: list[Cell], nodes: dict[str, LayerNode],
                        stacks: dict[str, list[str]], size: int, home: str,
-                       threads: Optional[int], retry: dict[str, Any],
-                       live: Callable[[Cell], Optional[LiveRun]] = lambda cell: None
-                       ) -> tuple[dict[str, MemberFuture], dict[str, list[Any]], int]:
+                       threads: Optional[int], retry: dict[str, Any], runs: AblationRuns
+                       ) -> tuple[dict[str, MemberFuture], dict[str, list[Any]],
+                                  dict[str, MemberFuture], int]:
     """Submit every population task. Returns each cell's member future, the futures of the
-    population layers its stack reads (for failure messages), and the number of tasks."""
+    population layers its stack reads (for failure messages), each distinct layer's member
+    future by key, and the number of tasks."""
     pop_nodes, groups = population_plan(cells, nodes, stacks, size)
     layers: dict[str, Any] = {}
     for node in pop_nodes.values():
         layers[node.id] = pretrain_population.with_options(
             task_run_name=f"layer-{node.k + 1}/{node.id[:8]}x{len(node.keys)}", **retry,
         ).submit(node.k, list(node.configs), [layers[i] for i in node.inputs],
-                 [list(m) for m in node.lower], home, threads)
+                 [list(m) for m in node.lower], home, threads,
+                 [runs.layer_live(key) for key in node.keys])
     futures: dict[str, MemberFuture] = {}
     below: dict[str, list[Any]] = {}
     for group in groups:
@@ -198,11 +204,13 @@ def submit_populations(cells: list[Cell], nodes: dict[str, LayerNode],
             task_run_name=f"cells/{group.id}x{len(group.cells)}", **retry,
         ).submit(list(group.cells), [layers[i] for i in group.inputs],
                  [list(s) for s in group.stacks], home, threads,
-                 [live(cell) for cell in group.cells])
+                 [runs.live(cell) for cell in group.cells])
         for index, cell in enumerate(group.cells):
             futures[cell.id] = MemberFuture(future, index)
             below[cell.id] = [layers[i] for i in group.inputs]
-    return futures, below, len(pop_nodes) + len(groups)
+    members = {key: MemberFuture(layers[node.id], index)
+               for node in pop_nodes.values() for index, key in enumerate(node.keys)}
+    return futures, below, members, len(pop_nodes) + len(groups)
 
 
 def record_table(tracker: Tracker, parent: str, grid: Grid, rows: list[dict[str, Any]],
@@ -268,8 +276,9 @@ def run_ablation(grid: Grid, workers: int = 1, dask_address: Optional[str] = Non
 
 
 def settle(future: Any, stack: list[Any]) -> tuple[Optional[CellOutcome], Status, str]:
-    """Wait for a cell; its outcome, status and error. A cell whose task failed after its
-    retries, or whose pretraining task did, is ``failed`` with the task's message."""
+    """Wait for a cell (or a layer); its outcome, status and error. A cell whose task
+    failed after its retries, or whose pretraining task did, is ``failed`` with the task's
+    message."""
     try:
         future.wait()
         state = future.state

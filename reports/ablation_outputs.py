@@ -11,7 +11,8 @@ from config.grid_spec import Cell, Grid
 from tracking.live import LiveRun, complete_history
 from tracking.tracker import Tracker
 
-from tracking.vocabulary import CELL_TAG, ERROR_TAG, RESUMED_TAG, STATUS_TAG
+from tracking.vocabulary import (CACHED_TAG, CELL_TAG, ERROR_TAG, LAYER_KEY_TAG, LAYER_TAG,
+                                 NOTE_TAG, RESUMED_TAG, STATUS_TAG)
 
 
 def cell_row(cell: Cell, outcome: Optional[Any], status: str, error: str) -> dict[str, Any]:
@@ -44,20 +45,38 @@ def progress_line(i: int, n: int, row: dict[str, Any]) -> str:
     return f"  [{i:>{len(str(n))}}/{n}] {row['status']:<8} {row['cell']}  {result}{cached}"
 
 
-class CellRuns:
-    """One MLflow child run per cell, opened before any cell trains so that each cell's
-    epochs can be logged to it as they end (``tasks.ablation_cells.LiveRun``), and ended
-    when the cell settles (``log_cell``). Used as a context manager: an interruption or an
-    error ends every run still open KILLED or FAILED, never RUNNING.
+class AblationRuns:
+    """The ablation's child runs: one per cell and one per distinct pretraining layer, all
+    opened before anything trains so that each can be watched: the worker training a cell
+    or a layer logs its epochs to its run as they end (``live``). A cell's run ends when the
+    cell settles (``log_cell``), a layer's after the cells (``log_layer``). Used as a
+    context manager: an interruption or an error ends every run still open KILLED or
+    FAILED, never RUNNING.
+
+    Args:
+        layers: The distinct pretraining layers by key (``tasks.ablation_plan.LayerNode``:
+            ``key``, ``k``, ``config``).
+        stacks: Each pretrained cell's layer keys, bottom first.
     """
 
-    def __init__(self, tracker: Tracker, parent: str, cells: list[Cell]):
-        self.tracker, self.parent, self.cells = tracker, parent, cells
+    def __init__(self, tracker: Tracker, parent: str, cells: list[Cell],
+                 layers: dict[str, Any], stacks: dict[str, list[str]]):
+        self.tracker, self.parent, self.cells, self.layers = tracker, parent, cells, layers
+        self.readers = {key: sum(key in keys for keys in stacks.values()) for key in layers}
         self.ids: dict[str, str] = {}
+        self.layer_ids: dict[str, str] = {}
         self.ended: set[str] = set()
 
-    def __enter__(self) -> "CellRuns":
+    def __enter__(self) -> "AblationRuns":
         try:
+            for node in self.layers.values():
+                seed = node.config.runtime.seed
+                self.layer_ids[node.key] = self.tracker.start_run(
+                    f"layer-{node.k + 1}/{node.key[:8]}", {
+                        LAYER_TAG: str(node.k + 1), LAYER_KEY_TAG: node.key, "seed": str(seed),
+                        NOTE_TAG: f"Pretraining layer {node.k + 1} of seed {seed}, shared by "
+                                  f"{self.readers[node.key]} pretrained cell(s)."},
+                    self.parent)
             for cell in self.cells:
                 self.ids[cell.id] = self.tracker.start_run(cell.id, {
                     CELL_TAG: cell.id, "layerwise.arm": cell.arm,
@@ -70,10 +89,33 @@ class CellRuns:
     def __exit__(self, kind: Any, exc: Optional[BaseException], tb: Any) -> None:
         if exc is None:
             return
-        for run in self.ids.values():
+        for run in [*self.layer_ids.values(), *self.ids.values()]:
             if run not in self.ended:
                 self.tracker.end_run(run, exc)
                 self.ended.add(run)
+
+    def layer_live(self, key: str) -> LiveRun:
+        """Where the worker training the layer ``key`` writes its epochs."""
+        return LiveRun(tracking_uri=self.tracker.uri, experiment=self.tracker.experiment,
+                       run_id=self.layer_ids[key])
+
+    def log_layer(self, key: str, outcome: Optional[Any], status: str, error: str) -> None:
+        """A layer's record in its run, once every cell has settled: the epochs its run
+        does not hold yet (all of them for a layer from the cache), its training time and
+        checkpoint digest; FINISHED, or FAILED with the error for a layer that diverged,
+        failed or sits on one that did."""
+        run, k = self.layer_ids[key], self.layers[key].k
+        layer = outcome.layer if outcome is not None and status == "ok" else None
+        tags = {STATUS_TAG: status, **({ERROR_TAG: error[:5000]} if error else {})}
+        if layer is not None:
+            tags |= {CACHED_TAG: str(outcome.cached).lower(),
+                     "checkpoint.sha256": layer.checkpoint.sha256}
+            complete_history(self.tracker, run, f"pretrain/layer_{k + 1}", layer.history)
+            self.tracker.log_metrics(run, {f"pretrain/layer_{k + 1}/train_seconds":
+                                           layer.train_seconds})
+        self.tracker.set_tags(run, tags)
+        self.tracker.end_run(run, status="FINISHED" if layer is not None else "FAILED")
+        self.ended.add(run)
 
     def live(self, cell: Cell) -> LiveRun:
         """Where the worker training ``cell`` writes its epochs."""

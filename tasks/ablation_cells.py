@@ -18,7 +18,7 @@ from config.grid_spec import Cell
 from config.stages import DataConfig, PipelineConfig
 from training.observer import EpochObserver, Observers
 from runtime.errors import DivergenceError
-from runtime.progress import watching
+from runtime.progress import ProgressLine, watching
 from tracking.live import LiveRun, retried_live_metrics
 from tasks.pretrain import LayerResult, pretrain_layer_task
 
@@ -46,18 +46,32 @@ def worker_data(cfg: DataConfig, home: str, threads: Optional[int]) -> Any:
     return _DATA[key]
 
 
-def live_metrics(runs: Mapping[int, Optional[LiveRun]]) -> Optional[EpochObserver]:
-    """The observer that logs member p's fine-tuning epochs to ``runs[p]`` as they end."""
-    return retried_live_metrics(runs, "finetune", _warn)
+def watchers(label: str, prefix: str, runs: Mapping[int, Optional[LiveRun]]
+             ) -> EpochObserver:
+    """What watches a stage a worker trains: member p's epochs in its MLflow run
+    ``runs[p]`` under ``prefix`` as they end, and a progress line per epoch
+    (``epoch 3 of at most 40, 1.2 s/epoch, …``) in the task run's Prefect log."""
+    return Observers(retried_live_metrics(runs, prefix, _warn), ProgressLine(label, _info))
 
 
 def _warn(text: str) -> None:
+    _log(text, "warning")
+
+
+def _info(line: str, console: bool) -> None:
+    _log(line.strip(), "info")  # Prefect's log only: its console handler shows warnings
+
+
+def _log(text: str, level: str) -> None:
     from prefect.logging import get_run_logger
 
     try:
-        get_run_logger().warning(text)
-    except Exception:  # noqa: BLE001 - outside a task run
-        print(text)
+        logger = get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a task run: nowhere to log to
+        if level == "warning":
+            print(text)
+        return
+    getattr(logger, level)(text)
 
 
 class LayerOutcome(BaseModel):
@@ -99,20 +113,24 @@ class ResumePoints(EpochObserver):
 
 @task(name="ablation-pretrain-layer", cache_policy=NO_CACHE, persist_result=False)
 def pretrain_layer(k: int, config: PipelineConfig, lower: list[LayerOutcome], home: str,
-                   threads: Optional[int] = None) -> LayerOutcome:
-    """Layer k of a stack through the pipeline's own cached ``pretrain_layer_task``."""
+                   threads: Optional[int] = None, live: Optional[LiveRun] = None
+                   ) -> LayerOutcome:
+    """Layer k of a stack through the pipeline's own cached ``pretrain_layer_task``; its
+    epochs go to ``live`` as they end."""
     if broken := next((o for o in lower if o.status != "ok"), None):
         return LayerOutcome(status=broken.status, error=broken.error)
-    return single_layer(k, config, worker_data(config.data, home, threads), lower)
+    return single_layer(k, config, worker_data(config.data, home, threads), lower, live)
 
 
 def single_layer(k: int, config: PipelineConfig, data: Any,
-                 lower: list[LayerOutcome]) -> LayerOutcome:
+                 lower: list[LayerOutcome], live: Optional[LiveRun] = None) -> LayerOutcome:
     """Layer k of one stack through the pipeline's cached ``pretrain_layer_task``."""
+    name = f"pretrain-layer-{k + 1}"
     try:
-        state = pretrain_layer_task.with_options(task_run_name=f"pretrain-layer-{k + 1}")(
-            k, config, data, [o.layer for o in lower], return_state=True)
-        layer = state.result()
+        with watching(watchers(name, f"pretrain/layer_{k + 1}", {0: live})):
+            state = pretrain_layer_task.with_options(task_run_name=name)(
+                k, config, data, [o.layer for o in lower], return_state=True)
+            layer = state.result()
     except DivergenceError as exc:
         return LayerOutcome(status="diverged", error=f"pretraining layer {k + 1}: {exc}")
     return LayerOutcome(status="ok", layer=layer, cached=state.name == "Cached")
@@ -143,7 +161,8 @@ def single_cell(cell: Cell, stack: list[LayerOutcome], data: Any, started: float
     fine_tune = finetune_autoencoder_task if config.objective == "reconstruct" else finetune_task
     resumed = ResumePoints()
     try:
-        with watching(Observers(resumed, live_metrics({0: live}))):
+        with watching(Observers(resumed, watchers(f"finetune-{cell.arm}", "finetune",
+                                                  {0: live}))):
             state = fine_tune.with_options(task_run_name=f"finetune-{cell.arm}")(
                 cell.arm, config, data, encoders, return_state=True)
             result = state.result()

@@ -33,7 +33,7 @@ from config.stages import PipelineConfig
 from runtime.errors import DivergenceError
 from runtime.progress import watching
 from tasks.ablation_cells import (CellOutcome, LayerOutcome, LiveRun, ResumePoints,
-                                  live_metrics, score_cell, single_cell, single_layer,
+                                  score_cell, single_cell, single_layer, watchers,
                                   worker_data)
 from training.observer import Observers
 from tasks.ablation_plan import Slot
@@ -59,29 +59,33 @@ def _members(results: list[list[Any]], slots: tuple[tuple[Slot, ...], ...]) -> l
 
 @task(name="ablation-pretrain-population", cache_policy=NO_CACHE, persist_result=False)
 def pretrain_population(k: int, configs: list[PipelineConfig], inputs: list[list[LayerOutcome]],
-                        lower: list[list[Slot]], home: str, threads: Optional[int] = None
-                        ) -> list[LayerOutcome]:
+                        lower: list[list[Slot]], home: str, threads: Optional[int] = None,
+                        live: Optional[list[Optional[LiveRun]]] = None) -> list[LayerOutcome]:
     """Layer k of every member's stack as one population (cached
     ``tasks.populations.pretrain_population_task``); members whose lower layers failed are
-    passed over, and a diverged population is retried member by member."""
+    passed over, and a diverged population is retried member by member. Member i's
+    epochs go to ``live[i]`` as they end."""
     from tasks.populations import pretrain_population_task
 
+    live = live or [None] * len(configs)
     below = _members(inputs, tuple(tuple(m) for m in lower))
     outcomes, ok = _pass_over_broken(below, LayerOutcome)
     if ok:
         data = worker_data(configs[0].data, home, threads)
+        name = f"pretrain-layer-{k + 1}-population"
         try:
-            state = pretrain_population_task.with_options(
-                task_run_name=f"pretrain-layer-{k + 1}-population")(
-                k, [configs[i] for i in ok], data, [[o.layer for o in below[i]] for i in ok],
-                return_state=True)
-            trained = state.result().members
+            with watching(watchers(name, f"pretrain/layer_{k + 1}",
+                                   {member: live[i] for member, i in enumerate(ok)})):
+                state = pretrain_population_task.with_options(task_run_name=name)(
+                    k, [configs[i] for i in ok], data,
+                    [[o.layer for o in below[i]] for i in ok], return_state=True)
+                trained = state.result().members
             for i, layer in zip(ok, trained):
                 outcomes[i] = LayerOutcome(status="ok", layer=layer,
                                            cached=state.name == "Cached")
         except DivergenceError:  # find the members that diverge, one by one
             for i in ok:
-                outcomes[i] = single_layer(k, configs[i], data, below[i])
+                outcomes[i] = single_layer(k, configs[i], data, below[i], live[i])
     return outcomes
 
 
@@ -110,10 +114,10 @@ def run_population_cells(cells: list[Cell], inputs: list[list[LayerOutcome]],
                     else None)
         resumed = ResumePoints()
         try:
-            with watching(Observers(resumed, live_metrics(
-                    {member: live[i] for member, i in enumerate(ok)}))):
-                state = finetune_population_task.with_options(
-                    task_run_name=f"finetune-{arm}-population")(
+            name = f"finetune-{arm}-population"
+            with watching(Observers(resumed, watchers(
+                    name, "finetune", {member: live[i] for member, i in enumerate(ok)}))):
+                state = finetune_population_task.with_options(task_run_name=name)(
                     arm, [cells[i].config for i in ok], data, encoders, return_state=True)
                 trained = state.result().members
             for member, (i, result) in enumerate(zip(ok, trained)):

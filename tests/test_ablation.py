@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from config.grid import GRIDS_DIR, customise, load_grid
+from config.grid import GRIDS_DIR, customise, expand, load_grid
 from test_ablation_plan import _cli
 
 FAIL = {"depth": 2, "arm": "pretrained", "seed": 1}  # fine-tuning raises in every attempt
@@ -216,7 +216,9 @@ def test_mlflow_record_of_the_ablation(tiny, tmp_path):
     assert params["n_cells"] == "12" and params["n_pretrain_layers"] == "6"
     children = client.search_runs([exp.experiment_id],
                                   f"tags.mlflow.parentRunId = '{second.info.run_id}'")
-    assert len(children) == 12
+    layers = [c for c in children if "layerwise.layer" in c.data.tags]
+    children = [c for c in children if "layerwise.cell" in c.data.tags]
+    assert len(children) == 12 and len(layers) == 6
     for child in children:
         tags, metrics = child.data.tags, child.data.metrics
         assert tags["layerwise.status"] == "ok" and child.info.status == "FINISHED"
@@ -228,6 +230,7 @@ def test_mlflow_record_of_the_ablation(tiny, tmp_path):
     failed = client.search_runs([exp.experiment_id],
                                 f"tags.mlflow.parentRunId = '{first.info.run_id}' and "
                                 "tags.`layerwise.status` != 'ok'")
+    failed = [r for r in failed if "layerwise.cell" in r.data.tags]  # the layer's: below
     assert sorted((r.data.tags["layerwise.status"], r.info.status) for r in failed) == [
         ("diverged", "FAILED"), ("failed", "FAILED"), ("failed", "FAILED")]
     assert {r.data.tags["layerwise.error"][:11] for r in failed} >= {"pretraining"}
@@ -261,9 +264,9 @@ def test_each_cell_run_holds_every_epoch_once_logged_as_it_ended(tiny):
     assert len(parents) == 2
     for parent, table in zip(parents, tables):
         cached = dict(zip(table.cell, table.cached))
-        children = client.search_runs(
+        children = [r for r in client.search_runs(
             [exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
-            "tags.`layerwise.status` = 'ok'")
+            "tags.`layerwise.status` = 'ok'") if "layerwise.cell" in r.data.tags]
         assert len(children) == (table.status == "ok").sum() > 0
         for child in children:
             epochs = int(child.data.metrics["finetune/epochs_run"])
@@ -274,6 +277,38 @@ def test_each_cell_run_holds_every_epoch_once_logged_as_it_ended(tiny):
             assert len(stamps) == (1 if cached[child.info.run_name] else epochs)
             assert child.info.status == "FINISHED"
     assert not tables[0].cached.any() and tables[1].cached.sum() == 9
+
+
+def test_each_layer_has_a_run_that_holds_its_epochs(tiny):
+    """Every distinct pretraining layer has a child run, open from the start and written
+    by the worker as its epochs end (the tiny grid's single epoch: the timestamps are
+    checked on cells), a layer from the cache gets its history at the end, and a layer
+    that failed ends FAILED with the error."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tiny["uri"])
+    exp = client.get_experiment_by_name("tiny").experiment_id
+    parents = client.search_runs([exp], "tags.`layerwise.kind` = 'ablation'",
+                                 order_by=["attributes.start_time ASC"])
+    epochs = expand(tiny["grid"])[0].config.pretrain.epochs
+    for parent, trained in zip(parents, (True, False)):
+        layers = [r for r in client.search_runs(
+            [exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+            if "layerwise.layer" in r.data.tags]
+        assert len(layers) == 6
+        by = {(r.data.tags["seed"], r.data.tags["layerwise.layer"]): r for r in layers}
+        assert sorted(by) == [(str(s), str(k)) for s in range(3) for k in (1, 2)]
+        for (seed, k), run in by.items():
+            broken = trained and (int(k) - 1, int(seed)) == BROKEN_LAYER
+            assert run.info.status == ("FAILED" if broken else "FINISHED"), (seed, k)
+            if broken:
+                assert "injected pretraining failure" in run.data.tags["layerwise.error"]
+                continue
+            assert run.info.run_name.startswith(f"layer-{k}/")
+            cached = not trained and (int(k) - 1, int(seed)) != BROKEN_LAYER  # retrained
+            assert run.data.tags["layerwise.cached"] == str(cached).lower()
+            history = client.get_metric_history(run.info.run_id, f"pretrain/layer_{k}/recon_loss")
+            assert sorted(m.step for m in history) == list(range(epochs))
 
 
 def test_the_rerun_marks_the_runs_of_a_killed_attempt(tiny):
@@ -306,10 +341,12 @@ def test_an_interrupted_ablation_leaves_no_run_running(tiny, monkeypatch):
     client = MlflowClient(tiny["uri"])
     exp = client.get_experiment_by_name("tiny-stopped").experiment_id
     runs = client.search_runs([exp])
-    assert len(runs) == 13 and "RUNNING" not in {r.info.status for r in runs}
+    assert len(runs) == 1 + 12 + 6 and "RUNNING" not in {r.info.status for r in runs}
     parent = next(r for r in runs if r.data.tags.get("layerwise.kind") == "ablation")
     assert parent.info.status == "KILLED"
-    status = {r.info.run_name: r.info.status for r in runs if r is not parent}
+    layers = {r.info.status for r in runs if "layerwise.layer" in r.data.tags}
+    assert layers == {"KILLED"}  # they end after the cells
+    status = {r.info.run_name: r.info.status for r in runs if "layerwise.cell" in r.data.tags}
     settled = {name for name, s in status.items() if s == "FINISHED"}
     assert len(shown) == 2 and len(settled) == 3  # the third had settled when Ctrl-C came
     assert set(shown) < settled and set(status.values()) == {"FINISHED", "KILLED"}
@@ -462,12 +499,24 @@ def test_population_ablation_records_a_child_run_per_member(tiny_population):
     client = MlflowClient(f"sqlite:///{tiny_population['root']}/mlflow.db")
     parent = client.get_run(result.run_id)
     assert parent.info.status == "FINISHED" and parent.data.params["population"] == "3"
-    children = client.search_runs([result.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{result.run_id}'")
+    runs = client.search_runs([result.experiment_id],
+                              f"tags.mlflow.parentRunId = '{result.run_id}'")
+    children = [r for r in runs if "layerwise.cell" in r.data.tags]
     assert sorted(c.info.run_name for c in children) == sorted(
         _table(result.out_dir).cell)
     statuses = collections.Counter(c.data.tags["layerwise.status"] for c in children)
     assert statuses == {"ok": 11, "diverged": 1}
+    for cell in children:  # each member wrote its own epochs to its own run
+        if cell.data.tags["layerwise.status"] == "ok":
+            history = client.get_metric_history(cell.info.run_id, "finetune/train_loss")
+            epochs = int(cell.data.metrics["finetune/epochs_run"])
+            assert sorted(m.step for m in history) == list(range(epochs))
+    layers = [r for r in runs if "layerwise.layer" in r.data.tags]
+    assert len(layers) == 6 and {r.info.status for r in layers} == {"FINISHED"}
+    for layer in layers:
+        k = layer.data.tags["layerwise.layer"]
+        history = client.get_metric_history(layer.info.run_id, f"pretrain/layer_{k}/recon_loss")
+        assert [m.step for m in history] == [0]  # the tiny grid's one epoch
     # Checkpoints: one per member, in the population stage directories.
     stages = Path(tiny_population["root"]) / "home" / "stages"
     assert len(list(stages.glob("pretrain-layer-1-population-*/member-*/dae.safetensors"))) == 3

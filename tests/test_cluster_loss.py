@@ -254,8 +254,8 @@ def test_a_worker_lost_mid_cell_is_continued_from_its_checkpoint(stack, tmp_path
     mlflow = MlflowClient(stack["mlflow"])
     for experiment in ("client", "reference"):
         exp = mlflow.get_experiment_by_name(experiment)
-        runs = mlflow.search_runs([exp.experiment_id])
-        assert len(runs) == 3, [(r.info.run_name, r.info.status) for r in runs]
+        runs = mlflow.search_runs([exp.experiment_id])  # the parent, 2 cells, 1 layer
+        assert len(runs) == 4, [(r.info.run_name, r.info.status) for r in runs]
         assert {r.info.status for r in runs} == {"FINISHED"}, [
             (r.info.run_name, r.info.status) for r in runs]
         resumed = {r.info.run_name: int(r.data.tags.get("layerwise.resumed_from_epoch", 0))

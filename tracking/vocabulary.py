@@ -12,6 +12,8 @@ RESUMED_TAG = "layerwise.resumed_from_epoch"  # epochs a resumed stage's checkpo
 FORMAT_TAG = "layerwise.model_format"
 NOT_REGISTERED_TAG = "layerwise.not_registered"  # why a run's model was not registered
 CELL_TAG, STATUS_TAG, ERROR_TAG = "layerwise.cell", "layerwise.status", "layerwise.error"
+#: An ablation's pretraining layer run: the layer (1-based) and its key in the plan
+LAYER_TAG, LAYER_KEY_TAG = "layerwise.layer", "layerwise.layer_key"
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"  # the description field of runs and experiments in the UI
 KINDS = ("pipeline", "ablation")
