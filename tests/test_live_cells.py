@@ -73,7 +73,7 @@ def test_a_store_that_fails_stops_the_live_record_not_the_training(tracker, monk
     for epoch in (1, 2, 3):
         live.on_epoch_end(0, epoch, {"train_loss": 1.0})  # never raises
     assert len(calls) == 1 and len(notes) == 1
-    assert run in notes[0] and "disk I/O error" in notes[0] and "when the cell ends" in notes[0]
+    assert run in notes[0] and "disk I/O error" in notes[0] and "when the work settles" in notes[0]
     monkeypatch.undo()
     assert _steps(tracker, run) == [0]  # the flow completes it when the cell settles
 

@@ -6,10 +6,10 @@ Member p of a stage's population writes to its own run under its own prefix
 epoch. A resumed stage first writes the epochs its checkpoint holds, in one batch, and tags
 the run ``layerwise.resumed_from_epoch``, so the run's history has every epoch once.
 
-An ablation cell's run is opened by the flow and written from whichever worker trains the
-cell (``RetriedLiveMetrics``): a retried or resumed attempt skips the epochs the run already
-holds, a store the worker cannot write to stops the live record rather than the training,
-and the flow completes the history when the cell settles (``complete_history``).
+An ablation's cell and layer runs are opened by the flow and written from whichever worker
+trains them (``RetriedLiveMetrics``): a retried or resumed attempt skips the epochs a run
+already holds, a store the worker cannot write to stops the live record rather than the
+training, and the flow completes the history when the work settles (``complete_history``).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class RetriedLiveMetrics(LiveMetrics):
             self.stopped.add(member)
             run = self.runs[member][0]
             self.warn(f"live metrics of MLflow run {run} stopped ({type(exc).__name__}: "
-                      f"{str(exc)[:200]}); its epochs are logged when the cell ends")
+                      f"{str(exc)[:200]}); its epochs are logged when the work settles")
 
     def _log(self, member: int, rows: list[Mapping[str, float]]) -> None:
         if rows and member not in self.through:
