@@ -3,7 +3,7 @@
 The cluster is started as docs/ablation.md ("On a Dask cluster") tells its user: a
 ``dask scheduler`` and two ``dask worker`` processes, each from a directory of its own with
 only the variables that section exports (the Prefect and MLflow servers of
-``tests/test_servers.py`` on PostgreSQL, one shared ``LAYERWISE_HOME``, the data folder,
+``tests/server_stack.py`` on PostgreSQL, one shared ``LAYERWISE_HOME``, the data folder,
 the checkout). ``layerwise ablate --dask-address`` runs a two-cell grid there; once the
 pretrained cell has an epoch checkpoint and is still training, the worker running it is
 SIGKILLed with its nanny (the machine is gone; with it, usually, the layer the cell reads,
@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from test_servers import (BIN, ROOT, Process, free_port, postgres, prefect_api,  # noqa: F401
+from server_stack import (BIN, ROOT, Process, free_port, postgres, prefect_api,  # noqa: F401
                           stack, stop_all)
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -3,7 +3,7 @@ JSON schema, then the rules it must keep (loopback ports, health-gated start-up,
 only from .env, named volumes, the GPU reservation, Postgres behind both servers), the
 Dockerfile, .env.example and prefect.yaml. Offline and fast.
 
-The helpers here (``interpolate``, ``compose``) are also what tests/test_servers.py uses to
+The helpers here (``interpolate``, ``compose``) are also what tests/server_stack.py uses to
 run the same server commands natively."""
 
 from __future__ import annotations

@@ -95,3 +95,30 @@ def test_the_worker_command_said_to_work_in_any_directory_is_absolute() -> None:
         assert lines, path
         for line in lines:
             assert line.startswith(("/", "$PWD/", "prefect ")), (path.name, line)
+
+
+def test_the_configuration_reference_has_every_key_with_its_default() -> None:
+    """docs/configuration.md's table: one row per key ``--set`` accepts, its default as the
+    config holds it and its meaning starting with the field's own description."""
+    import json
+
+    from config.overrides import known_keys
+    from config.stages import PipelineConfig
+
+    rows = {}
+    for line in (ROOT / "docs" / "configuration.md").read_text().splitlines():
+        if m := re.match(r"\| `([a-z_.0-9]+)` \| `(.*?)` \| (.*) \|$", line):
+            rows[m.group(1)] = (m.group(2), m.group(3))
+    defaults = PipelineConfig().model_dump(mode="json")
+    assert sorted(rows) == sorted(known_keys())
+    for key in known_keys():
+        model, *path, name = [PipelineConfig, *key.split(".")]
+        for part in path:
+            model = model.model_fields[part].annotation
+        value = defaults
+        for part in key.split("."):
+            value = value[part]
+        default, meaning = rows[key]
+        if key != "data.data_dir":  # the cell says where its default comes from
+            assert default == json.dumps(value), key
+        assert meaning.startswith(model.model_fields[name].description.replace("|", "\\|")), key

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from runtime.checkpoints import atomic_write, save_state
 from runtime.errors import ResourceError, TrackingError
 from runtime.faults import resource_error, server_error, unreachable
-from test_servers import free_port, http_status
+from server_stack import free_port, http_status
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "data.n_train=1000", "--set", "model.hidden_sizes=[64,32]",

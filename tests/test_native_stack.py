@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_servers import (BIN, PG, ROOT, Process, base_env, free_port, http_status,  # noqa: F401
+from server_stack import (BIN, PG, ROOT, Process, base_env, free_port, http_status,  # noqa: F401
                           postgres, stop_all)
 
 pytestmark = pytest.mark.integration

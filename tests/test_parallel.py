@@ -3,7 +3,7 @@ run by run, param by param and metric history by metric history:
 
 - into one embedded SQLite store (WAL and retry on lock, ephemeral Prefect);
 - into the compose stack's MLflow server backed by PostgreSQL, with its Prefect server
-  (``tests/test_servers.py`` starts both natively on loopback).
+  (``tests/server_stack.py`` starts both natively on loopback).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from test_servers import client_env, postgres, stack  # noqa: F401 - fixtures
+from server_stack import client_env, postgres, stack  # noqa: F401 - fixtures
 
 REPO = Path(__file__).resolve().parents[1]
 N = 8
