@@ -2,8 +2,8 @@
 ``benchmarks/results/<machine>.json``.
 
     python -m benchmarks                      # everything (about 15 minutes on 2 CPU cores)
-    python -m benchmarks --only training      # or update, population, twins, recording,
-                                              # startup, precision
+    python -m benchmarks --only training      # or update, adam, population, twins,
+                                              # recording, startup, precision
     python -m benchmarks --threads 1          # intra-op threads (default: torch's)
 """
 
@@ -18,7 +18,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-PARTS = ("training", "update", "population", "twins", "recording", "startup", "precision")
+PARTS = ("training", "update", "adam", "population", "twins", "recording", "startup",
+         "precision")
 #: On CPU, at batch >= 20, the project's path must reach this share of the bare loop's speed.
 MIN_RATIO = 0.9
 MAX_HELP_S = 1.0
@@ -126,8 +127,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     import lightning
     import torch
 
-    from benchmarks import (bench_population, bench_precision, bench_recording, bench_startup,
-                            bench_training, bench_twins, bench_update)
+    from benchmarks import (bench_adam, bench_population, bench_precision, bench_recording,
+                            bench_startup, bench_training, bench_twins, bench_update)
     from benchmarks.common import REPO, describe, device, load, load_avg, machine_name
 
     if args.threads:
@@ -157,6 +158,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "update" in parts:
         print("update: the bf16-mixed SGD update and cast, eager against torch.compile")
         result["update"] = bench_update.run(repeats=max(3, args.repeats))
+    if "adam" in parts:
+        print("adam: the deep autoencoder's fine-tuning step, default Adam against fused")
+        result["adam"] = bench_adam.run(repeats=max(3, args.repeats))
     if "population" in parts:
         print(f"population: {bench_population.P} seeds batched against sequential runs")
         result["population"] = bench_population.run(data, repeats=args.repeats)

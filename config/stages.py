@@ -215,6 +215,10 @@ class RuntimeConfig(StageConfig):
     eval_batch_size: int = Field(4096, ge=1, description="Batch size for codes and evaluation.")
     checkpoint_seconds: Optional[float] = Field(300.0, gt=0, description="Also checkpoint "
         "inside an epoch after this many seconds (epoch ends: always); null: never inside.")
+    fused_update: bool = Field(False, description="torch's fused optimiser update (one kernel "
+        "per step) for Adam and SGD with momentum or weight decay: the same algorithm, rounded "
+        "differently; faster on CPU (docs/benchmarks.md). Off by default, so that results "
+        "and cache keys stay those of earlier runs. Plain SGD has its own fused step anyway.")
 
 
 class PipelineConfig(StageConfig):

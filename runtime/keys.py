@@ -64,8 +64,11 @@ class KeyedRuntimeSettings(RuntimeSettings, Protocol):
 def runtime_key(runtime: KeyedRuntimeSettings) -> dict[str, Any]:
     """The runtime settings of a stage's cache key: ``auto`` precision resolved (a result
     trained in bf16 on one machine is not a float32 result on another), the evaluation
-    batch size and the checkpoint interval left out (they change no result)."""
+    batch size and the checkpoint interval left out (they change no result), and
+    ``fused_update`` only when on (it rounds differently; off, keys stay as they were)."""
     unchanging = {"eval_batch_size", "checkpoint_seconds"}
+    if not getattr(runtime, "fused_update", False):  # off: the keys of runs made before it
+        unchanging.add("fused_update")
     return {**runtime.model_dump(mode="json", exclude=unchanging),
             "precision": precision_used(runtime)}
 

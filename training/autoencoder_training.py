@@ -4,7 +4,9 @@ validation squared error per image; ``train_autoencoder_population`` fits it.
 
 The pretrained and the random-init autoencoders of one seed are a population of two: they
 read the same data order (``order_seeds`` equal), for the same budget and stopping rule.
-The steps go through autograd and ``torch.optim`` (no fused step for this kind).
+The steps go through autograd and ``torch.optim`` (no hand-fused step for this kind: the
+matrix products are most of a step, and ``runtime.fused_update`` makes Adam's update one
+kernel, docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -13,9 +13,11 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], settings: Mapping[str,
     Args:
         params: Parameters to optimise.
         settings: Keys ``name``, ``lr``, ``momentum``, ``nesterov``, ``beta1``, ``beta2``,
-            ``eps``, ``weight_decay``.
+            ``eps``, ``weight_decay``, and ``fused`` (``runtime.fused_update``: torch's
+            one-kernel update; absent or false: torch's default implementation).
     """
     name = settings["name"]
+    fused = {"fused": True} if settings.get("fused") else {}
     if name == "sgd":
         return torch.optim.SGD(
             params,
@@ -23,6 +25,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], settings: Mapping[str,
             momentum=settings.get("momentum", 0.0),
             nesterov=settings.get("nesterov", False),
             weight_decay=settings.get("weight_decay", 0.0),
+            **fused,
         )
     if name == "adam":
         return torch.optim.Adam(
@@ -31,5 +34,6 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], settings: Mapping[str,
             betas=(settings.get("beta1", 0.9), settings.get("beta2", 0.999)),
             eps=settings.get("eps", 1e-8),
             weight_decay=settings.get("weight_decay", 0.0),
+            **fused,
         )
     raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adam'")
