@@ -73,8 +73,8 @@ def histograms(table: pd.DataFrame, by: Sequence[str], path: Path) -> Path:
                 sd = f", std {e.std(ddof=1):.2f}" if e.size > 1 else ""
                 ax.hist(e, bins=bins, histtype="stepfilled", alpha=0.45,
                         color=COLORS.get(init, "gray"), edgecolor=COLORS.get(init, "gray"),
-                        label=f"{_name(init)} (mean {e.mean():.2f}{'%' if scale == 100 else ''}"
-                              f"{sd}, n={e.size})")
+                        label=f"{_name(init)}\nmean {e.mean():.2f}{'%' if scale == 100 else ''}"
+                              f"{sd}, n={e.size}")
             title = f"depth {depth}" + (f"\n{_label(others, values)}" if others else "")
             if note := spread_note(panel):
                 title += f"\n{note}"
@@ -82,7 +82,10 @@ def histograms(table: pd.DataFrame, by: Sequence[str], path: Path) -> Path:
             ax.set_xlabel(unit)
             if c == 0:
                 ax.set_ylabel("seeds")
-            ax.legend(fontsize=7)
+        # headroom above the tallest bar of the row (its panels share y), for the legends
+        axes[r][0].set_ylim(0, 2.1 * max(ax.get_ylim()[1] for ax in axes[r]))
+        for ax in axes[r]:
+            ax.legend(fontsize=6.5, loc="upper right", handlelength=1.2)
     fig.suptitle("Test error with and without pretraining", fontsize=11)
     path = _save_figure(fig, path)
     plt.close(fig)
