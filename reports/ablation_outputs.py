@@ -128,7 +128,7 @@ class AblationRuns:
         yet (all of them for a cell from the cache, or one that repeats another cell's
         run); then the run ends FINISHED, or FAILED for a cell that did not finish."""
         run = self.ids[cell.id]
-        tags = {STATUS_TAG: row["status"]}
+        tags = {STATUS_TAG: row["status"], CACHED_TAG: str(bool(row["cached"])).lower()}
         if row["error"]:
             tags[ERROR_TAG] = row["error"][:5000]
         if row.get("resumed_from_epoch"):  # its fine-tuning continued from an epoch checkpoint

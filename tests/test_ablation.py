@@ -227,6 +227,22 @@ def test_mlflow_record_of_the_ablation(tiny, tmp_path):
                        "activation", "init", "seed"):
             assert factor in tags
         assert 0 <= metrics["test/error"] <= 1 and 0 <= metrics["val/error"] <= 1
+    # `layerwise show`: a cell's or layer's seconds are its training time (its run is open
+    # from the ablation's start), and whether it came from the cache
+    from tracking.queries import show_run
+
+    stages = show_run(client, second.info.run_id)["stages"].set_index("stage")
+    cached = dict(zip(*(_table(tiny["root"] / "second")[c] for c in ("cell", "cached"))))
+    for child in children:
+        row = stages.loc[child.info.run_name]
+        assert row.duration_s == pytest.approx(child.data.metrics["finetune/train_seconds"])
+        assert bool(row.cached) == bool(cached[child.info.run_name])
+        assert child.data.tags["layerwise.cached"] == str(bool(row.cached)).lower()
+    assert sum(bool(v) for v in cached.values()) == 9
+    for layer in layers:
+        k = layer.data.tags["layerwise.layer"]
+        assert stages.loc[layer.info.run_name].duration_s == pytest.approx(
+            layer.data.metrics[f"pretrain/layer_{k}/train_seconds"])
     failed = client.search_runs([exp.experiment_id],
                                 f"tags.mlflow.parentRunId = '{first.info.run_id}' and "
                                 "tags.`layerwise.status` != 'ok'")

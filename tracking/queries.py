@@ -15,8 +15,9 @@ from typing import Any, Optional, Sequence
 import pandas as pd
 
 from tracking.client import RegistryError, call, duration, search_runs, timestamp
-from tracking.vocabulary import (ARM_TAG, ARTIFACTS_FROM_TAG, CACHED_TAG, KIND_TAG, KINDS,
-                                 PARENT_TAG, STAGE_TAG, TEST_ERROR_DIFF, TEST_METRICS)
+from tracking.vocabulary import (ARM_TAG, ARTIFACTS_FROM_TAG, CACHED_TAG, CELL_TAG, KIND_TAG,
+                                 KINDS, LAYER_TAG, PARENT_TAG, STAGE_TAG, TEST_ERROR_DIFF,
+                                 TEST_METRICS)
 
 KEY_PARAMS = ("model.hidden_sizes", "pretrain.corruption_levels", "runtime.seed")
 
@@ -112,6 +113,15 @@ def quote_keys(filter_string: str) -> str:
                   r"\1.`\2`", filter_string)
 
 
+def _seconds(child: Any) -> Optional[float]:
+    """A child run's seconds: its wall time, but for an ablation's cell or layer, whose run is
+    open from the start of the ablation to its settling, the training time it logged."""
+    if CELL_TAG in child.data.tags or LAYER_TAG in child.data.tags:
+        trained = [v for k, v in child.data.metrics.items() if k.endswith("/train_seconds")]
+        return float(trained[0]) if trained else None
+    return duration(child.info)
+
+
 def show_run(client: Any, run_id: str) -> dict[str, Any]:
     """Everything about one run: its info, params, final metrics, stages and artifacts.
 
@@ -133,7 +143,7 @@ def show_run(client: Any, run_id: str) -> dict[str, Any]:
             "model_version": run.data.tags.get("layerwise.model_version")}
     stages = pd.DataFrame(
         [{"stage": _stage(k), "run_id": k.info.run_id, "status": k.info.status,
-          "duration_s": duration(k.info), "cached": k.data.tags.get(CACHED_TAG) == "true"}
+          "duration_s": _seconds(k), "cached": k.data.tags.get(CACHED_TAG) == "true"}
          for k in kids], columns=["stage", "run_id", "status", "duration_s", "cached"])
     artifacts = []
     for stage, holder in [(_stage(run), run), *((_stage(k), k) for k in kids)]:
