@@ -7,6 +7,7 @@ Loading verifies the digest recorded by the stage that wrote it. Nothing is ever
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,13 +40,14 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                                        dir=path.parent)
     except OSError as exc:
         raise resource_error(exc, path) or exc
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    tmp_name: Optional[str] = None
+    try:  # from the moment the temporary file exists: a Ctrl-C anywhere still removes it
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                        dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -53,7 +55,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except Exception as exc:  # noqa: BLE001 - a full disk is the user's to fix, not a bug
         raise resource_error(exc, path) or exc
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp_name is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
 
 
 def file_sha256(path: Path) -> str:
