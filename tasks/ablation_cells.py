@@ -1,5 +1,5 @@
 """The ablation's tasks, what a worker runs: one pretraining layer or one cell through the
-pipeline's own cached tasks, on data the worker loads itself. ``flows.ablation`` submits
+pipeline's own cached tasks, on data the worker loads itself. ``flows.submission`` submits
 them, one task per distinct layer and per cell (``tasks.ablation_plan``), or grouped into
 populations of seeds (``tasks.ablation_populations``).
 """

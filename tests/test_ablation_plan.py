@@ -263,7 +263,7 @@ def test_population_plan_groups_the_seeds_of_each_layer_and_cell():
 
 
 def test_a_failed_cell_reports_the_whole_cause_chain():
-    from flows.ablation import describe
+    from flows.submission import describe
 
     try:
         try:
