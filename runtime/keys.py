@@ -58,6 +58,8 @@ class KeyedRuntimeSettings(RuntimeSettings, Protocol):
     """Runtime settings that dump themselves as JSON (the runtime config does, as a
     pydantic model)."""
 
+    fused_update: bool
+
     def model_dump(self, *, mode: str, exclude: set[str]) -> dict[str, Any]: ...
 
 
@@ -67,7 +69,7 @@ def runtime_key(runtime: KeyedRuntimeSettings) -> dict[str, Any]:
     batch size and the checkpoint interval left out (they change no result), and
     ``fused_update`` only when on (it rounds differently; off, keys stay as they were)."""
     unchanging = {"eval_batch_size", "checkpoint_seconds"}
-    if not getattr(runtime, "fused_update", False):  # off: the keys of runs made before it
+    if not runtime.fused_update:  # off: the keys of runs made before it
         unchanging.add("fused_update")
     return {**runtime.model_dump(mode="json", exclude=unchanging),
             "precision": precision_used(runtime)}
