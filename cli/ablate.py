@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
 def ablate(
     preset: Optional[str] = typer.Option(
         None, "--preset", "-p", help="A shipped grid, config/grids/NAME.yaml: tiny | "
-        "erhan-small | erhan | reversal | vincent | vincent-tiny | ... (default: "
+        "erhan-small | erhan | reversal | vincent | vincent-tiny | tutorial | ... (default: "
         "erhan-small)."),
     grid_file: Optional[Path] = typer.Option(None, "--grid", help="A grid YAML file."),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Use seeds 0..N-1."),
