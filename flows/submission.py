@@ -6,12 +6,14 @@ cell's outcome, or why it has none, read from its future. ``flows.ablation`` dri
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
 
 from config.grid_spec import Cell
 from reports.ablation_outputs import AblationRuns
 from tasks.ablation_cells import CellOutcome, Status, pretrain_layer, run_cell
-from tasks.ablation_plan import LayerNode, distinct_runs, population_plan
+from tasks.ablation_plan import CellGroup, LayerNode, distinct_runs, population_plan
+
+T = TypeVar("T")
 from tasks.ablation_populations import pretrain_population, run_population_cells
 
 
@@ -48,17 +50,36 @@ def _submit(cells: list[Cell], nodes: dict[str, Any], stacks: dict[str, list[str
             cells, nodes, stacks, population, home, threads, retry, runs)
         echo(f"  populations of up to {population} seeds: {n_tasks} tasks")
         return futures, below, layers
+    keys = {cell.id: stacks.get(cell.id, []) for cell in cells}
     layers: dict[str, Any] = {}
-    for node in nodes.values():  # the plan lists a layer after the layers below it
-        layers[node.key] = pretrain_layer.with_options(
-            task_run_name=f"layer-{node.k + 1}/{node.key[:8]}", **retry,
-        ).submit(node.k, node.config, [layers[key] for key in node.lower], home, threads,
-                 runs.layer_live(node.key))
-    below = {cell.id: [layers[key] for key in stacks.get(cell.id, [])] for cell in cells}
-    futures = {cell.id: run_cell.with_options(task_run_name=f"cell/{cell.id}", **retry)
-               .submit(cell, below[cell.id], home, threads, runs.live(cell))
-               for cell in cells}
+    futures: dict[str, Any] = {}
+    for item in ready_first([*nodes.values(), *cells],
+                            lambda x: x.lower if isinstance(x, LayerNode) else keys[x.id]):
+        if isinstance(item, LayerNode):
+            layers[item.key] = pretrain_layer.with_options(
+                task_run_name=f"layer-{item.k + 1}/{item.key[:8]}", **retry,
+            ).submit(item.k, item.config, [layers[key] for key in item.lower], home, threads,
+                     runs.layer_live(item.key))
+        else:
+            futures[item.id] = run_cell.with_options(task_run_name=f"cell/{item.id}", **retry) \
+                .submit(item, [layers[key] for key in keys[item.id]], home, threads,
+                        runs.live(item))
+    below = {cell.id: [layers[key] for key in keys[cell.id]] for cell in cells}
     return futures, below, layers
+
+
+def ready_first(items: Iterable[T], waits_on: Callable[[T], Sequence[Any]]) -> list[T]:
+    """``items`` in submission order: those that wait for no other task first, then the rest,
+    each part in its given order (so a layer still follows the layers below it).
+
+    Prefect's process pool waits for a task's input futures in a pool of threads no larger
+    than its pool of workers, in the order of submission, and a task that waits holds its
+    thread. Submitted in plan order, the layers above layer 1 took every thread, and a task
+    that needs nothing (a random-init cell, layer 1 of another seed) queued behind them:
+    ``tutorial``'s random arm, which needs no pretraining, started only once layer 2 was
+    done, with one of the two workers idle until then."""
+    items = list(items)
+    return [i for i in items if not waits_on(i)] + [i for i in items if waits_on(i)]
 
 
 class MemberFuture:
@@ -85,23 +106,24 @@ def submit_populations(cells: list[Cell], nodes: dict[str, LayerNode],
     future by key, and the number of tasks."""
     pop_nodes, groups = population_plan(cells, nodes, stacks, size)
     layers: dict[str, Any] = {}
-    for node in pop_nodes.values():
-        layers[node.id] = pretrain_population.with_options(
-            task_run_name=f"layer-{node.k + 1}/{node.id[:8]}x{len(node.keys)}", **retry,
-        ).submit(node.k, list(node.configs), [layers[i] for i in node.inputs],
-                 [list(m) for m in node.lower], home, threads,
-                 [runs.layer_live(key) for key in node.keys])
     futures: dict[str, MemberFuture] = {}
     below: dict[str, list[Any]] = {}
-    for group in groups:
-        future = run_population_cells.with_options(
-            task_run_name=f"cells/{group.id}x{len(group.cells)}", **retry,
-        ).submit(list(group.cells), [layers[i] for i in group.inputs],
-                 [list(s) for s in group.stacks], home, threads,
-                 [runs.live(cell) for cell in group.cells])
-        for index, cell in enumerate(group.cells):
-            futures[cell.id] = MemberFuture(future, index)
-            below[cell.id] = [layers[i] for i in group.inputs]
+    for item in ready_first([*pop_nodes.values(), *groups], lambda x: x.inputs):
+        if isinstance(item, CellGroup):
+            future = run_population_cells.with_options(
+                task_run_name=f"cells/{item.id}x{len(item.cells)}", **retry,
+            ).submit(list(item.cells), [layers[i] for i in item.inputs],
+                     [list(s) for s in item.stacks], home, threads,
+                     [runs.live(cell) for cell in item.cells])
+            for index, cell in enumerate(item.cells):
+                futures[cell.id] = MemberFuture(future, index)
+                below[cell.id] = [layers[i] for i in item.inputs]
+        else:
+            layers[item.id] = pretrain_population.with_options(
+                task_run_name=f"layer-{item.k + 1}/{item.id[:8]}x{len(item.keys)}", **retry,
+            ).submit(item.k, list(item.configs), [layers[i] for i in item.inputs],
+                     [list(m) for m in item.lower], home, threads,
+                     [runs.layer_live(key) for key in item.keys])
     members = {key: MemberFuture(layers[node.id], index)
                for node in pop_nodes.values() for index, key in enumerate(node.keys)}
     return futures, below, members, len(pop_nodes) + len(groups)
