@@ -12,7 +12,6 @@ come from the cache.
 
 from __future__ import annotations
 
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +23,7 @@ from config.grid import expand, grid_params
 from config.grid_spec import GROUPING, Cell, Grid
 from flows.submission import settle, submit_work
 from tasks.ablation_plan import pretraining_plan
+from runtime.worker_pool import retry_unless_stopping
 from reports.ablation_outputs import (AblationRuns, cell_row, format_summary, progress_line,
                                       record, summary_artifact, write_outputs)
 from tracking.stale import end_dead_runs
@@ -64,7 +64,8 @@ def ablation(
     echo = print if verbose else (lambda line: None)
     cells = expand(grid)  # 1. the plan: every cell, and the distinct pretraining layers
     nodes, stacks = pretraining_plan(cells)
-    retry = {"retries": grid.retries, "retry_delay_seconds": grid.retry_delay_seconds}
+    retry = {"retries": grid.retries, "retry_delay_seconds": grid.retry_delay_seconds,
+             "retry_condition_fn": retry_unless_stopping}
     tracker = Tracker(tracking_uri, experiment)
     if killed := end_dead_runs(tracker.client, tracker.experiment):
         echo(f"  marked {len(killed)} MLflow run(s) of an earlier, killed attempt KILLED")
@@ -102,19 +103,16 @@ def ablation(
 
 def task_runner(workers: int = 1, dask_address: Optional[str] = None) -> Any:
     """In process and sequential for one worker; a local process pool for more (its workers
-    stop when this process is gone, ``runtime.orphan_guard.watch_parent``); an existing Dask
-    cluster (prefect-dask) when given its scheduler address."""
+    stop when this process is gone, and their tasks when it stops, ``runtime.worker_pool``);
+    an existing Dask cluster (prefect-dask) when given its scheduler address."""
     if dask_address:
         from prefect_dask import DaskTaskRunner
 
         return DaskTaskRunner(address=dask_address)
     if workers > 1:
-        from prefect.task_runners import ProcessPoolTaskRunner
+        from runtime.worker_pool import StoppingProcessPool
 
-        from runtime.orphan_guard import watch_parent
-
-        return ProcessPoolTaskRunner(max_workers=workers, initializer=watch_parent,
-                                     initargs=(os.getpid(),))
+        return StoppingProcessPool(workers)
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=1)

@@ -19,6 +19,7 @@ from config.stages import DataConfig, PipelineConfig
 from training.observer import EpochObserver, Observers
 from runtime.errors import DivergenceError
 from runtime.progress import ProgressLine, watching
+from runtime.worker_pool import stops_with_the_run
 from tracking.live import LiveRun, retried_live_metrics
 from tasks.pretrain import LayerResult, pretrain_layer_task
 
@@ -32,7 +33,18 @@ _DATA: dict[str, Any] = {}
 
 def worker_data(cfg: DataConfig, home: str, threads: Optional[int]) -> Any:
     """The DataBundle of ``cfg``, loaded once per process. Also points this process at the
-    caller's store (``home``) and thread count: workers get both as arguments, not env."""
+    caller's store (``home``) and thread count: workers get both as arguments, not env.
+
+    Raises:
+        KeyboardInterrupt: this worker was interrupted, or the run that owns it is stopping
+            (a task the pool had queued before the run stopped starts no training).
+    """
+    from runtime.interrupts import raise_pending_interrupt
+    from runtime.orphan_guard import stop_requested
+
+    if stop_requested():
+        raise KeyboardInterrupt("the run is stopping")
+    raise_pending_interrupt()
     os.environ["LAYERWISE_HOME"] = home  # read by runtime.keys.stage_dir in this process
     if threads:
         import torch
@@ -112,6 +124,7 @@ class ResumePoints(EpochObserver):
 
 
 @task(name="ablation-pretrain-layer", cache_policy=NO_CACHE, persist_result=False)
+@stops_with_the_run
 def pretrain_layer(k: int, config: PipelineConfig, lower: list[LayerOutcome], home: str,
                    threads: Optional[int] = None, live: Optional[LiveRun] = None
                    ) -> LayerOutcome:
@@ -137,6 +150,7 @@ def single_layer(k: int, config: PipelineConfig, data: Any,
 
 
 @task(name="ablation-cell", cache_policy=NO_CACHE, persist_result=False)
+@stops_with_the_run
 def run_cell(cell: Cell, stack: list[LayerOutcome], home: str,
              threads: Optional[int] = None, live: Optional[LiveRun] = None) -> CellOutcome:
     """Fine-tune one cell (cached ``finetune_task``) and score it on the test split; its

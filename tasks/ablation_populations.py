@@ -32,6 +32,7 @@ from config.grid_spec import Cell
 from config.stages import PipelineConfig
 from runtime.errors import DivergenceError
 from runtime.progress import watching
+from runtime.worker_pool import stops_with_the_run
 from tasks.ablation_cells import (CellOutcome, LayerOutcome, LiveRun, ResumePoints,
                                   score_cell, single_cell, single_layer, watchers,
                                   worker_data)
@@ -58,6 +59,7 @@ def _members(results: list[list[Any]], slots: tuple[tuple[Slot, ...], ...]) -> l
 
 
 @task(name="ablation-pretrain-population", cache_policy=NO_CACHE, persist_result=False)
+@stops_with_the_run
 def pretrain_population(k: int, configs: list[PipelineConfig], inputs: list[list[LayerOutcome]],
                         lower: list[list[Slot]], home: str, threads: Optional[int] = None,
                         live: Optional[list[Optional[LiveRun]]] = None) -> list[LayerOutcome]:
@@ -90,6 +92,7 @@ def pretrain_population(k: int, configs: list[PipelineConfig], inputs: list[list
 
 
 @task(name="ablation-cell-population", cache_policy=NO_CACHE, persist_result=False)
+@stops_with_the_run
 def run_population_cells(cells: list[Cell], inputs: list[list[LayerOutcome]],
                          stacks: list[list[Slot]], home: str, threads: Optional[int] = None,
                          live: Optional[list[Optional[LiveRun]]] = None) -> list[CellOutcome]:
