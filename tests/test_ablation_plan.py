@@ -333,3 +333,15 @@ def test_tasks_that_wait_for_nothing_are_submitted_first(monkeypatch, population
             min(i for i, n in enumerate(names) if n.startswith(f"layer-{k}"))
     if population == 1:
         assert names[:2] == [names[0], "cell/init=tutorial,seed=0"]
+
+
+def test_the_tutorial_grid_is_the_tutorial_preset_for_both_arms(tmp_path):
+    """``layerwise ablate --preset tutorial`` runs ``layerwise run --preset tutorial``'s
+    protocol: each cell's config is the preset's, field by field; only the arm differs."""
+    from config.overrides import resolve_config
+
+    cells = expand(customise(load_grid(GRIDS_DIR / "tutorial.yaml"), data_dir=tmp_path))
+    preset = resolve_config("tutorial", data_dir=tmp_path, seed=0)
+    assert sorted(c.arm for c in cells) == ["pretrained", "random"]
+    for cell in cells:
+        assert cell.config.model_dump() == preset.model_dump(), cell.id
