@@ -22,6 +22,7 @@ from benchmarks.common import Data, device, float32_trainer
 from models.classifier import DeepClassifier
 from training.epoch_checkpoint import EpochCheckpoint
 from training.observer import EpochObserver, Observers
+from training.stopping_rules import stopping_rule
 from training.classifier_training import train_classifier_population
 
 SIZES = (784, 1000, 1000, 1000)
@@ -83,7 +84,7 @@ def run(data: Data, log=print) -> dict[str, Any]:
         try:
             train_classifier_population(
                 twins, x, y, xv, yv, order_seeds=[3, 3], batch_size=20,
-                optimizer={"name": "sgd", "lr": 0.1}, early_stopping="none",
+                optimizer={"name": "sgd", "lr": 0.1}, stopping=stopping_rule("none"),
                 trainer=float32_trainer(EPOCHS), observer=Observers(live),
                 resume_dir=Path(tmp) / "resume")
         finally:

@@ -83,6 +83,7 @@ def finetune_members(arms: Sequence[Arm], configs: Sequence[PipelineConfig], dat
         DivergenceError: a member's loss became NaN/inf (the message names it).
     """
     from training.classifier_training import train_classifier_population
+    from training.stopping_rules import rule_of
     from tasks.pretrain import seedless
 
     if not len(arms) == len(configs) == len(encoder_states) == len(paths) > 0:
@@ -103,9 +104,7 @@ def finetune_members(arms: Sequence[Arm], configs: Sequence[PipelineConfig], dat
             order_seeds=[derive_seed(s, Seed.FINETUNE_ORDER) for s in seeds],
             batch_size=f.batch_size,
             optimizer={**f.optimizer.model_dump(), "fused": rt.fused_update},
-            early_stopping=f.early_stopping,
-            patience_batches=f.patience_batches, patience_increase=f.patience_increase,
-            improvement_threshold=f.improvement_threshold, patience_epochs=f.patience_epochs,
+            stopping=rule_of(f),
             dropout_seeds=([derive_seed(s, Seed.FINETUNE_DROPOUT) for s in seeds]
                            if configs[0].model.dropout > 0 else None),
             eval_batch_size=rt.eval_batch_size, stage="fine-tuning",

@@ -82,6 +82,7 @@ def autoencoder_members(arms: Sequence[Arm], configs: Sequence[PipelineConfig], 
     """
     from models.autoencoder import AutoencoderPopulation
     from training.autoencoder_training import train_autoencoder_population
+    from training.stopping_rules import rule_of
     from tasks.pretrain import seedless
 
     if not len(arms) == len(configs) == len(dae_stacks) == len(paths) > 0:
@@ -102,9 +103,7 @@ def autoencoder_members(arms: Sequence[Arm], configs: Sequence[PipelineConfig], 
             order_seeds=[derive_seed(s, Seed.FINETUNE_ORDER) for s in seeds],
             batch_size=f.batch_size,
             optimizer={**f.optimizer.model_dump(), "fused": rt.fused_update},
-            early_stopping=f.early_stopping,
-            patience_batches=f.patience_batches, patience_increase=f.patience_increase,
-            improvement_threshold=f.improvement_threshold, patience_epochs=f.patience_epochs,
+            stopping=rule_of(f),
             eval_batch_size=rt.eval_batch_size, stage="autoencoder fine-tuning",
             names=[f"autoencoder/{a} (seed {s})" for a, s in zip(arms, seeds)],
             trainer=make_trainer(rt, f.max_epochs),

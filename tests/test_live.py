@@ -11,6 +11,7 @@ import torch
 from models.classifier import DeepClassifier
 from models.dae import DenoisingAutoencoder
 from runtime.progress import ProgressLine, duration
+from training.stopping_rules import stopping_rule
 from training.classifier_training import train_classifier_population
 from training.dae_training import train_dae_population
 from training.observer import EpochObserver, Observers
@@ -47,7 +48,7 @@ def test_every_members_epoch_reaches_the_observer_once_and_matches_the_history()
     clfs = [DeepClassifier.random_init(10, [8], 3, generator=gen(s)) for s in (1, 2)]
     result = train_classifier_population(
         clfs, x, y, xv, yv, order_seeds=[3, 3], batch_size=10, optimizer=SGD,
-        early_stopping="patience", patience_epochs=2, improvement_threshold=0.0,
+        stopping=stopping_rule("patience", patience_epochs=2, improvement_threshold=0.0),
         trainer=cpu_trainer(6), observer=calls)
     for m in (0, 1):
         seen = [(e, r) for mm, e, r in calls.ends if mm == m]

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from config.stages import RuntimeConfig
 from models.classifier import DeepClassifier
 from models.dae import DenoisingAutoencoder
+from training.stopping_rules import stopping_rule
 from training.batches import epoch_permutation
 from training.classifier_population import ClassifierPopulation
 from training.classifier_training import train_classifier_population
@@ -301,7 +302,7 @@ def test_a_classifier_population_of_one_equals_an_autograd_loop(dtype, tol, drop
         result = train_classifier_population(
             [make_classifier(s, dtype, dropout)], *data[0], *data[1], order_seeds=[20 + s],
             dropout_seeds=[30 + s], batch_size=16, optimizer=opt, eval_batch_size=64,
-            early_stopping=rule, patience_batches=2, patience_epochs=2,
+            stopping=stopping_rule(rule, patience_batches=2, patience_epochs=2),
             trainer=cpu_trainer(15))
         stopping = EarlyStopping(rule, steps_per_epoch=13, patience_batches=2,
                                  patience_epochs=2)
@@ -324,8 +325,8 @@ def test_each_classifier_member_equals_its_run_at_population_one(dtype, tol, dro
     g = gen(4)
     (x, y), (x_valid, y_valid) = blobs(200, g, dtype), blobs(150, g, dtype)
     opt = {"name": "sgd", "lr": 0.3, "momentum": 0.5}
-    kwargs = dict(batch_size=16, optimizer=opt, eval_batch_size=64, early_stopping=rule,
-                  patience_batches=2, patience_epochs=2)
+    kwargs = dict(batch_size=16, optimizer=opt, eval_batch_size=64,
+                  stopping=stopping_rule(rule, patience_batches=2, patience_epochs=2))
     seeds = [0, 1, 2, 3]
     result = train_classifier_population(
         [make_classifier(s, dtype, dropout) for s in seeds], x, y, x_valid, y_valid,
@@ -359,8 +360,8 @@ def test_the_fused_classifier_sgd_step_equals_autograd_with_torch_optim(activati
                 for s in range(3)]
 
     kwargs = dict(order_seeds=[1, 2, 3], dropout_seeds=[4, 5, 6], batch_size=16,
-                  optimizer={"name": "sgd", "lr": 0.3}, early_stopping="patience",
-                  patience_epochs=2, eval_batch_size=32)
+                  optimizer={"name": "sgd", "lr": 0.3},
+                  stopping=stopping_rule("patience", patience_epochs=2), eval_batch_size=32)
     fused = train_classifier_population(members(), x, y, x_valid, y_valid, fused=True,
                                         trainer=cpu_trainer(6), **kwargs)
     autograd = train_classifier_population(members(), x, y, x_valid, y_valid, fused=False,
@@ -412,7 +413,8 @@ def test_a_stopped_member_keeps_its_best_weights_while_the_others_go_on():
     (x, y), (x_valid, y_valid) = blobs(200, g, dtype), blobs(150, g, dtype)
     adam = {"name": "adam", "lr": 0.05}
     kwargs = dict(x_train=x, y_train=y, x_valid=x_valid, y_valid=y_valid, batch_size=16,
-                  optimizer=adam, early_stopping="patience", patience_epochs=2)
+                  optimizer=adam,
+                  stopping=stopping_rule("patience", patience_epochs=2))
     seeds = list(range(4))
     together = train_classifier_population([make_classifier(s, dtype) for s in seeds],
                                            order_seeds=[50 + s for s in seeds],

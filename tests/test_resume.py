@@ -11,6 +11,7 @@ from config.stages import RuntimeConfig
 from models.autoencoder import AutoencoderPopulation, random_state
 from models.classifier import DeepClassifier
 from models.dae import DenoisingAutoencoder
+from training.stopping_rules import stopping_rule
 from training.autoencoder_training import train_autoencoder_population
 from training.classifier_training import train_classifier_population
 from training.dae_training import train_dae_population
@@ -68,7 +69,8 @@ def classifier_stage(P, precision, resume_dir=None, observer=None, **kw):
     # patience 2: member 1 (at P > 1) stops before the kill in some seeds; the rest run on
     return train_classifier_population(
         clfs, x, y, x[:30], y[:30], order_seeds=[5] * P, batch_size=10,
-        optimizer=SGD if P == 1 else MOMENTUM, early_stopping="patience", patience_epochs=2,
+        optimizer=SGD if P == 1 else MOMENTUM,
+        stopping=stopping_rule("patience", patience_epochs=2),
         dropout_seeds=[7 + s for s in range(P)], trainer=trainer(7, precision),
         observer=observer, resume_dir=resume_dir, **kw)
 
@@ -81,7 +83,7 @@ def autoencoder_stage(P, precision, resume_dir=None, observer=None, **kw):
     population = AutoencoderPopulation(states, acts, "cross_entropy")
     return train_autoencoder_population(
         population, x, x[:20], order_seeds=[3] * P, batch_size=10,
-        optimizer={"name": "adam", "lr": 0.01}, early_stopping="none",
+        optimizer={"name": "adam", "lr": 0.01}, stopping=stopping_rule("none"),
         trainer=trainer(5, precision), observer=observer,
         resume_dir=resume_dir, **kw)
 

@@ -19,6 +19,7 @@ from config.stages import RuntimeConfig
 from models.classifier import DeepClassifier
 from models.dae import DenoisingAutoencoder
 from runtime.keys import Seed, derive_seed
+from training.stopping_rules import stopping_rule
 from training import batches
 from training.batches import EpochChunks, epoch_permutation
 from training.classifier_training import train_classifier_population
@@ -50,11 +51,12 @@ def pretrain(dae, x, x_valid=None, *, noise_seed=4, order_seed=5, epochs=1, batc
 
 
 def finetune(clf, x, y, x_valid, y_valid, *, order_seed=5, max_epochs=2, batch_size=10,
-             optimizer=SGD, **stopping):
-    """One classifier through the engine (P = 1)."""
+             optimizer=SGD, early_stopping="tutorial", **settings):
+    """One classifier through the engine (P = 1), stopping on ``early_stopping``."""
     return train_classifier_population([clf], x, y, x_valid, y_valid, order_seeds=[order_seed],
                                        batch_size=batch_size, optimizer=optimizer,
-                                       trainer=make_trainer(CPU, max_epochs), **stopping)
+                                       stopping=stopping_rule(early_stopping, **settings),
+                                       trainer=make_trainer(CPU, max_epochs))
 
 
 # --- pretraining one autoencoder ----------------------------------------------------------------

@@ -90,11 +90,7 @@ def train_autoencoder_population(
     order_seeds: Sequence[int],
     batch_size: int,
     optimizer: Mapping[str, Any],
-    early_stopping: str = "patience",
-    patience_batches: int = 10,
-    patience_increase: float = 2.0,
-    improvement_threshold: float = 0.995,
-    patience_epochs: int = 10,
+    stopping: Optional[Callable[[int], EarlyStopping]] = None,
     eval_batch_size: int = 4096,
     stage: str = "autoencoder population",
     names: Optional[Sequence[str]] = None,
@@ -111,9 +107,9 @@ def train_autoencoder_population(
         order_seeds: Seed of member p's data order (the two arms of a seed share theirs).
         batch_size: Minibatch size.
         optimizer: ``training.optim.build_optimizer`` settings.
-        early_stopping, patience_batches, patience_increase, improvement_threshold,
-            patience_epochs: The rule and its settings (``training.stopping_rules``), on the
-            validation squared error per image.
+        stopping: Member p's rule, from its steps per epoch (``training.stopping_rules``:
+            ``stopping_rule``, or ``rule_of`` a fine-tuning config), applied to the validation
+            squared error per image; None: the ``patience`` rule at its default settings.
         eval_batch_size: Validation chunk size.
         stage, names: Name the stage and member p in a divergence error.
         trainer: The stage's trainer (``training.trainer.make_trainer``); its
@@ -122,10 +118,7 @@ def train_autoencoder_population(
         resume_dir: Where the stage keeps its epoch checkpoint (None: none is kept).
         checkpoint_seconds: Also checkpoint inside an epoch this often (None: at its end).
     """
-    stopping = stopping_rule(early_stopping, patience_batches=patience_batches,
-                             patience_increase=patience_increase,
-                             improvement_threshold=improvement_threshold,
-                             patience_epochs=patience_epochs)
+    stopping = stopping or stopping_rule("patience")
 
     system = AutoencoderSystem(population, x_train, x_valid, order_seeds=order_seeds,
                                batch_size=batch_size, optimizer=optimizer, stopping=stopping,

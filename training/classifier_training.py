@@ -93,11 +93,7 @@ def train_classifier_population(
     order_seeds: Sequence[int],
     batch_size: int,
     optimizer: Mapping[str, Any],
-    early_stopping: str = "tutorial",
-    patience_batches: int = 10,
-    patience_increase: float = 2.0,
-    improvement_threshold: float = 0.995,
-    patience_epochs: int = 10,
+    stopping: Optional[Callable[[int], EarlyStopping]] = None,
     dropout_seeds: Optional[Sequence[int]] = None,
     eval_batch_size: int = 4096,
     fused: Optional[bool] = None,
@@ -117,8 +113,9 @@ def train_classifier_population(
         order_seeds: Seed of member p's data order (twins share theirs).
         batch_size: Minibatch size.
         optimizer: ``training.optim.build_optimizer`` settings.
-        early_stopping, patience_batches, patience_increase, improvement_threshold,
-            patience_epochs: The rule and its settings (``training.stopping_rules``).
+        stopping: Member p's rule, from its steps per epoch (``training.stopping_rules``:
+            ``stopping_rule``, or ``rule_of`` a fine-tuning config); None: the
+            ``tutorial`` rule at its default settings.
         dropout_seeds: Seed of member p's dropout masks; required when the classifiers use
             dropout.
         eval_batch_size: Validation chunk size (the epoch's metrics are their weighted means).
@@ -130,10 +127,7 @@ def train_classifier_population(
         resume_dir: Where the stage keeps its epoch checkpoint (None: none is kept).
         checkpoint_seconds: Also checkpoint inside an epoch this often (None: at its end).
     """
-    stopping = stopping_rule(early_stopping, patience_batches=patience_batches,
-                             patience_increase=patience_increase,
-                             improvement_threshold=improvement_threshold,
-                             patience_epochs=patience_epochs)
+    stopping = stopping or stopping_rule("tutorial")
 
     system = ClassifierSystem(classifiers, x_train, y_train, x_valid, y_valid,
                               order_seeds=order_seeds, batch_size=batch_size,

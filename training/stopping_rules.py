@@ -76,3 +76,13 @@ def stopping_rule(name: str, **settings: Any) -> Callable[[int], EarlyStopping]:
         raise ValueError(f"unknown early-stopping rule {name!r}; choose one of {RULES}")
     return lambda steps_per_epoch: EarlyStopping(name, steps_per_epoch=steps_per_epoch,
                                                  **settings)
+
+
+def rule_of(finetune: Any) -> Callable[[int], EarlyStopping]:
+    """``stopping_rule`` of the rule a fine-tuning config names, with its settings
+    (``config.stages.FinetuneConfig``: ``early_stopping``, ``patience_batches``,
+    ``patience_increase``, ``improvement_threshold``, ``patience_epochs``)."""
+    return stopping_rule(finetune.early_stopping, patience_batches=finetune.patience_batches,
+                         patience_increase=finetune.patience_increase,
+                         improvement_threshold=finetune.improvement_threshold,
+                         patience_epochs=finetune.patience_epochs)
