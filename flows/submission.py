@@ -12,9 +12,9 @@ from config.grid_spec import Cell
 from reports.ablation_outputs import AblationRuns
 from tasks.ablation_cells import CellOutcome, Status, pretrain_layer, run_cell
 from tasks.ablation_plan import CellGroup, LayerNode, distinct_runs, population_plan
+from tasks.ablation_populations import pretrain_population, run_population_cells
 
 T = TypeVar("T")
-from tasks.ablation_populations import pretrain_population, run_population_cells
 
 
 def submit_work(cells: list[Cell], nodes: dict[str, Any], stacks: dict[str, list[str]],

@@ -4,11 +4,11 @@ Prefect's ``ProcessPoolTaskRunner`` waits, on leaving, for every task its worker
 cannot cancel one once started (its cancel event is checked only by thread-pool tasks). A
 run stopped by SIGTERM (``kill PID``, a service manager), by a SIGINT sent to it alone, or by
 an error therefore waited until its workers' tasks ended: measured, 22 s for the `tiny`
-grid, and a `tutorial` cell is hours. Only a terminal's Ctrl-C, which signals the workers
-too, stopped at once.
+grid, and a `tutorial` cell is hours. A terminal's Ctrl-C, which reaches the workers too,
+hung for ever: see ``stops_with_the_run``.
 
 ``StoppingProcessPool`` sets an event its workers watch (``runtime.orphan_guard``) before
-it leaves: a busy worker's task is interrupted as by Ctrl-C, and a task the pool had
+it leaves: a busy worker's task stops at its next batch of training, and a task the pool had
 already queued does not start (``runtime.orphan_guard.stop_requested``).
 
 An interrupted task must end as an ``Exception`` (``stops_with_the_run``): Prefect's pool
